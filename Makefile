@@ -1,0 +1,51 @@
+# twinray: `make demo` and `make test` are all a new user needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pinned here (not in pyproject) because this machine serves exactly these from local disk.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+EXTRAS ?= dali,ffcv,dicom,dev
+# FFCV builds from source against these.
+APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
+RAW ?= data/raw
+PACKED ?= data/packed
+DEMO ?= data/demo
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test demo prep lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "install: apt packages$$missing"; \
+	    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	  else echo "install: missing apt packages:$$missing (run: sudo apt-get install$$missing)"; exit 1; fi; \
+	fi
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m prep sample --out $(DEMO)/raw --n 400
+	$(PY) -m prep covid --src $(DEMO)/raw/COVID-19_Radiography_Dataset --out $(DEMO)/packed
+	$(PY) -m prep verify $(DEMO)/packed
+	$(PY) -m prep info $(DEMO)/packed
+
+prep: install
+	$(PY) -m prep all --raw $(RAW) --out $(PACKED)
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache

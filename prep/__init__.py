@@ -1,0 +1,1 @@
+"""Convert chest X-ray collections into twinray's packed format (see docs/format.md)."""

@@ -1,0 +1,179 @@
+"""Turns a dataset plan (files, labels, splits) into a packed directory: converts in parallel, writes shards
+in a fixed order, and renames the result into place only when it is complete."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from prep.errors import PrepError
+from prep.format import MANIFEST, SPLITS, PackWriter
+from prep.images import ImageError, convert_file
+
+
+@dataclass
+class Record:
+    """One source image: where it is, its path relative to the source root, its split and its JSON fields."""
+
+    path: Path
+    source: str
+    split: str
+    meta: dict
+
+
+@dataclass
+class Plan:
+    """What a dataset module hands to `pack`."""
+
+    dataset: str
+    task: str
+    classes: list[str]
+    records: list[Record]
+    args: dict  # the prep arguments that shape the output, stored in the manifest
+    skipped: list[dict] = field(default_factory=list)  # found while scanning, before any image is read
+
+
+@dataclass
+class Result:
+    out: Path
+    manifest: dict
+    written: bool  # False when the output was already complete and left alone
+
+    @property
+    def summary(self) -> str:
+        splits = " / ".join(f"{s} {n}" for s, n in self.manifest["splits"].items())
+        total = sum(self.manifest["splits"].values())
+        verb = "packed" if self.written else "already packed (use --force to rebuild):"
+        return f"{verb} {total} images into {self.out} ({splits}), {len(self.manifest['skipped'])} skipped"
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _convert(job: tuple[str, int, str]):
+    path, size, encoding = job
+    try:
+        return convert_file(path, size, encoding)
+    except ImageError as e:
+        return str(e)
+
+
+def _quiet_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one image per process: OpenCV's own threads would only contend
+
+
+def _write_order(records: list[Record], seed: int) -> list[Record]:
+    """Split by split; within a split a seeded shuffle, so each shard mixes classes for streaming readers."""
+    rng = np.random.default_rng(seed)
+    ordered = []
+    for split in SPLITS:
+        members = sorted((r for r in records if r.split == split), key=lambda r: r.source)
+        ordered.extend(members[i] for i in rng.permutation(len(members)))
+    return ordered
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove what a killed run left beside `out` (temp dirs of processes that are gone)."""
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, trash)
+        os.rename(tmp, out)
+        shutil.rmtree(trash)
+    else:
+        os.rename(tmp, out)
+
+
+def check_output(out: Path, force: bool) -> dict | None:
+    """The existing manifest when `out` is already complete and not forced; an error if `out` is foreign."""
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        return None if force else json.loads(manifest.read_text())
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PrepError(f"{out}: exists and is not a packed dataset; pick another --out or empty it")
+    return None
+
+
+def pack(
+    plan: Plan,
+    out: str | Path,
+    *,
+    size: int = 256,
+    encoding: str = "jpeg",
+    workers: int | None = None,
+    seed: int = 0,
+    shard_samples: int = 1024,
+    force: bool = False,
+    progress: bool = True,
+) -> Result:
+    out = Path(out).absolute()
+    existing = check_output(out, force)
+    if existing is not None:
+        return Result(out, existing, written=False)
+    if size < 8:
+        raise PrepError(f"--size {size} is too small (at least 8)")
+    if shard_samples < 1:
+        raise PrepError(f"--shard-samples {shard_samples} must be at least 1")
+    if not plan.records:
+        raise PrepError(f"no images found for {plan.dataset}")
+    workers = workers or default_workers()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    records = _write_order(plan.records, seed)
+    jobs = [(str(r.path), size, encoding) for r in records]
+    skipped = list(plan.skipped)
+    try:
+        writer = PackWriter(tmp, plan.dataset, plan.task, plan.classes, encoding, size, shard_samples)
+        bar = tqdm(total=len(jobs), desc=f"prep {plan.dataset}", unit="img", disable=None if progress else True)
+        if workers == 1:
+            results = map(_convert, jobs)
+            pool = None
+        else:
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_quiet_worker)
+            results = pool.imap(_convert, jobs, chunksize=8)  # ordered: the shards do not depend on workers
+        try:
+            for record, result in zip(records, results):
+                bar.update()
+                if isinstance(result, str):
+                    skipped.append({"source": record.source, "reason": result})
+                    continue
+                image, height, width = result
+                writer.add(record.split, image, height, width, {"source": record.source, **record.meta})
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+        if len(writer) == 0:
+            first = f"; first: {skipped[0]['source']}: {skipped[0]['reason']}" if skipped else ""
+            raise PrepError(f"no image of {plan.dataset} could be read ({len(skipped)} skipped{first})")
+        manifest = writer.finish(
+            {
+                "skipped": sorted(skipped, key=lambda s: s["source"]),
+                "prep": {**plan.args, "size": size, "encoding": encoding, "seed": seed,
+                         "shard_samples": shard_samples},
+            }
+        )
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Result(out, manifest, written=True)

@@ -1,0 +1,202 @@
+"""`python -m prep`: convert X-ray collections to the packed format, check them, and describe them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from prep import build
+from prep.datasets import chexpert, covid, folder
+from prep.errors import PrepError
+from prep.format import ENCODINGS, LABEL_MISSING, SPLITS, PackedDataset, verify
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _add_pack_options(p: argparse.ArgumentParser, split_default: str | None, out_default: Path | None = None):
+    if out_default is None:
+        p.add_argument("--out", required=True, type=Path, help="output directory (one dataset)")
+    else:
+        p.add_argument("--out", type=Path, default=out_default, help=f"one sub-folder per dataset ({out_default})")
+    p.add_argument("--size", type=_positive_int, default=256, help="shorter side in px, never upsampled (256)")
+    p.add_argument("--encoding", choices=list(ENCODINGS), default="jpeg", help="image member encoding (jpeg)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and of the shard order (0)")
+    p.add_argument("--shard-samples", type=_positive_int, default=1024, help="samples per shard (1024)")
+    p.add_argument("--force", action="store_true", help="rebuild even if --out is already complete")
+    if split_default:
+        p.add_argument("--split", default=split_default, help=f"split percentages ({split_default})")
+
+
+def _pack(plan: build.Plan, args) -> int:
+    result = build.pack(
+        plan, args.out, size=args.size, encoding=args.encoding, workers=args.workers, seed=args.seed,
+        shard_samples=args.shard_samples, force=args.force,
+    )
+    print(result.summary)
+    return 0
+
+
+def cmd_covid(args) -> int:
+    return _pack(covid.plan(args.src, split=args.split, seed=args.seed), args)
+
+
+def cmd_chexpert(args) -> int:
+    return _pack(chexpert.plan(args.src, views=args.views, split=args.split, seed=args.seed), args)
+
+
+def cmd_folder(args) -> int:
+    plan = folder.plan(
+        args.src, csv_file=args.csv, path_col=args.path_col, label_col=args.label_col,
+        patient_col=args.patient_col, split=args.split, seed=args.seed, name=args.name,
+    )
+    return _pack(plan, args)
+
+
+def cmd_sample(args) -> int:
+    from prep import sample
+
+    root = sample.generate(args.out, n=args.n, seed=args.seed, workers=args.workers or 1, force=args.force)
+    print(f"sample ready: {root}")
+    return 0
+
+
+def cmd_all(args) -> int:
+    """Every known dataset found under --raw; the missing ones are skipped with one line each."""
+    found = {
+        "covid": [args.raw / covid.FOLDER_NAME],
+        "chexpert": [args.raw / "CheXpert-v1.0-small", args.raw / "CheXpert-v1.0"],
+    }
+    for name, candidates in found.items():
+        src = next((c for c in candidates if c.is_dir()), None)
+        if src is None:
+            print(f"skip {name}: {' or '.join(str(c) for c in candidates)} not found")
+            continue
+        plan = covid.plan(src, seed=args.seed) if name == "covid" else chexpert.plan(src, seed=args.seed)
+        sub = argparse.Namespace(**{**vars(args), "out": args.out / name})
+        _pack(plan, sub)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    for line in verify(args.dir):
+        print(line)
+    print(f"ok: {args.dir}")
+    return 0
+
+
+def describe(data: PackedDataset) -> str:
+    m = data.manifest
+    size_mb = sum((data.root / name).stat().st_size for name in data.shard_names) / 1e6
+    lines = [
+        f"{m['dataset']} ({m['task']}) in {data.root}",
+        f"  format v{m['format_version']}: {m['image']['encoding']}, shorter side {m['image']['size']} px, "
+        f"{len(data.shard_names)} shards, {size_mb:.1f} MB",
+    ]
+    splits = data.index["split"]
+    width = max(len(c) for c in data.classes) + 2
+    if data.task == "multiclass":
+        lines.append("  " + "class".ljust(width) + "".join(s.rjust(8) for s in SPLITS) + "total".rjust(8))
+        for k, name in enumerate(data.classes):
+            per = [int(((data.index["label"] == k) & (splits == j)).sum()) for j in range(len(SPLITS))]
+            lines.append("  " + name.ljust(width) + "".join(str(n).rjust(8) for n in per) + str(sum(per)).rjust(8))
+    else:
+        codes = data.index["labels"]
+        lines.append("  " + "label (train)".ljust(width) + "".join(h.rjust(10) for h in ("pos", "neg", "uncertain", "blank")))
+        train = splits == 0
+        for k, name in enumerate(data.classes):
+            column = codes[train, k]
+            counts = [(column == 1).sum(), (column == 0).sum(), (column == -1).sum(), (column == LABEL_MISSING).sum()]
+            lines.append("  " + name.ljust(width) + "".join(str(int(n)).rjust(10) for n in counts))
+    totals = " / ".join(f"{s} {m['splits'][s]}" for s in SPLITS)
+    lines.append(f"  samples: {totals} ({sum(m['splits'].values())} in all)")
+    if len(data):
+        heights, widths = np.asarray(data.index["height"]), np.asarray(data.index["width"])
+        lines.append(f"  image sizes: {heights.min()}-{heights.max()} high, {widths.min()}-{widths.max()} wide")
+    skipped = m.get("skipped", [])
+    lines.append(f"  skipped: {len(skipped)}")
+    lines += [f"    {s['source']}: {s['reason']}" for s in skipped[:10]]
+    if len(skipped) > 10:
+        lines.append(f"    ... and {len(skipped) - 10} more (manifest.json lists all)")
+    return "\n".join(lines)
+
+
+def cmd_info(args) -> int:
+    print(describe(PackedDataset(args.dir)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m prep", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("covid", help="the COVID-19 Radiography Database")
+    p.add_argument("--src", required=True, type=Path, help=f"the {covid.FOLDER_NAME} folder")
+    _add_pack_options(p, "80/10/10")
+    p.set_defaults(func=cmd_covid)
+
+    p = sub.add_parser("chexpert", help="CheXpert-v1.0-small or CheXpert-v1.0")
+    p.add_argument("--src", required=True, type=Path, help="the folder holding train.csv and valid.csv")
+    p.add_argument("--views", choices=chexpert.VIEWS, default="frontal", help="frontal (default) or all")
+    _add_pack_options(p, "90/10")
+    p.set_defaults(func=cmd_chexpert)
+
+    p = sub.add_parser("folder", help="your own X-rays: class sub-folders or a CSV")
+    p.add_argument("--src", required=True, type=Path, help="root folder of the images")
+    p.add_argument("--csv", type=Path, help="CSV with a path and a label column (paths relative to --src)")
+    p.add_argument("--path-col", default="path", help="CSV column with the image path (path)")
+    p.add_argument("--label-col", default="label", help="CSV column with the class name (label)")
+    p.add_argument("--patient-col", default=None, help="CSV column with a patient id: splits keep patients whole")
+    p.add_argument("--name", default=None, help="dataset name in the manifest (default: the folder's name)")
+    _add_pack_options(p, "80/10/10")
+    p.set_defaults(func=cmd_folder)
+
+    p = sub.add_parser("sample", help="generate a synthetic COVID-19 Radiography Database for demos and tests")
+    p.add_argument("--out", required=True, type=Path, help="writes OUT/COVID-19_Radiography_Dataset")
+    p.add_argument("--n", type=_positive_int, default=400, help="number of images (400)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=_positive_int, default=None, help="processes (1)")
+    p.add_argument("--force", action="store_true", help="regenerate even if it exists")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("all", help="every known dataset under --raw (what `make prep` runs)")
+    p.add_argument("--raw", type=Path, default=Path("data/raw"), help="where the downloads are (data/raw)")
+    _add_pack_options(p, None, out_default=Path("data/packed"))
+    p.set_defaults(func=cmd_all)
+
+    p = sub.add_parser("verify", help="re-hash shards, decode every image, check the index")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("info", help="counts per split and class, size, encoding, what was skipped")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PrepError as e:
+        print(f"prep: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prep: interrupted; nothing was published", file=sys.stderr)
+        return 130

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prep import sample
+from prep.cli import main as prep_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Only GPU-marked tests may skip: a skip anywhere else (a missing dependency, say) is a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and "gpu" not in item.keywords and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped without the gpu marker, which CI does not allow: {report.longrepr}"
+
+
+@pytest.fixture(scope="session")
+def covid_sample(tmp_path_factory) -> Path:
+    """A small generated COVID-19_Radiography_Dataset (read-only: copy it before changing it)."""
+    return sample.generate(tmp_path_factory.mktemp("sample"), n=60, seed=1)
+
+
+@pytest.fixture(scope="session")
+def covid_packed(covid_sample, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("packed") / "covid"
+    assert prep_main(["covid", "--src", str(covid_sample), "--out", str(out), "--workers", "1",
+                      "--shard-samples", "16"]) == 0
+    return out
+
+
+def run_prep(*args: str) -> subprocess.CompletedProcess:
+    """`python -m prep ARGS` in a fresh process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "prep", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
