@@ -101,10 +101,11 @@ def _finding(canvas: _Canvas, name: str, lungs: np.ndarray, size: int) -> np.nda
             rx, ry = rng.uniform(0.06, 0.15, 2)
             density += rng.uniform(0.16, 0.3) * canvas.ellipse(cx, cy, rx, ry, edge=0.15)
     elif name == "Viral Pneumonia":
-        texture = cv2.GaussianBlur(rng.normal(0, 1, lungs.shape), (0, 0), 1.2)
-        streaks = np.clip(np.abs(texture) - 0.35, 0, None) * 2.0
-        hila = canvas.blob(-0.22, -0.05, 0.3) + canvas.blob(0.22, -0.05, 0.3)
-        density += rng.uniform(0.1, 0.2) * streaks * np.clip(hila, 0, 1)
+        # Zero crossings of smoothed noise form a net of lines: a reticular, interstitial look.
+        texture = cv2.GaussianBlur(rng.normal(0, 1, lungs.shape), (0, 0), 2.5)
+        net = np.exp(-((texture / (0.25 * texture.std())) ** 2))
+        hila = canvas.blob(-0.25, -0.02, 0.28) + canvas.blob(0.25, -0.02, 0.28)
+        density += rng.uniform(0.08, 0.18) * net * np.clip(hila, 0, 1)
     return density * lungs
 
 
@@ -121,7 +122,7 @@ def phantom(rng: np.random.Generator, name: str, style: tuple[float, float], siz
     heart = canvas.ellipse(0.1, 0.3, 0.28 * heart_scale, 0.22 * heart_scale)
     spine = canvas.ellipse(0, 0.0, 0.07, 1.2, edge=0.2)
 
-    density = 0.06 + 0.45 * body - 0.3 * lungs + 0.2 * spine
+    density = 0.06 + 0.45 * body - 0.3 * lungs + 0.1 * spine
     density = density * (1 - 0.8 * heart) + 0.55 * heart * body
     for k in range(9):
         y0 = -0.66 + 0.12 * k + rng.normal(0, 0.01)

@@ -32,13 +32,21 @@ def parse_split(spec: str, names: Sequence[str] = SPLITS) -> dict[str, float]:
 
 
 def _allocate(n: int, fractions: dict[str, float]) -> list[str]:
-    """n units -> split names with the largest-remainder method; leftovers go to train first."""
+    """n split names in the proportions of `fractions` (largest remainder), spread evenly along the list,
+    so that cutting a list sorted by a sub-stratum gives every split its share of each sub-stratum."""
     exact = {name: n * f for name, f in fractions.items()}
     counts = {name: int(np.floor(x)) for name, x in exact.items()}
-    by_remainder = sorted(fractions, key=lambda name: (-(exact[name] - counts[name]), list(fractions).index(name)))
+    names = list(fractions)
+    by_remainder = sorted(names, key=lambda name: (-(exact[name] - counts[name]), names.index(name)))
     for name in by_remainder[: n - sum(counts.values())]:
         counts[name] += 1
-    return [name for name in fractions for _ in range(counts[name])]
+    given = dict.fromkeys(names, 0)
+    sequence = []
+    for i in range(n):  # at each position, the split furthest behind its even share
+        name = max((s for s in names if given[s] < counts[s]), key=lambda s: counts[s] * (i + 1) / n - given[s])
+        given[name] += 1
+        sequence.append(name)
+    return sequence
 
 
 def assign_splits(
@@ -46,25 +54,30 @@ def assign_splits(
     fractions: dict[str, float],
     seed: int,
     groups: Sequence[Hashable | None] | None = None,
+    substrata: Sequence[Hashable] | None = None,
 ) -> list[str]:
-    """Split name per item. Items sharing a group (patient) land together; each group takes the stratum of
-    its first item. Within each stratum, units are shuffled with `seed` and cut by `fractions`."""
+    """Split name per item, in exact proportion within each stratum (the class).
+
+    Items sharing a group (a patient) land together; a group takes the stratum of its first item. Within a
+    stratum, units are shuffled with `seed`, then ordered by sub-stratum (the source), so each split also gets
+    its share of every sub-stratum without tiny class x source cells all falling to train."""
     n = len(strata)
-    if groups is None:
-        groups = [None] * n
+    groups = groups if groups is not None else [None] * n
+    substrata = substrata if substrata is not None else [0] * n
     unit_of: list[Hashable] = [("item", i) if g is None else ("group", g) for i, g in enumerate(groups)]
-    unit_stratum: dict[Hashable, Hashable] = {}
-    for unit, stratum in zip(unit_of, strata):
-        unit_stratum.setdefault(unit, stratum)
+    unit_key: dict[Hashable, tuple] = {}
+    for unit, stratum, sub in zip(unit_of, strata, substrata):
+        unit_key.setdefault(unit, (stratum, sub))
     by_stratum: dict[Hashable, list[Hashable]] = defaultdict(list)
-    for unit, stratum in unit_stratum.items():
+    for unit, (stratum, _) in unit_key.items():
         by_stratum[stratum].append(unit)
 
     rng = np.random.default_rng(seed)
     unit_split: dict[Hashable, str] = {}
     for stratum in sorted(by_stratum, key=repr):  # a fixed order keeps the rng stream reproducible
         units = sorted(by_stratum[stratum], key=repr)
-        order = rng.permutation(len(units))
-        for unit_pos, split in zip(order, _allocate(len(units), fractions)):
-            unit_split[units[unit_pos]] = split
+        shuffled = [units[k] for k in rng.permutation(len(units))]
+        shuffled.sort(key=lambda unit: repr(unit_key[unit][1]))  # stable: random within each sub-stratum
+        for unit, split in zip(shuffled, _allocate(len(shuffled), fractions)):
+            unit_split[unit] = split
     return [unit_split[unit] for unit in unit_of]

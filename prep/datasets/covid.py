@@ -89,7 +89,8 @@ def plan(src: str | Path, split: str = "80/10/10", seed: int = 0) -> Plan:
     if not records:
         raise PrepError(f"{src}: the class folders hold no images")
 
-    strata = [(r.meta["label"], r.meta["origin"]) for r in records]
-    for record, assigned in zip(records, assign_splits(strata, fractions, seed)):
+    labels = [r.meta["label"] for r in records]
+    origins = [r.meta["origin"] for r in records]
+    for record, assigned in zip(records, assign_splits(labels, fractions, seed, substrata=origins)):
         record.split = assigned
     return Plan(DATASET, "multiclass", list(CLASSES), records, {"src": str(src), "split": split}, skipped)
