@@ -168,8 +168,7 @@ def pack(
         manifest = writer.finish(
             {
                 "skipped": sorted(skipped, key=lambda s: s["source"]),
-                "prep": {**plan.args, "size": size, "encoding": encoding, "seed": seed,
-                         "shard_samples": shard_samples},
+                "prep": {**plan.args, "size": size, "encoding": encoding, "seed": seed, "shard_samples": shard_samples},
             }
         )
         _publish(tmp, out)

@@ -46,8 +46,14 @@ def _add_pack_options(p: argparse.ArgumentParser, split_default: str | None, out
 
 def _pack(plan: build.Plan, args) -> int:
     result = build.pack(
-        plan, args.out, size=args.size, encoding=args.encoding, workers=args.workers, seed=args.seed,
-        shard_samples=args.shard_samples, force=args.force,
+        plan,
+        args.out,
+        size=args.size,
+        encoding=args.encoding,
+        workers=args.workers,
+        seed=args.seed,
+        shard_samples=args.shard_samples,
+        force=args.force,
     )
     print(result.summary)
     return 0
@@ -63,8 +69,14 @@ def cmd_chexpert(args) -> int:
 
 def cmd_folder(args) -> int:
     plan = folder.plan(
-        args.src, csv_file=args.csv, path_col=args.path_col, label_col=args.label_col,
-        patient_col=args.patient_col, split=args.split, seed=args.seed, name=args.name,
+        args.src,
+        csv_file=args.csv,
+        path_col=args.path_col,
+        label_col=args.label_col,
+        patient_col=args.patient_col,
+        split=args.split,
+        seed=args.seed,
+        name=args.name,
     )
     return _pack(plan, args)
 
@@ -118,7 +130,9 @@ def describe(data: PackedDataset) -> str:
             lines.append("  " + name.ljust(width) + "".join(str(n).rjust(8) for n in per) + str(sum(per)).rjust(8))
     else:
         codes = data.index["labels"]
-        lines.append("  " + "label (train)".ljust(width) + "".join(h.rjust(10) for h in ("pos", "neg", "uncertain", "blank")))
+        lines.append(
+            "  " + "label (train)".ljust(width) + "".join(h.rjust(10) for h in ("pos", "neg", "uncertain", "blank"))
+        )
         train = splits == 0
         for k, name in enumerate(data.classes):
             column = codes[train, k]

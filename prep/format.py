@@ -175,8 +175,17 @@ class PackWriter:
         else:
             label = [LABEL_MISSING if meta["labels"][c] is None else meta["labels"][c] for c in self.classes]
         self._rows.append(
-            (SPLITS.index(split), shard.position, image_offset, len(image),
-             meta_offset, len(meta_bytes), height, width, label)
+            (
+                SPLITS.index(split),
+                shard.position,
+                image_offset,
+                len(image),
+                meta_offset,
+                len(meta_bytes),
+                height,
+                width,
+                label,
+            )
         )
         self._counts[split] += 1
 

@@ -47,8 +47,14 @@ CLASS_SOURCES = {
 }
 # Per-source acquisition style (gamma, contrast): a mild, realistic dataset bias.
 SOURCE_STYLE = {
-    "rsna": (1.0, 1.0), "kermany": (0.9, 1.1), "bimcv": (1.1, 0.95), "german": (1.05, 1.0),
-    "sirm": (0.95, 1.05), "cohen": (1.0, 0.9), "eurorad": (1.1, 1.1), "cxnet": (0.95, 0.95),
+    "rsna": (1.0, 1.0),
+    "kermany": (0.9, 1.1),
+    "bimcv": (1.1, 0.95),
+    "german": (1.05, 1.0),
+    "sirm": (0.95, 1.05),
+    "cohen": (1.0, 0.9),
+    "eurorad": (1.1, 1.1),
+    "cxnet": (0.95, 0.95),
 }
 
 

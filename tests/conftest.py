@@ -31,15 +31,16 @@ def covid_sample(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def covid_packed(covid_sample, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("packed") / "covid"
-    assert prep_main(["covid", "--src", str(covid_sample), "--out", str(out), "--workers", "1",
-                      "--shard-samples", "16"]) == 0
+    assert (
+        prep_main(["covid", "--src", str(covid_sample), "--out", str(out), "--workers", "1", "--shard-samples", "16"])
+        == 0
+    )
     return out
 
 
 def run_prep(*args: str) -> subprocess.CompletedProcess:
     """`python -m prep ARGS` in a fresh process, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "prep", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO)
+    return subprocess.run([sys.executable, "-m", "prep", *map(str, args)], capture_output=True, text=True, cwd=REPO)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:

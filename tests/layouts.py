@@ -51,7 +51,7 @@ def build_chexpert(parent: Path, n_patients: int = 40, top: str = "CheXpert-v1.0
     valid.csv gets `n_valid` patients from 64541 on with 0/1 labels, as the real one has."""
     root = parent / top
     header, rows = real_chexpert_rows(n_patients)
-    rows = [[top + r[0][r[0].index("/"):], *r[1:]] for r in rows]
+    rows = [[top + r[0][r[0].index("/") :], *r[1:]] for r in rows]
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "train.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])

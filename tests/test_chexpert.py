@@ -108,8 +108,9 @@ def test_csv_without_a_label_column_is_one_line(tmp_path):
     root = build_chexpert(tmp_path, n_patients=3, n_valid=1)
     rows = _rows(root)
     with open(root / "train.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[c for c in chexpert.COLUMNS if c != "Cardiomegaly"],
-                                extrasaction="ignore")
+        writer = csv.DictWriter(
+            f, fieldnames=[c for c in chexpert.COLUMNS if c != "Cardiomegaly"], extrasaction="ignore"
+        )
         writer.writeheader()
         writer.writerows(rows)
     result = run_prep("chexpert", "--src", root, "--out", tmp_path / "out")
@@ -124,5 +125,6 @@ def test_missing_valid_csv_is_one_line(tmp_path):
 
 def test_bad_views_value_is_one_line(tmp_path):
     root = build_chexpert(tmp_path, n_patients=2, n_valid=1)
-    assert_one_line_error(run_prep("chexpert", "--src", root, "--out", tmp_path / "o", "--views", "side"),
-                          "--views", "side")
+    assert_one_line_error(
+        run_prep("chexpert", "--src", root, "--out", tmp_path / "o", "--views", "side"), "--views", "side"
+    )

@@ -22,8 +22,17 @@ def test_info_prints_counts_per_split_and_class(covid_packed):
     result = run_prep("info", covid_packed)
     assert result.returncode == 0
     out = result.stdout
-    for needle in ("covid19-radiography (multiclass)", "jpeg", "shorter side 256 px", "Viral Pneumonia",
-                   "train", "val", "test", "skipped: 0", "(60 in all)"):
+    for needle in (
+        "covid19-radiography (multiclass)",
+        "jpeg",
+        "shorter side 256 px",
+        "Viral Pneumonia",
+        "train",
+        "val",
+        "test",
+        "skipped: 0",
+        "(60 in all)",
+    ):
         assert needle in out, needle
 
 
@@ -49,9 +58,11 @@ def test_bad_argument_values_are_one_line(covid_sample, tmp_path):
     out = tmp_path / "o"
     assert_one_line_error(run_prep("covid", "--src", covid_sample, "--out", out, "--size", "big"), "--size", "big")
     assert_one_line_error(run_prep("covid", "--src", covid_sample, "--out", out, "--workers", "0"), "--workers")
-    assert_one_line_error(run_prep("covid", "--src", covid_sample, "--out", out, "--encoding", "webp"),
-                          "--encoding", "webp")
-    assert_one_line_error(run_prep("covid", "--src", covid_sample, "--out", out, "--split", "80/10/5"),
-                          "split '80/10/5'", "sum to 95")
+    assert_one_line_error(
+        run_prep("covid", "--src", covid_sample, "--out", out, "--encoding", "webp"), "--encoding", "webp"
+    )
+    assert_one_line_error(
+        run_prep("covid", "--src", covid_sample, "--out", out, "--split", "80/10/5"), "split '80/10/5'", "sum to 95"
+    )
     assert_one_line_error(run_prep("sample", "--out", out, "--n", "3"), "--n 3")
     assert_one_line_error(run_prep("covid", "--out", out), "--src")

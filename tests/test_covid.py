@@ -42,7 +42,9 @@ def test_plan_reads_the_real_layout(covid_sample):
     # Every image, Normal's upper-cased NORMAL-k included, finds its source URL in the xlsx.
     assert all(r.meta["origin"] in SOURCES.values() for r in plan.records)
     assert {r.meta["origin"] for r in plan.records if r.meta["class"] == "Normal"} <= {
-        SOURCES["rsna"], SOURCES["kermany"]}
+        SOURCES["rsna"],
+        SOURCES["kermany"],
+    }
 
 
 def test_older_flat_layout_gives_the_same_images(covid_sample, covid_copy):
@@ -76,8 +78,9 @@ def test_bad_files_are_skipped_and_the_rest_packed(covid_copy, tmp_path):
 
     result = build.pack(covid.plan(covid_copy), tmp_path / "out", workers=1, progress=False)
     reasons = {s["source"]: s["reason"] for s in result.manifest["skipped"]}
-    assert set(reasons) == {f"COVID/images/{n}" for n in
-                            ("COVID-900.png", "COVID-901.png", "COVID-902.png", "notes.txt")}
+    assert set(reasons) == {
+        f"COVID/images/{n}" for n in ("COVID-900.png", "COVID-901.png", "COVID-902.png", "notes.txt")
+    }
     assert "empty" in reasons["COVID/images/COVID-900.png"]
     assert "truncated" in reasons["COVID/images/COVID-901.png"]
     assert "not an image" in reasons["COVID/images/COVID-902.png"]
@@ -87,8 +90,10 @@ def test_bad_files_are_skipped_and_the_rest_packed(covid_copy, tmp_path):
     packed = {data.metadata(i)["source"]: i for i in range(len(data))}
     assert abs(int(data.image(packed["COVID/images/COVID-903.png"]).mean()) - 90) <= 1
     assert int(data.image(packed["COVID/images/COVID-905.png"]).mean()) == 255  # 12-bit white
-    assert (data.index["height"][packed["COVID/images/COVID-903.png"]],
-            data.index["width"][packed["COVID/images/COVID-903.png"]]) == (256, 273)
+    assert (
+        data.index["height"][packed["COVID/images/COVID-903.png"]],
+        data.index["width"][packed["COVID/images/COVID-903.png"]],
+    ) == (256, 273)
     assert list(verify(result.out))
 
 
@@ -120,8 +125,7 @@ def test_rerun_does_nothing_and_force_rebuilds(covid_sample, tmp_path):
     again = run_prep("covid", "--src", covid_sample, "--out", out, "--workers", "1")
     assert again.returncode == 0 and "already packed" in again.stdout
     assert (out / "manifest.json").stat().st_mtime_ns == stamp
-    forced = run_prep("covid", "--src", covid_sample, "--out", out, "--workers", "1", "--force",
-                      "--encoding", "png")
+    forced = run_prep("covid", "--src", covid_sample, "--out", out, "--workers", "1", "--force", "--encoding", "png")
     assert forced.returncode == 0 and "packed 60 images" in forced.stdout
     assert PackedDataset(out).encoding == "png"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or old directories left
@@ -133,8 +137,26 @@ def test_killed_run_leaves_nothing_a_loader_accepts(tmp_path):
     src = sample.generate(tmp_path / "raw", n=400, seed=2)
     out = tmp_path / "packed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prep", "covid", "--src", str(src), "--out", str(out), "--workers", "1",
-         "--encoding", "png", "--shard-samples", "8"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "prep",
+            "covid",
+            "--src",
+            str(src),
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+            "--encoding",
+            "png",
+            "--shard-samples",
+            "8",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not any(tmp_path.glob(".packed.tmp-*/train-00002.tar")):
         time.sleep(0.005)

@@ -27,8 +27,9 @@ from prep.format import (
 
 def _images(n: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (int(rng.integers(20, 40)), int(rng.integers(20, 40))), dtype=np.uint8)
-            for _ in range(n)]
+    return [
+        rng.integers(0, 256, (int(rng.integers(20, 40)), int(rng.integers(20, 40))), dtype=np.uint8) for _ in range(n)
+    ]
 
 
 def _write(out: Path, encoding: str, images, splits, task="multiclass", shard_samples=3) -> dict:
@@ -71,8 +72,7 @@ def test_lossless_round_trip_through_reader_and_tarfile(tmp_path, encoding):
 
 def test_jpeg_round_trip_is_close(tmp_path):
     rng = np.random.default_rng(3)
-    smooth = [np.clip(np.cumsum(rng.normal(0, 2, (48, 40)), axis=1) + 128, 0, 255).astype(np.uint8)
-              for _ in range(3)]
+    smooth = [np.clip(np.cumsum(rng.normal(0, 2, (48, 40)), axis=1) + 128, 0, 255).astype(np.uint8) for _ in range(3)]
     _write(tmp_path, "jpeg", smooth, ["train"] * 3)
     data = PackedDataset(tmp_path)
     for row, image in zip(data.indices("train"), smooth):
@@ -111,8 +111,9 @@ def test_dali_index_matches_dalis_own_wds2idx(tmp_path):
     _write(tmp_path, "jpeg", _images(5), ["train"] * 5, shard_samples=5)
     wds2idx = shutil.which("wds2idx", path=str(Path(sys.executable).parent))
     assert wds2idx, "DALI's wds2idx tool is missing: is nvidia-dali installed?"
-    subprocess.run([wds2idx, str(tmp_path / "train-00000.tar"), str(tmp_path / "dali.idx")], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [wds2idx, str(tmp_path / "train-00000.tar"), str(tmp_path / "dali.idx")], check=True, capture_output=True
+    )
     assert (tmp_path / "train-00000.idx").read_text() == (tmp_path / "dali.idx").read_text()
 
 
@@ -138,8 +139,12 @@ def test_dali_webdataset_reader_reads_shards_on_cpu(tmp_path):
 
     @pipeline_def(batch_size=6, num_threads=1, device_id=None)
     def read():
-        image, meta = fn.readers.webdataset(paths=shards, index_paths=[s[:-4] + ".idx" for s in shards],
-                                            ext=["png", "json"], missing_component_behavior="error")
+        image, meta = fn.readers.webdataset(
+            paths=shards,
+            index_paths=[s[:-4] + ".idx" for s in shards],
+            ext=["png", "json"],
+            missing_component_behavior="error",
+        )
         return fn.decoders.image(image, device="cpu", output_type=0), meta  # 0 = DALIImageType.GRAY
 
     pipe = read()

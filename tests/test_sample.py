@@ -14,7 +14,8 @@ from prep.datasets.covid import CLASSES
 
 def test_layout_matches_the_real_database(covid_sample):
     assert sorted(p.name for p in covid_sample.iterdir()) == sorted(
-        [*CLASSES, *(f"{c}.metadata.xlsx" for c in CLASSES), "README.md.txt"])
+        [*CLASSES, *(f"{c}.metadata.xlsx" for c in CLASSES), "README.md.txt"]
+    )
     counts = sample.class_counts(60)
     for name in CLASSES:
         images = sorted((covid_sample / name / "images").iterdir())
@@ -75,11 +76,16 @@ def test_class_signal_is_learnable_but_not_brightness(tmp_path):
     brightness = _balanced_accuracy(images.mean((1, 2))[:, None], labels, train)
     # Simple image features: a 32x32 thumbnail and an 8x8 map of fine-detail (Laplacian) energy.
     thumbnails = np.stack([cv2.resize(im, (32, 32), interpolation=cv2.INTER_AREA).ravel() for im in images])
-    detail = np.stack([
-        cv2.resize(np.abs(cv2.Laplacian(cv2.GaussianBlur(im, (0, 0), 1.5), cv2.CV_64F)), (8, 8),
-                   interpolation=cv2.INTER_AREA).ravel()
-        for im in images
-    ])
+    detail = np.stack(
+        [
+            cv2.resize(
+                np.abs(cv2.Laplacian(cv2.GaussianBlur(im, (0, 0), 1.5), cv2.CV_64F)),
+                (8, 8),
+                interpolation=cv2.INTER_AREA,
+            ).ravel()
+            for im in images
+        ]
+    )
     features = _balanced_accuracy(np.concatenate([thumbnails, detail], 1), labels, train)
     assert brightness < 0.42  # chance is 0.25; measured 0.35
     assert features > 0.65  # measured 0.76

@@ -17,8 +17,13 @@ def test_parse_split_accepts_percent_and_fractions(spec):
 
 @pytest.mark.parametrize(
     "spec, why",
-    [("80/20", "2 parts"), ("a/b/c", "not numbers"), ("90/10/10", "sum to 110"), ("110/-5/-5", ">= 0"),
-     ("0/50/50", "train must not be empty")],
+    [
+        ("80/20", "2 parts"),
+        ("a/b/c", "not numbers"),
+        ("90/10/10", "sum to 110"),
+        ("110/-5/-5", ">= 0"),
+        ("0/50/50", "train must not be empty"),
+    ],
 )
 def test_parse_split_rejects_bad_specs(spec, why):
     with pytest.raises(PrepError, match=why):
