@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import csv
 import gzip
+import os
 import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def _shared() -> Path:
+    """The team's shared folder beside the checkout (`../shared`); TWINRAY_SHARED overrides it. A clone made
+    elsewhere (CI clones into a temp dir) falls back to the workplace's copy at /work/shared."""
+    candidates = [os.environ.get("TWINRAY_SHARED"), Path(__file__).resolve().parents[2] / "shared", "/work/shared"]
+    for candidate in filter(None, candidates):
+        if (Path(candidate) / "data" / "real-cxr").is_dir():
+            return Path(candidate)
+    raise RuntimeError(f"no shared data folder found (tried {candidates}); set TWINRAY_SHARED")
+
+
+SHARED = _shared()
 REAL_CXR = SHARED / "data" / "real-cxr"
 CHEXPERT_META = SHARED / "data" / "chexpert-meta" / "chexpert_train.csv.gz"
 
