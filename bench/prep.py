@@ -98,7 +98,12 @@ def main() -> None:
     baseline = runs["naive PIL loop, PNG files"]
     one = runs["prep covid, 1 worker"]
     rows = [
-        {"run": name, "seconds": round(t, 3), "images_per_s": round(args.n / t, 1), "speedup_vs_naive": round(baseline / t, 2)}
+        {
+            "run": name,
+            "seconds": round(t, 3),
+            "images_per_s": round(args.n / t, 1),
+            "speedup_vs_naive": round(baseline / t, 2),
+        }
         for name, t in runs.items()
     ]
     scaling = one / runs[f"prep covid, {cores} workers"]
@@ -108,7 +113,7 @@ def main() -> None:
         "device": f"cpu: {cpu_name()}",
         "cores": cores,
         "images": args.n,
-        "image_size": "299x299 PNG -> shorter side %d, jpeg q95" % args.size,
+        "image_size": f"299x299 PNG -> shorter side {args.size}, jpeg q95",
         "repeats": args.repeats,
         "runs": rows,
         "worker_scaling": round(scaling, 2),

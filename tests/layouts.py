@@ -12,7 +12,6 @@ import cv2
 import numpy as np
 
 
-
 def _shared() -> Path:
     """The team's shared folder beside the checkout (`../shared`); TWINRAY_SHARED overrides it. A clone made
     elsewhere (CI clones into a temp dir) falls back to the workplace's copy at /work/shared."""
