@@ -1,0 +1,156 @@
+"""Geometric ops as 3x3 matrices, fused into one resampling pass per batch.
+
+Coordinates are continuous pixel coordinates: pixel k covers [k, k+1] and its centre is k + 0.5 (the convention of
+`grid_sample(align_corners=False)` and of torchvision's resize, perspective and rotate kernels). Every matrix maps
+*output* coordinates of its op to *input* coordinates, so a chain of ops applied as crop -> flips -> perspective ->
+rotation samples the source at  crop @ flips @ perspective @ rotation @ [u, v, 1].
+
+Parameters are drawn per sample, with the same meaning as torchvision's RandomResizedCrop, RandomHorizontalFlip,
+RandomVerticalFlip, RandomPerspective and RandomRotation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=gen, dtype=torch.float64)
+
+
+def _randint(low: torch.Tensor, high: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Integers in [low, high) per element, like torch.randint with tensor bounds."""
+    u = torch.rand(low.shape, generator=gen, dtype=torch.float64)
+    return (low + torch.floor(u * (high - low).to(torch.float64)).to(low.dtype)).clamp(max=high - 1)
+
+
+def sample_crops(heights: torch.Tensor, widths: torch.Tensor, scale, ratio, gen: torch.Generator, attempts: int = 10):
+    """RandomResizedCrop boxes (top, left, height, width) inside each image's own extent: up to `attempts` draws of
+    area and log-uniform aspect ratio, else the centre crop clamped to `ratio` (torchvision's fallback)."""
+    n = len(heights)
+    h_img, w_img = heights.to(torch.float64), widths.to(torch.float64)
+    area = (h_img * w_img)[:, None]
+    target = area * _uniform(n * attempts, *scale, gen).view(n, attempts)
+    log_ratio = _uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), gen).view(n, attempts)
+    aspect = torch.exp(log_ratio)
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (h > 0) & (w <= w_img[:, None]) & (h <= h_img[:, None])
+    first = torch.where(ok.any(1), ok.to(torch.int8).argmax(1), torch.full((n,), -1))
+    rows = torch.arange(n)
+    h_pick, w_pick = h[rows, first.clamp(min=0)], w[rows, first.clamp(min=0)]
+
+    # Fallback: the whole image, trimmed to the allowed aspect ratio.
+    in_ratio = w_img / h_img
+    fb_w = torch.where(in_ratio < ratio[0], w_img, torch.where(in_ratio > ratio[1], torch.round(h_img * ratio[1]), w_img))
+    fb_h = torch.where(in_ratio < ratio[0], torch.round(w_img / ratio[0]), h_img)
+    use_fb = first < 0
+    h_pick = torch.where(use_fb, fb_h, h_pick).to(torch.int64)
+    w_pick = torch.where(use_fb, fb_w, w_pick).to(torch.int64)
+    top = _randint(torch.zeros(n, dtype=torch.int64), heights - h_pick + 1, gen)
+    left = _randint(torch.zeros(n, dtype=torch.int64), widths - w_pick + 1, gen)
+    top = torch.where(use_fb, (heights - h_pick) // 2, top)
+    left = torch.where(use_fb, (widths - w_pick) // 2, left)
+    return top, left, h_pick, w_pick
+
+
+def crop_matrix(top, left, height, width, size: int) -> torch.Tensor:
+    """Output S x S of a resized crop -> the source image."""
+    m = torch.zeros(len(top), 3, 3, dtype=torch.float64)
+    m[:, 0, 0] = width.to(torch.float64) / size
+    m[:, 1, 1] = height.to(torch.float64) / size
+    m[:, 0, 2] = left.to(torch.float64)
+    m[:, 1, 2] = top.to(torch.float64)
+    m[:, 2, 2] = 1
+    return m
+
+
+def flip_matrix(horizontal: torch.Tensor, vertical: torch.Tensor, size: int) -> torch.Tensor:
+    """Mirror x -> S - x and/or y -> S - y where the flags are set."""
+    m = torch.eye(3, dtype=torch.float64).repeat(len(horizontal), 1, 1)
+    m[horizontal, 0, 0], m[horizontal, 0, 2] = -1.0, float(size)
+    m[vertical, 1, 1], m[vertical, 1, 2] = -1.0, float(size)
+    return m
+
+
+def sample_perspective_points(n: int, size: int, distortion: float, gen: torch.Generator):
+    """RandomPerspective.get_params for an S x S image: start corners and jittered end corners, (n, 4, 2)."""
+    half = size // 2
+    d = int(distortion * half)
+
+    def ints(low, high):  # [low, high) per sample
+        return _randint(torch.full((n,), low, dtype=torch.int64), torch.full((n,), high, dtype=torch.int64), gen)
+
+    top_left = torch.stack([ints(0, d + 1), ints(0, d + 1)], 1)
+    top_right = torch.stack([ints(size - d - 1, size), ints(0, d + 1)], 1)
+    bottom_right = torch.stack([ints(size - d - 1, size), ints(size - d - 1, size)], 1)
+    bottom_left = torch.stack([ints(0, d + 1), ints(size - d - 1, size)], 1)
+    end = torch.stack([top_left, top_right, bottom_right, bottom_left], 1).to(torch.float64)
+    start = torch.tensor([[0, 0], [size - 1, 0], [size - 1, size - 1], [0, size - 1]], dtype=torch.float64)
+    return start.expand(n, 4, 2), end
+
+
+def perspective_matrix(start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """The homography taking end points (output) to start points (input), solved per sample as torchvision does,
+    and applied to continuous coordinates as torchvision's perspective kernel applies it."""
+    n = len(start)
+    a = torch.zeros(n, 8, 8, dtype=torch.float64)
+    b = start.reshape(n, 8)
+    x, y = end[..., 0], end[..., 1]
+    u, v = start[..., 0], start[..., 1]
+    a[:, 0::2, 0], a[:, 0::2, 1], a[:, 0::2, 2] = x, y, 1
+    a[:, 1::2, 3], a[:, 1::2, 4], a[:, 1::2, 5] = x, y, 1
+    a[:, 0::2, 6], a[:, 0::2, 7] = -u * x, -u * y
+    a[:, 1::2, 6], a[:, 1::2, 7] = -v * x, -v * y
+    coeffs = torch.linalg.solve(a, b)
+    return torch.cat([coeffs, torch.ones(n, 1, dtype=torch.float64)], 1).view(n, 3, 3)
+
+
+def rotation_matrix(degrees: torch.Tensor, size: int) -> torch.Tensor:
+    """Counter-clockwise rotation about the image centre (torchvision's sign), output -> input."""
+    theta = torch.deg2rad(degrees.to(torch.float64))
+    c, s = torch.cos(theta), torch.sin(theta)
+    centre = size / 2
+    m = torch.zeros(len(degrees), 3, 3, dtype=torch.float64)
+    m[:, 0, 0], m[:, 0, 1] = c, -s
+    m[:, 1, 0], m[:, 1, 1] = s, c
+    m[:, 0, 2] = centre - c * centre + s * centre
+    m[:, 1, 2] = centre - s * centre - c * centre
+    m[:, 2, 2] = 1
+    return m
+
+
+def warp(
+    images: torch.Tensor,
+    matrices: torch.Tensor,
+    boxes: torch.Tensor,
+    size: int,
+    interpolation: str = "bilinear",
+) -> torch.Tensor:
+    """One resampling pass: output pixel (u, v) of sample b reads images[b] at matrices[b] @ [u+.5, v+.5, 1].
+
+    images: float B x 1 x H x W (a padded batch); boxes: B x 4 (top, left, height, width) the region that the crop
+    produced. Reads are clamped to the box (like resizing the cropped image) and points that perspective or rotation
+    moves outside it get 0 (torchvision's fill).
+    """
+    b, _, h, w = images.shape
+    device = images.device
+    centres = torch.arange(size, device=device, dtype=torch.float32) + 0.5
+    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+    grid = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, size * size, 3)
+    # float32 is exact enough here: coordinates stay below a few thousand pixels.
+    points = grid @ matrices.to(device=device, dtype=torch.float32).transpose(1, 2)  # B x S*S x 3
+    x = (points[..., 0] / points[..., 2]).view(b, size, size)
+    y = (points[..., 1] / points[..., 2]).view(b, size, size)
+    top, left, height, width = boxes.to(device=device, dtype=torch.float32).unbind(1)
+    x0, y0 = left[:, None, None], top[:, None, None]
+    x1, y1 = x0 + width[:, None, None], y0 + height[:, None, None]
+    inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+    x = torch.minimum(torch.maximum(x, x0 + 0.5), x1 - 0.5)
+    y = torch.minimum(torch.maximum(y, y0 + 0.5), y1 - 0.5)
+    norm = torch.stack([2 * x / w - 1, 2 * y / h - 1], -1).to(images.dtype)
+    out = F.grid_sample(images, norm, mode=interpolation, padding_mode="border", align_corners=False)
+    return out * inside[:, None].to(out.dtype)

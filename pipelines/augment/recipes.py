@@ -1,0 +1,144 @@
+"""Augmentation recipes as data: a dataclass, the study's named sets, and YAML for your own.
+
+Every op but the crop has a probability. Names built from `base` plus `+op` tokens are recipes too, so each row of
+the study's transform scans (tables 4 and 5) is a name: `base+vflip+equalize`, `base+blur+noise`, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+# Each token of a recipe name switches on one op with the study's probability of 0.5.
+TOKENS = {
+    "hflip": "hflip",
+    "vflip": "vflip",
+    "equalize": "equalize",
+    "perspective": "perspective",
+    "rotation": "rotation",
+    "blur": "blur",
+    "noise": "noise",
+    "brightness-contrast": "brightness_contrast",
+}
+STUDY_P = 0.5
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "custom"
+    size: int = 224
+    # RandomResizedCrop, always applied
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = "bicubic"  # or bilinear
+    # probabilities
+    hflip: float = 0.5
+    vflip: float = 0.0
+    equalize: float = 0.0
+    perspective: float = 0.0
+    rotation: float = 0.0
+    blur: float = 0.0
+    noise: float = 0.0
+    brightness_contrast: float = 0.0
+    # parameters
+    perspective_distortion: float = 0.15
+    rotation_degrees: float = 20.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel: int = 23
+    noise_mean_fraction: tuple[float, float] = (0.06, 0.1)  # sigma = image mean x U(a, b), as in the study
+    noise_sigma: float | None = None  # a fixed sigma instead, on the [0, 1] scale
+    brightness: float = 0.4  # factor drawn from [1 - b, 1 + b], as ColorJitter
+    contrast: float = 0.4
+    normalize: tuple[float, float] | None = None  # (mean, std); None as in the study
+
+    def __post_init__(self):
+        problems = []
+        for f in ("hflip", "vflip", "equalize", "perspective", "rotation", "blur", "noise", "brightness_contrast"):
+            p = getattr(self, f)
+            if not 0.0 <= p <= 1.0:
+                problems.append(f"{f}={p} is not a probability in [0, 1]")
+        if self.size < 8:
+            problems.append(f"size={self.size} is below 8")
+        if self.interpolation not in ("bilinear", "bicubic"):
+            problems.append(f"interpolation={self.interpolation!r} is not bilinear or bicubic")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            problems.append(f"crop_scale={self.crop_scale} must satisfy 0 < low <= high <= 1")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            problems.append(f"crop_ratio={self.crop_ratio} must satisfy 0 < low <= high")
+        if self.blur_kernel % 2 == 0 or self.blur_kernel < 1:
+            problems.append(f"blur_kernel={self.blur_kernel} must be odd")
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            problems.append(f"blur_sigma={self.blur_sigma} must satisfy 0 < low <= high")
+        if not 0 <= self.perspective_distortion <= 1:
+            problems.append(f"perspective_distortion={self.perspective_distortion} is not in [0, 1]")
+        if problems:
+            raise ValueError(f"recipe {self.name!r}: " + "; ".join(problems))
+
+    def replace(self, **changes) -> Recipe:
+        return dataclasses.replace(self, **changes)
+
+
+def _from_tokens(name: str) -> Recipe:
+    tokens = name.split("+")
+    if tokens[0] != "base":
+        raise KeyError(name)
+    switched = {}
+    for token in tokens[1:]:
+        if token not in TOKENS:
+            raise KeyError(name)
+        switched[TOKENS[token]] = STUDY_P
+    return Recipe(name=name, **switched)
+
+
+SEED_FINAL = "base+vflip+equalize+perspective+blur+noise"
+
+# The study's sets: the base, each row of the first scan (table 4), each row of the second (table 5),
+# and the final set (all but rotation).
+STUDY_RECIPES = [
+    "base",
+    "base+blur+noise",
+    "base+equalize",
+    "base+rotation",
+    "base+brightness-contrast",
+    "base+perspective",
+    "base+vflip",
+    "base+vflip+equalize",
+    "base+vflip+equalize+perspective",
+    SEED_FINAL,
+    "base+vflip+equalize+perspective+blur+noise+rotation",
+]
+RECIPES: dict[str, Recipe] = {name: _from_tokens(name) for name in STUDY_RECIPES}
+RECIPES["seed-final"] = RECIPES[SEED_FINAL].replace(name="seed-final")
+
+
+def load_recipe(name_or_path: str | Path, **overrides) -> Recipe:
+    """A named recipe, a `base+op+...` name, or a YAML file of Recipe fields (which may start from `base: NAME`)."""
+    text = str(name_or_path)
+    if text.endswith((".yaml", ".yml")):
+        path = Path(text)
+        if not path.is_file():
+            raise ValueError(f"recipe file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a recipe is a mapping of fields")
+        start = load_recipe(data.pop("base", "base"))
+        name = data.pop("name", path.stem)
+        unknown = sorted(set(data) - {f.name for f in fields(Recipe)})
+        if unknown:
+            raise ValueError(f"{path}: unknown recipe field(s) {', '.join(unknown)}")
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}  # YAML lists -> ranges
+        return start.replace(name=name, **data, **overrides)
+    recipe = RECIPES.get(text)
+    if recipe is None:
+        try:
+            recipe = _from_tokens(text)
+        except KeyError:
+            choices = ", ".join(RECIPES)
+            raise ValueError(
+                f"unknown recipe {text!r}: use one of {choices}, a base+op name (ops: {', '.join(TOKENS)}), "
+                "or a .yaml file"
+            ) from None
+    return recipe.replace(**overrides) if overrides else recipe
