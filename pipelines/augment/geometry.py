@@ -45,7 +45,9 @@ def sample_crops(heights: torch.Tensor, widths: torch.Tensor, scale, ratio, gen:
 
     # Fallback: the whole image, trimmed to the allowed aspect ratio.
     in_ratio = w_img / h_img
-    fb_w = torch.where(in_ratio < ratio[0], w_img, torch.where(in_ratio > ratio[1], torch.round(h_img * ratio[1]), w_img))
+    fb_w = torch.where(
+        in_ratio < ratio[0], w_img, torch.where(in_ratio > ratio[1], torch.round(h_img * ratio[1]), w_img)
+    )
     fb_h = torch.where(in_ratio < ratio[0], torch.round(w_img / ratio[0]), h_img)
     use_fb = first < 0
     h_pick = torch.where(use_fb, fb_h, h_pick).to(torch.int64)
@@ -123,6 +125,19 @@ def rotation_matrix(degrees: torch.Tensor, size: int) -> torch.Tensor:
     return m
 
 
+def replicate_edges(images: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Fill each image's padding with its last row and column, so that interpolation taps that cross an image's
+    own edge read the edge pixel, as they would at the border of an unpadded image."""
+    _, _, h, w = images.shape
+    if bool((heights == h).all() and (widths == w).all()):
+        return images
+    device = images.device
+    rows = torch.minimum(torch.arange(h, device=device)[None], (heights.to(device) - 1)[:, None])  # B x H
+    cols = torch.minimum(torch.arange(w, device=device)[None], (widths.to(device) - 1)[:, None])  # B x W
+    images = images.gather(2, rows[:, None, :, None].expand(-1, images.shape[1], -1, w))
+    return images.gather(3, cols[:, None, None, :].expand(-1, images.shape[1], h, -1))
+
+
 def warp(
     images: torch.Tensor,
     matrices: torch.Tensor,
@@ -132,9 +147,10 @@ def warp(
 ) -> torch.Tensor:
     """One resampling pass: output pixel (u, v) of sample b reads images[b] at matrices[b] @ [u+.5, v+.5, 1].
 
-    images: float B x 1 x H x W (a padded batch); boxes: B x 4 (top, left, height, width) the region that the crop
-    produced. Reads are clamped to the box (like resizing the cropped image) and points that perspective or rotation
-    moves outside it get 0 (torchvision's fill).
+    images: float B x 1 x H x W (a padded batch whose padding `replicate_edges` filled); boxes: B x 4 (top, left,
+    height, width) the region that the crop produced. Sample points are clamped to the box (like resizing the
+    cropped image) and points that perspective or rotation moves outside it get 0 (torchvision's fill). Bicubic taps
+    next to a crop edge read the real neighbouring pixels, where torchvision, cropping first, repeats the edge.
     """
     b, _, h, w = images.shape
     device = images.device

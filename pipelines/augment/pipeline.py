@@ -20,6 +20,7 @@ from pipelines.augment.recipes import Recipe, load_recipe
 class Params:
     """Everything random about one batch, on the CPU."""
 
+    sizes: torch.Tensor  # B x 2 int64: height, width of each image inside the padded batch
     boxes: torch.Tensor  # B x 4 int64: top, left, height, width of each crop
     hflip: torch.Tensor  # B bool
     vflip: torch.Tensor
@@ -75,6 +76,7 @@ class Augment:
             else uniform(*r.noise_mean_fraction)
         )
         return Params(
+            sizes=torch.stack([heights, widths], 1),
             boxes=torch.stack([top, left, h, w], 1),
             hflip=coin(r.hflip),
             vflip=coin(r.vflip),
@@ -98,6 +100,7 @@ class Augment:
         r = self.recipe
         x = images.to(self.device, non_blocking=True)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        x = geometry.replicate_edges(x, params.sizes[:, 0], params.sizes[:, 1])
         x = geometry.warp(x, params.matrices(r.size), params.boxes, r.size, r.interpolation)
         if r.interpolation == "bicubic":
             x = x.clamp_(0, 1)  # cubic overshoot
