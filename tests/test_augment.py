@@ -2,8 +2,8 @@
 
 Tolerances (on the 0-255 scale):
 - equalize: exact. Flips: exact after rounding to uint8.
-- resized crop, bilinear: max 0.01. Bicubic: mean 0.1, 99th percentile 1.5, max 8 (taps next to a crop edge read
-  the real neighbouring pixels where torchvision, cropping first, repeats the edge pixel).
+- resized crop, bilinear: max 0.01. Bicubic: max 0.01 away from the crop edges and mean 0.5 over the image (taps
+  next to a crop edge read the real neighbouring pixels where torchvision, cropping first, repeats the edge pixel).
 - perspective and rotation, bilinear: mean 0.5 and 99th percentile 2, except a band of one pixel along the border of
   the valid region (torchvision blends with the zero fill there, we cut).
 - blur and brightness/contrast: max 1e-3.
@@ -72,10 +72,8 @@ def test_flips_equal_torchvision_exactly(which):
     assert torch.equal(_u8(out), expected)
 
 
-@pytest.mark.parametrize(
-    "interpolation, max_tol, p99_tol, mean_tol", [("bilinear", 0.01, 0.01, 0.01), ("bicubic", 8.0, 1.5, 0.1)]
-)
-def test_resized_crop_matches_torchvision(interpolation, max_tol, p99_tol, mean_tol):
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_resized_crop_matches_torchvision(interpolation):
     aug = Augment(Recipe(size=S, interpolation=interpolation), seed=3)
     x = _images(8, 90, 120, seed=1)
     p = _identity_params(aug, 8, S, 90, 120)
@@ -89,9 +87,14 @@ def test_resized_crop_matches_torchvision(interpolation, max_tol, p99_tol, mean_
         ref = TF.resized_crop(
             x[k].float(), int(top[k]), int(left[k]), int(h[k]), int(w[k]), [S, S], interpolation=mode, antialias=False
         ).clamp(0, 255)
-        diff = (out[k] - ref).abs()
-        assert diff.max() <= max_tol and diff.mean() <= mean_tol, (k, diff.max(), diff.mean())
-        assert torch.quantile(diff.flatten(), 0.99) <= p99_tol
+        diff = (out[k, 0] - ref[0]).abs()
+        if interpolation == "bilinear":
+            assert diff.max() <= 0.01, (k, diff.max())
+            continue
+        # Bicubic reads 2 source pixels either side: away from the crop edges the kernels agree exactly.
+        band_y, band_x = math.ceil(2 * S / int(h[k])) + 1, math.ceil(2 * S / int(w[k])) + 1
+        assert diff[band_y:-band_y, band_x:-band_x].max() <= 0.01, (k, diff.max())
+        assert diff.mean() <= 0.5, (k, diff.mean())
 
 
 def _interior(mask_valid: torch.Tensor) -> torch.Tensor:
