@@ -1,1 +1,5 @@
-"""Loaders and batched GPU augmentation over the packed format (built in the pipelines issue)."""
+"""Loaders and batched augmentation over the packed format: `build_loader(...)` and `pipelines.augment`."""
+
+from pipelines.loader import BACKENDS, Batch, build_loader
+
+__all__ = ["BACKENDS", "Batch", "build_loader"]

@@ -1,0 +1,77 @@
+"""The loader contract that every backend keeps, and `build_loader`, which picks the backend.
+
+A loader yields `Batch`es: `views` (each B x 1 x S x S float on the device, channels_last), `labels` and the
+sample `indices` (rows of the dataset's index.npy). Each epoch reshuffles with (seed, epoch); each rank takes a
+disjoint, equal-sized shard; `set_epoch(epoch, start_step)` resumes mid-epoch without repeating a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BACKENDS = ("native", "dali", "ffcv")
+
+
+@dataclass
+class Batch:
+    views: tuple[torch.Tensor, ...]
+    labels: torch.Tensor  # int64 B (multiclass) or int8 B x C codes with -128 for missing (multilabel)
+    indices: torch.Tensor  # int64 B, rows of index.npy
+
+
+def rank_order(rows: np.ndarray, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
+    """This rank's rows for one epoch: one permutation shared by all ranks (seeded by seed and epoch), cut to a
+    multiple of world_size, then every world_size-th row from position `rank`."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    order = rows[np.random.default_rng([seed, epoch]).permutation(len(rows))]
+    usable = len(order) // world_size * world_size
+    return order[:usable][rank::world_size]
+
+
+def batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """The augmentation seed of one batch: a resumed run draws the same views as an uninterrupted one."""
+    return int(np.random.default_rng([seed, epoch, step, rank, 0x7A1]).integers(0, 2**62))
+
+
+def build_loader(
+    data: str,
+    split: str = "train",
+    backend: str = "native",
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
+    recipe="seed-final",
+    size: int = 224,
+    views: int = 2,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = True,
+    workers: int | None = None,
+):
+    """A loader over a packed dataset directory; see the module docstring for what it yields."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if batch_size < 1 or views < 1:
+        raise ValueError(f"batch_size ({batch_size}) and views ({views}) must be at least 1")
+    kwargs = dict(
+        split=split,
+        batch_size=batch_size,
+        device=device,
+        recipe=recipe,
+        size=size,
+        views=views,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        drop_last=drop_last,
+        workers=workers,
+    )
+    if backend == "native":
+        from pipelines.native import NativeLoader
+
+        return NativeLoader(data, **kwargs)
+    raise ValueError(f"backend {backend!r} is not built yet; use native")

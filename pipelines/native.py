@@ -1,0 +1,138 @@
+"""The native backend: random access into memory-mapped shards, batched decode, augmentation on the device.
+
+A background thread reads and decodes the next batches while the device works on the current one:
+- CPU: images decode in a thread pool (OpenCV releases the GIL), into a padded uint8 batch.
+- CUDA: JPEG bytes go to `torchvision.io.decode_jpeg(device="cuda")` as one batch; npy needs no decode. Host
+  batches are pinned and copied without blocking.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from pipelines.augment import Augment, load_recipe
+from pipelines.loader import Batch, batch_seed, rank_order
+from prep.format import PackedDataset, decode_image
+
+_DONE = object()
+
+
+def pad_batch(images: list[torch.Tensor], pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """HxW (or 1xHxW) uint8 images -> a zero-padded B x 1 x Hmax x Wmax batch and the B x 2 sizes."""
+    sizes = torch.tensor([im.shape[-2:] for im in images], dtype=torch.int64)
+    h, w = (int(v) for v in sizes.max(0).values)
+    batch = torch.zeros(len(images), 1, h, w, dtype=torch.uint8, device=images[0].device, pin_memory=pin)
+    for k, im in enumerate(images):
+        batch[k, 0, : im.shape[-2], : im.shape[-1]] = im.reshape(im.shape[-2:])
+    return batch, sizes
+
+
+class NativeLoader:
+    def __init__(
+        self,
+        data,
+        split: str = "train",
+        batch_size: int = 128,
+        device="cpu",
+        recipe="seed-final",
+        size: int = 224,
+        views: int = 2,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+        workers: int | None = None,
+        prefetch: int = 3,
+    ):
+        self.data = PackedDataset(data)
+        self.rows = self.data.indices(split)
+        if len(self.rows) < world_size:
+            raise ValueError(f"{data}: split {split!r} holds {len(self.rows)} samples, fewer than {world_size} ranks")
+        self.device = torch.device(device)
+        recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+        self.augment = Augment(recipe.replace(size=size), device=self.device, seed=seed)
+        self.batch_size, self.views, self.seed = batch_size, views, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        labels = torch.from_numpy(np.ascontiguousarray(self.data.labels()))
+        self.labels = labels.long() if self.data.task == "multiclass" else labels
+        self.gpu_jpeg = self.device.type == "cuda" and self.data.encoding == "jpeg"
+        self.pool = ThreadPoolExecutor(workers or len(os.sched_getaffinity(0)))
+        self.prefetch = prefetch
+        self.epoch, self.start_step = 0, 0
+
+    def __len__(self) -> int:
+        per_rank = len(self.rows) // self.world_size
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next iteration runs `epoch`, starting after the `start_step` batches already done."""
+        self.epoch, self.start_step = epoch, start_step
+
+    def _host_batch(self, rows: np.ndarray):
+        """What the background thread prepares: raw JPEG bytes for GPU decode, else a decoded padded batch."""
+        if self.gpu_jpeg:
+            with warnings.catch_warnings():  # the mmap is read-only; decode_jpeg only reads it
+                warnings.simplefilter("ignore", UserWarning)
+                return [torch.frombuffer(self.data.image_bytes(i), dtype=torch.uint8) for i in rows]
+        images = self.pool.map(
+            lambda i: torch.from_numpy(decode_image(self.data.image_bytes(i), self.data.encoding)), rows
+        )
+        return pad_batch(list(images), pin=self.device.type == "cuda")
+
+    def _to_device(self, host) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.gpu_jpeg:
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            decoded = decode_jpeg(host, mode=ImageReadMode.GRAY, device=self.device)
+            return pad_batch(decoded)
+        batch, sizes = host
+        return batch.to(self.device, non_blocking=True), sizes
+
+    def _producer(self, steps: list[np.ndarray], out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            for rows in steps:
+                if stop.is_set():
+                    return
+                item = self._host_batch(rows)
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # handed to the consumer, which raises it
+            out.put(e)
+        out.put(_DONE)
+
+    def __iter__(self):
+        order = rank_order(self.rows, self.seed, self.epoch, self.rank, self.world_size)
+        n_batches = len(self)
+        steps = [order[k * self.batch_size : (k + 1) * self.batch_size] for k in range(n_batches)]
+        start = self.start_step
+        self.start_step = 0  # resuming applies to one epoch only
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._producer, args=(steps[start:], q, stop), daemon=True)
+        thread.start()
+        try:
+            for step in range(start, n_batches):
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                images, sizes = self._to_device(item)
+                rows = steps[step]
+                self.augment.generator.manual_seed(batch_seed(self.seed, self.epoch, step, self.rank))
+                views = tuple(self.augment(images, sizes) for _ in range(self.views))
+                labels = self.labels[rows].to(self.device, non_blocking=True)
+                yield Batch(views, labels, torch.from_numpy(rows.astype(np.int64)))
+        finally:
+            stop.set()
+            thread.join(timeout=5)

@@ -1,0 +1,111 @@
+"""The loader contract on the native backend: shapes, label alignment, shards, epochs, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import build_loader
+from pipelines.augment import Recipe
+from prep.format import PackedDataset, PackWriter, encode_image
+
+PLAIN = Recipe(name="plain", hflip=0.0)  # crop only: a constant image stays constant
+
+
+@pytest.fixture(scope="module")
+def constant_data(tmp_path_factory):
+    """50 train samples; sample k is a constant image of value 5k+3 and label k % 4, sizes vary."""
+    out = tmp_path_factory.mktemp("constant")
+    writer = PackWriter(out, "constant", "multiclass", ["a", "b", "c", "d"], "png", 64, shard_samples=16)
+    for k in range(50):
+        image = np.full((40 + k % 7, 48 + k % 5), 5 * k + 3, np.uint8)
+        writer.add("train", encode_image(image, "png"), *image.shape, {"label": k % 4, "value": 5 * k + 3})
+    writer.finish({"skipped": []})
+    return out
+
+
+def _values(data: PackedDataset, indices: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([data.metadata(int(i))["value"] for i in indices], dtype=torch.float32)
+
+
+def test_batches_have_the_contracted_shapes_and_align_with_labels(constant_data):
+    data = PackedDataset(constant_data)
+    loader = build_loader(constant_data, batch_size=8, recipe=PLAIN, size=32, views=3, seed=1)
+    assert len(loader) == 6  # 50 // 8 with drop_last
+    batches = list(loader)
+    assert len(batches) == 6
+    for batch in batches:
+        assert len(batch.views) == 3
+        for view in batch.views:
+            assert view.shape == (8, 1, 32, 32) and view.dtype == torch.float32
+            assert view.is_contiguous(memory_format=torch.channels_last)
+            # every pixel of a view shows its own sample's constant value
+            expected = _values(data, batch.indices)[:, None, None, None] / 255
+            assert torch.allclose(view, expected.expand_as(view), atol=1e-5)
+        assert batch.labels.dtype == torch.int64
+        assert batch.labels.tolist() == [data.metadata(int(i))["label"] for i in batch.indices]
+
+
+def test_real_views_are_in_range_and_differ(covid_packed):
+    loader = build_loader(covid_packed, batch_size=8, size=64, seed=0)
+    batch = next(iter(loader))
+    a, b = batch.views
+    assert a.min() >= 0 and a.max() <= 1 and a.std() > 0.05
+    assert not torch.equal(a, b)
+
+
+def test_ranks_get_disjoint_equal_shards_and_epochs_reshuffle(constant_data):
+    def epoch_indices(rank, world, epoch):
+        loader = build_loader(
+            constant_data, batch_size=5, recipe=PLAIN, size=16, seed=3, rank=rank, world_size=world, drop_last=False
+        )
+        loader.set_epoch(epoch)
+        return torch.cat([b.indices for b in loader]).tolist()
+
+    r0, r1, r2 = (epoch_indices(r, 3, 0) for r in range(3))
+    assert len(r0) == len(r1) == len(r2) == 16  # 50 // 3
+    assert not (set(r0) & set(r1)) and not (set(r1) & set(r2)) and not (set(r0) & set(r2))
+    one = epoch_indices(0, 1, 0)
+    assert sorted(one) == list(range(50))
+    assert epoch_indices(0, 1, 1) != one
+
+
+def test_resume_mid_epoch_repeats_nothing_and_matches(constant_data, covid_packed):
+    loader = build_loader(covid_packed, batch_size=6, size=32, seed=5)
+    loader.set_epoch(2)
+    full = list(loader)
+    loader.set_epoch(2, start_step=4)
+    resumed = list(loader)
+    assert len(resumed) == len(full) - 4
+    for a, b in zip(full[4:], resumed):
+        assert torch.equal(a.indices, b.indices)
+        for va, vb in zip(a.views, b.views):
+            assert torch.equal(va, vb)
+    again = list(loader)  # resuming applies to one epoch: the next pass is whole
+    assert len(again) == len(full)
+
+
+def test_same_seed_same_batches(covid_packed):
+    a = next(iter(build_loader(covid_packed, batch_size=4, size=32, seed=9)))
+    b = next(iter(build_loader(covid_packed, batch_size=4, size=32, seed=9)))
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.views[0], b.views[0])
+
+
+def test_bad_backend_and_split_are_clear(covid_packed):
+    with pytest.raises(ValueError, match="backend 'tfrecord' is not one of native, dali, ffcv"):
+        build_loader(covid_packed, backend="tfrecord")
+    with pytest.raises(Exception, match="split 'dev'"):
+        build_loader(covid_packed, split="dev")
+
+
+@pytest.mark.gpu
+def test_cuda_decodes_jpeg_on_the_gpu(covid_packed):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    loader = build_loader(covid_packed, batch_size=8, size=64, device="cuda", seed=0)
+    assert loader.gpu_jpeg
+    batch = next(iter(loader))
+    assert batch.views[0].is_cuda and batch.views[0].shape == (8, 1, 64, 64)
+    cpu = next(iter(build_loader(covid_packed, batch_size=8, size=64, device="cpu", seed=0)))
+    assert torch.equal(batch.indices, cpu.indices)
