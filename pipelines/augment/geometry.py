@@ -138,6 +138,11 @@ def replicate_edges(images: torch.Tensor, heights: torch.Tensor, widths: torch.T
     return images.gather(3, cols[:, None, None, :].expand(-1, images.shape[1], h, -1))
 
 
+def _box_bounds(boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    top, left, height, width = boxes.unbind(1)
+    return left, top, left + width, top + height
+
+
 def warp(
     images: torch.Tensor,
     matrices: torch.Tensor,
@@ -154,19 +159,40 @@ def warp(
     """
     b, _, h, w = images.shape
     device = images.device
+    matrices = matrices.to(device=device, dtype=torch.float32)  # exact enough: coordinates stay below ~10^4
+    x0, y0, x1, y1 = (v.to(device=device, dtype=torch.float32) for v in _box_bounds(boxes))
     centres = torch.arange(size, device=device, dtype=torch.float32) + 0.5
-    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
-    grid = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, size * size, 3)
-    # float32 is exact enough here: coordinates stay below a few thousand pixels.
-    points = grid @ matrices.to(device=device, dtype=torch.float32).transpose(1, 2)  # B x S*S x 3
-    x = (points[..., 0] / points[..., 2]).view(b, size, size)
-    y = (points[..., 1] / points[..., 2]).view(b, size, size)
-    top, left, height, width = boxes.to(device=device, dtype=torch.float32).unbind(1)
-    x0, y0 = left[:, None, None], top[:, None, None]
-    x1, y1 = x0 + width[:, None, None], y0 + height[:, None, None]
-    inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
-    x = torch.minimum(torch.maximum(x, x0 + 0.5), x1 - 0.5)
-    y = torch.minimum(torch.maximum(y, y0 + 0.5), y1 - 0.5)
-    norm = torch.stack([2 * x / w - 1, 2 * y / h - 1], -1).to(images.dtype)
-    out = F.grid_sample(images, norm, mode=interpolation, padding_mode="border", align_corners=False)
-    return out * inside[:, None].to(out.dtype)
+    grid = torch.empty(b, size, size, 2, device=device, dtype=torch.float32)
+
+    # Crop and flips only (no perspective, no rotation): x depends on u alone and y on v alone, and every point
+    # stays in the box. Building that grid costs O(B x S), not O(B x S^2).
+    separable = (matrices[:, 0, 1] == 0) & (matrices[:, 1, 0] == 0) & (matrices[:, 2, :2] == 0).all(1)
+    flat = separable.nonzero().squeeze(1)
+    warped = (~separable).nonzero().squeeze(1)
+    if len(flat):
+        m = matrices[flat]
+        xs = m[:, 0, 0, None] * centres + m[:, 0, 2, None]  # B' x S
+        ys = m[:, 1, 1, None] * centres + m[:, 1, 2, None]
+        xs = torch.minimum(torch.maximum(xs, x0[flat, None] + 0.5), x1[flat, None] - 0.5).mul_(2 / w).sub_(1)
+        ys = torch.minimum(torch.maximum(ys, y0[flat, None] + 0.5), y1[flat, None] - 0.5).mul_(2 / h).sub_(1)
+        grid[flat, :, :, 0] = xs[:, None, :].expand(-1, size, -1)
+        grid[flat, :, :, 1] = ys[:, :, None].expand(-1, -1, size)
+    inside = None
+    if len(warped):
+        m = matrices[warped]
+        u, v = centres[None, None, :], centres[None, :, None]
+
+        def row(k):  # m[:, k] . (u, v, 1) over the S x S grid
+            return m[:, k, 0, None, None] * u + m[:, k, 1, None, None] * v + m[:, k, 2, None, None]
+
+        denominator = row(2)
+        x, y = row(0).div_(denominator), row(1).div_(denominator)
+        bx0, by0 = x0[warped, None, None], y0[warped, None, None]
+        bx1, by1 = x1[warped, None, None], y1[warped, None, None]
+        inside = (x >= bx0) & (x <= bx1) & (y >= by0) & (y <= by1)
+        grid[warped, :, :, 0] = torch.minimum(torch.maximum(x, bx0 + 0.5), bx1 - 0.5).mul_(2 / w).sub_(1)
+        grid[warped, :, :, 1] = torch.minimum(torch.maximum(y, by0 + 0.5), by1 - 0.5).mul_(2 / h).sub_(1)
+    out = F.grid_sample(images, grid.to(images.dtype), mode=interpolation, padding_mode="border", align_corners=False)
+    if inside is not None:
+        out[warped] *= inside[:, None].to(out.dtype)
+    return out

@@ -1,0 +1,188 @@
+"""Two-view pairs per second for each loader backend, against the study's pipeline, over the same images.
+
+    python bench/pipeline.py --data data/demo/packed --device cpu --backends native,baseline --json out.json
+
+`baseline` is the study's way: a Dataset that opens PNG files with PIL and runs torchvision transforms on each
+image for both views, in a DataLoader with every core as a worker. The PNGs are the packed images written out once.
+Each backend runs `--warmup` batches, then is timed over `--batches` batches (CUDA is synchronised before the clock
+stops). A copy of the JSON goes to bench/results/pipeline-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+# Run as a script, this folder heads sys.path; the repository root must come first.
+if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import cv2  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
+
+from pipelines import build_loader  # noqa: E402
+from pipelines.augment import load_recipe  # noqa: E402
+from prep.format import PackedDataset  # noqa: E402
+
+
+class StudyNoise:
+    """The study's noise: sigma = image mean x U(a, b)."""
+
+    def __init__(self, low: float, high: float):
+        self.low, self.high = low, high
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        sigma = x.mean() * (self.low + (self.high - self.low) * torch.rand(()))
+        return (x + torch.randn_like(x) * sigma).clamp(0, 1)
+
+
+def study_transform(recipe) -> v2.Compose:
+    """The recipe as the study wrote it: torchvision transforms on one PIL image at a time."""
+    r = recipe
+    mode = v2.InterpolationMode.BICUBIC if r.interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
+    ops = [
+        v2.RandomResizedCrop(r.size, scale=r.crop_scale, ratio=r.crop_ratio, interpolation=mode),
+        v2.RandomHorizontalFlip(r.hflip),
+        v2.RandomVerticalFlip(r.vflip),
+        v2.RandomEqualize(r.equalize),
+    ]
+    if r.brightness_contrast:
+        ops.append(
+            v2.RandomApply([v2.ColorJitter(brightness=r.brightness, contrast=r.contrast)], r.brightness_contrast)
+        )
+    ops += [
+        v2.RandomApply([v2.GaussianBlur(r.blur_kernel, r.blur_sigma)], r.blur),
+        v2.RandomPerspective(r.perspective_distortion, r.perspective),
+        v2.RandomRotation(r.rotation_degrees) if r.rotation else v2.Identity(),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.RandomApply([StudyNoise(*r.noise_mean_fraction)], r.noise),
+    ]
+    return v2.Compose(ops)
+
+
+class PngPairs(torch.utils.data.Dataset):
+    def __init__(self, files: list[Path], transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.files[i]) as image:
+            image = image.convert("L")
+            return self.transform(image), self.transform(image)
+
+
+def export_pngs(data: PackedDataset, rows, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in rows:
+        path = folder / f"{int(i)}.png"
+        cv2.imwrite(str(path), data.image(int(i)))
+        files.append(path)
+    return files
+
+
+def time_batches(batches, warmup: int, count: int, device: torch.device) -> float:
+    it = iter(batches)
+    for _ in range(warmup):
+        next(it)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(count):
+        next(it)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def cycle(loader):
+    while True:
+        yield from loader
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="a packed dataset")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backends", default="native,baseline")
+    parser.add_argument("--recipe", default="seed-final")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--json", type=Path, default=None, help="where to write the results (and a copy in bench/results)"
+    )
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    recipe = load_recipe(args.recipe, size=args.size)
+    data = PackedDataset(args.data)
+    cores = len(os.sched_getaffinity(0))
+    results = {}
+    for backend in args.backends.split(","):
+        if backend == "baseline":
+            work = Path(tempfile.mkdtemp(prefix="twinray-bench-pipeline-"))
+            files = export_pngs(data, data.indices("train"), work)
+            loader = torch.utils.data.DataLoader(
+                PngPairs(files, study_transform(recipe)),
+                batch_size=args.batch_size,
+                shuffle=True,
+                num_workers=cores,
+                drop_last=True,
+                persistent_workers=True,
+            )
+            seconds = time_batches(cycle(loader), args.warmup, args.batches, device)
+            del loader
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            loader = build_loader(
+                str(args.data),
+                backend=backend,
+                batch_size=args.batch_size,
+                device=device,
+                recipe=recipe,
+                size=args.size,
+            )
+            seconds = time_batches(cycle(loader), args.warmup, args.batches, device)
+        pairs = args.batches * args.batch_size
+        results[backend] = {"pairs_per_s": round(pairs / seconds, 1), "seconds": round(seconds, 3), "pairs": pairs}
+        print(f"{backend:<10} {pairs / seconds:>10.1f} pairs/s  ({pairs} pairs in {seconds:.2f} s)")
+
+    if "baseline" in results:
+        for row in results.values():
+            row["vs_baseline"] = round(row["pairs_per_s"] / results["baseline"]["pairs_per_s"], 2)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cores} cores)"
+    report = {
+        "benchmark": "pipeline",
+        "date": date.today().isoformat(),
+        "device": name,
+        "data": str(args.data),
+        "recipe": recipe.name,
+        "size": args.size,
+        "batch_size": args.batch_size,
+        "encoding": data.encoding,
+        "results": results,
+    }
+    text = json.dumps(report, indent=2) + "\n"
+    copy = Path(__file__).resolve().parent / "results" / f"pipeline-{device.type}.json"
+    for path in filter(None, [args.json, copy]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
