@@ -39,6 +39,7 @@ demo: install
 	$(PY) -m prep covid --src $(DEMO)/raw/COVID-19_Radiography_Dataset --out $(DEMO)/packed
 	$(PY) -m prep verify $(DEMO)/packed
 	$(PY) -m prep info $(DEMO)/packed
+	$(PY) -m pipelines.preview --data $(DEMO)/packed --recipe seed-final --out $(DEMO)/preview-seed-final.png
 
 prep: install
 	$(PY) -m prep all --raw $(RAW) --out $(PACKED)

@@ -74,4 +74,8 @@ def build_loader(
         from pipelines.native import NativeLoader
 
         return NativeLoader(data, **kwargs)
-    raise ValueError(f"backend {backend!r} is not built yet; use native")
+    if backend == "dali":
+        from pipelines.dali_backend import DALILoader
+
+        return DALILoader(data, **kwargs)
+    raise ValueError(f"backend {backend!r} is not built yet; use native or dali")

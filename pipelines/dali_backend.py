@@ -1,0 +1,228 @@
+"""The DALI backend: the same shards and contract, with decode and the recipe expressed in DALI ops.
+
+Samples enter through `fn.external_source` in this rank's epoch order (the index gives each image's bytes as a
+slice of the memory-mapped shard), so order, sharding and resume follow the same rules as the native loader.
+Decoding runs with device='mixed' (nvJPEG) on a GPU and 'cpu' without one (`device_id=None`). Each op is drawn per
+sample: a coin picks between the op's output and its input. Perspective matrices are drawn by twinray's own
+`geometry` code, with torchvision's meaning, and applied by `fn.experimental.warp_perspective`.
+
+DALI's random state cannot be set per batch, so a resumed epoch gets the same samples in the same order but not
+bit-identical views; the native backend is the one to use when that matters.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+from pipelines.augment import geometry, load_recipe
+from pipelines.loader import Batch, rank_order
+from prep.format import PackedDataset, decode_image
+
+MISSING_EXTRA = "backend 'dali' needs the dali extra: pip install 'twinray[dali]'"
+
+
+def _import_dali():
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        raise ValueError(MISSING_EXTRA) from None
+
+
+class _EpochSource:
+    """Per-batch inputs for external_source: encoded images (or decoded npy), labels, rows, perspective matrices."""
+
+    def __init__(self, loader: DALILoader):
+        self.loader = loader
+
+    def __iter__(self):
+        ld = self.loader
+        order = rank_order(ld.rows, ld.seed, ld.epoch, ld.rank, ld.world_size)
+        steps = [order[k * ld.batch_size : (k + 1) * ld.batch_size] for k in range(len(ld))]
+        rng = torch.Generator().manual_seed(int(np.random.default_rng([ld.seed, ld.epoch, ld.rank]).integers(2**62)))
+        start, ld.start_step = ld.start_step, 0  # resuming applies to one epoch only
+        for rows in steps[start:]:
+            if ld.data.encoding == "npy":
+                images = [decode_image(ld.data.image_bytes(i), "npy")[..., None] for i in rows]
+            else:
+                images = [np.frombuffer(ld.data.image_bytes(i), dtype=np.uint8) for i in rows]
+            labels = [np.asarray(ld.labels[i]) for i in rows]
+            matrices = []  # one list of 3x3 per view, only when the recipe uses perspective
+            if ld.recipe.perspective > 0:
+                matrices = [[m.numpy() for m in self._perspectives(len(rows), rng)] for _ in range(ld.views)]
+            yield (images, labels, [np.array(i, dtype=np.int64) for i in rows], *matrices)
+
+    def _perspectives(self, n: int, rng: torch.Generator) -> torch.Tensor:
+        r = self.loader.recipe
+        start, end = geometry.sample_perspective_points(n, r.size, r.perspective_distortion, rng)
+        apply = torch.rand(n, generator=rng) < r.perspective
+        eye = torch.eye(3, dtype=torch.float64)
+        return torch.where(apply[:, None, None], geometry.perspective_matrix(start, end), eye).float()
+
+
+def _build_pipeline(loader: DALILoader, device_id: int | None, threads: int):
+    from nvidia.dali import fn, pipeline_def, types
+
+    r = loader.recipe
+    interp = types.INTERP_CUBIC if r.interpolation == "bicubic" else types.INTERP_LINEAR
+    encoded = loader.data.encoding != "npy"
+
+    def maybe(p: float, applied, original):
+        """Per sample: the op's output with probability p, else its input."""
+        if p <= 0:
+            return original
+        if p >= 1:
+            return applied
+        coin = fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+        return coin * applied + (1.0 - coin) * original
+
+    # A fresh pipeline per epoch, seeded by (seed, epoch, rank): epochs differ and a rerun repeats them.
+    seed = int(np.random.default_rng([loader.seed, loader.epoch, loader.rank]).integers(2**31))
+
+    @pipeline_def(
+        batch_size=loader.batch_size,
+        num_threads=threads,
+        device_id=device_id,
+        seed=seed,
+        prefetch_queue_depth=2,
+        exec_dynamic=True,
+    )
+    def pipeline():
+        images, labels, rows, *matrices = fn.external_source(
+            source=_EpochSource(loader),
+            num_outputs=3 + (loader.views if r.perspective > 0 else 0),
+            batch=True,
+            cycle="raise",
+            parallel=False,
+        )
+        if encoded:
+            images = fn.decoders.image(
+                images, device="mixed" if device_id is not None else "cpu", output_type=types.GRAY
+            )
+        elif device_id is not None:
+            images = images.gpu()
+        views = []
+        for v in range(loader.views):
+            x = fn.random_resized_crop(
+                images,
+                size=(r.size, r.size),
+                random_area=list(r.crop_scale),
+                random_aspect_ratio=list(r.crop_ratio),
+                interp_type=interp,
+            )
+            x = fn.flip(
+                x,
+                horizontal=fn.random.coin_flip(probability=r.hflip),
+                vertical=fn.random.coin_flip(probability=r.vflip),
+            )
+            if r.equalize > 0:
+                x = fn.cast(maybe(r.equalize, _op(fn, "equalize")(x), x), dtype=types.UINT8)
+            if r.perspective > 0:
+                m = matrices[v].gpu() if device_id is not None else matrices[v]
+                x = _op(fn, "warp_perspective")(
+                    x, m, inverse_map=True, border_mode="constant", fill_value=0, interp_type=types.INTERP_LINEAR
+                )
+            if r.rotation > 0:
+                angle = fn.random.uniform(range=(-r.rotation_degrees, r.rotation_degrees))
+                angle = angle * fn.cast(fn.random.coin_flip(probability=r.rotation), dtype=types.FLOAT)
+                x = fn.rotate(x, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
+            x = fn.cast(x, dtype=types.FLOAT) / 255.0
+            if r.brightness_contrast > 0:
+                jitter = fn.brightness_contrast(
+                    x,
+                    brightness=fn.random.uniform(range=(max(0.0, 1 - r.brightness), 1 + r.brightness)),
+                    contrast=fn.random.uniform(range=(max(0.0, 1 - r.contrast), 1 + r.contrast)),
+                    contrast_center=fn.reductions.mean(x),
+                    dtype=types.FLOAT,
+                )
+                x = maybe(r.brightness_contrast, math_clamp(jitter), x)
+            if r.blur > 0:
+                sigma = fn.random.uniform(range=list(r.blur_sigma))
+                x = maybe(r.blur, fn.gaussian_blur(x, sigma=sigma, window_size=r.blur_kernel), x)
+            if r.noise > 0:
+                if r.noise_sigma is not None:
+                    sigma = r.noise_sigma
+                else:
+                    sigma = fn.reductions.mean(x) * fn.random.uniform(range=list(r.noise_mean_fraction))
+                x = maybe(r.noise, math_clamp(fn.noise.gaussian(x, stddev=sigma)), x)
+            if r.normalize is not None:
+                x = (x - r.normalize[0]) / r.normalize[1]
+            views.append(fn.transpose(x, perm=[2, 0, 1]))  # HWC -> CHW
+        return (*views, labels, rows)
+
+    return pipeline()
+
+
+def _op(fn, name: str):
+    """DALI 2.x moved equalize and warp_perspective out of `experimental`; older releases only have them there."""
+    return getattr(fn, name, None) or getattr(fn.experimental, name)
+
+
+def math_clamp(x):
+    from nvidia.dali import math as dmath
+
+    return dmath.clamp(x, 0.0, 1.0)
+
+
+class DALILoader:
+    def __init__(
+        self,
+        data,
+        split: str = "train",
+        batch_size: int = 128,
+        device="cpu",
+        recipe="seed-final",
+        size: int = 224,
+        views: int = 2,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+        workers: int | None = None,
+    ):
+        _import_dali()
+        self.data = PackedDataset(data)
+        self.rows = self.data.indices(split)
+        if len(self.rows) < world_size:
+            raise ValueError(f"{data}: split {split!r} holds {len(self.rows)} samples, fewer than {world_size} ranks")
+        self.device = torch.device(device)
+        recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+        self.recipe = recipe.replace(size=size)
+        self.batch_size, self.views, self.seed = batch_size, views, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.labels = np.ascontiguousarray(self.data.labels())
+        self.epoch, self.start_step = 0, 0
+        self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
+        self.threads = workers or len(os.sched_getaffinity(0))
+
+    def __len__(self) -> int:
+        per_rank = len(self.rows) // self.world_size
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        output_map = [f"view{v}" for v in range(self.views)] + ["labels", "rows"]
+        pipeline = _build_pipeline(self, self.device_id, self.threads)
+        policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
+        iterator = DALIGenericIterator(
+            pipeline, output_map, last_batch_policy=policy, auto_reset=False, prepare_first_batch=False
+        )
+        try:
+            for out in iterator:
+                batch = out[0]
+                views = tuple(
+                    batch[f"view{v}"].to(self.device).contiguous(memory_format=torch.channels_last)
+                    for v in range(self.views)
+                )
+                labels = batch["labels"].to(self.device)
+                labels = labels.long() if self.data.task == "multiclass" else labels
+                yield Batch(views, labels, batch["rows"].cpu().long())
+        finally:
+            del iterator, pipeline
