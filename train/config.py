@@ -1,0 +1,142 @@
+"""Pretraining configuration: typed, the study's final settings by default, YAML or flags on top.
+
+Every field is a flag (`--batch-size`, `--no-compile`, ...); `--config FILE.yaml` sets fields first, flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from prep.errors import OneLineParser
+from train.model import BACKBONES, parse_projector
+
+CHOICES = {
+    "optimizer": ("adam", "adamw", "lars", "sgd"),
+    "schedule": ("constant", "linear", "cosine"),
+    "backend": ("native", "dali", "ffcv"),
+    "mixed_precision": ("auto", "no", "fp16", "bf16"),
+    "wandb": ("online", "offline", "disabled"),
+    "backbone": BACKBONES,
+    "channels": (1, 3),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune"),
+}
+
+
+class ConfigError(ValueError):
+    """A bad value: the message names the field, the value and the valid choices."""
+
+
+@dataclass
+class PretrainConfig:
+    data: str = "data/packed/covid"
+    out: str = "runs/pretrain"
+    epochs: int = 300
+    batch_size: int = 128
+    size: int = 224
+    backbone: str = "resnet18"
+    channels: int = 1
+    projector: str = "512"
+    lambd: float = 5e-3
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    optimizer: str = "adam"
+    exclude_bias_norm: bool = False  # Adam/AdamW: keep biases and BN out of weight decay (LARS always does)
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    recipe: str = "seed-final"
+    backend: str = "native"
+    compile: bool | None = None  # None: on with CUDA, off on the CPU where it does not pay
+    compile_mode: str = "default"
+    mixed_precision: str = "auto"  # auto: bf16 on CUDA, no on the CPU
+    grad_accum: int = 1
+    wandb: str = "offline"
+    seed: int = 0
+    workers: int | None = None
+    eval_every: int = 1  # epochs between kNN evaluations
+    knn_k: int = 20
+    keep_checkpoints: int = 2
+    log_every: int = 10  # steps between metrics.jsonl lines
+    deterministic: bool = False
+    max_steps: int | None = None  # stop after this many steps in all (tests, smoke runs)
+
+    def validate(self) -> PretrainConfig:
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                valid = ", ".join(str(c) for c in choices)
+                raise ConfigError(f"{name} {getattr(self, name)!r} is not one of: {valid}")
+        for name in (
+            "epochs",
+            "batch_size",
+            "size",
+            "grad_accum",
+            "knn_k",
+            "keep_checkpoints",
+            "log_every",
+            "eval_every",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "lambd"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ConfigError("weight_decay and warmup_epochs must not be negative")
+        try:
+            parse_projector(self.projector)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _base_type(annotation) -> type:
+    """int for 'int | None', bool for 'bool | None', ..."""
+    hint = annotation
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config is a mapping of field: value")
+    known = {f.name for f in fields(PretrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}")
+    return data
+
+
+def parser() -> argparse.ArgumentParser:
+    hints = typing.get_type_hints(PretrainConfig)
+    p = OneLineParser(prog="train/pretrain.py", description="Barlow Twins pretraining on a packed chest X-ray dataset.")
+    p.add_argument("--config", help="YAML file of fields; flags override it")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (also the default)")
+    for f in fields(PretrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(hints[f.name])
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument(flag, type=kind, default=None, metavar=f.name.upper())
+    return p
+
+
+def from_args(argv: list[str] | None = None) -> tuple[PretrainConfig, argparse.Namespace]:
+    args = parser().parse_args(argv)
+    values = load_yaml(args.config) if args.config else {}
+    values.update({f.name: getattr(args, f.name) for f in fields(PretrainConfig) if getattr(args, f.name) is not None})
+    return PretrainConfig(**values).validate(), args

@@ -1,0 +1,60 @@
+"""Barlow Twins loss over the global batch (Zbontar et al. 2021, https://arxiv.org/abs/2103.03230)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+
+BN_EPS = 1e-5  # BatchNorm1d's default, so the standardisation is exactly BatchNorm1d(affine=False) in training mode
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Sum over all processes with a backward: a plain dist.all_reduce drops the other ranks' gradient terms."""
+    if _world_size() == 1:
+        return x
+    with warnings.catch_warnings():
+        # Deprecated in favour of _functional_collectives, whose all_reduce only gained autograd in recent torch.
+        warnings.filterwarnings("ignore", message=r".*all_reduce is deprecated", category=FutureWarning)
+        return dist_nn.all_reduce(x)
+
+
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3) -> tuple[torch.Tensor, dict[str, float]]:
+    """Barlow Twins loss of two N_local x D embeddings, standardised and correlated over the global batch.
+
+    Returns (loss, stats): loss = sum_i (1 - c_ii)^2 + lambd * sum_{i != j} c_ij^2 (a float32 or float64 scalar,
+    the same value on every rank) and stats = {"on_diag", "off_diag"} (floats, off_diag before lambd).
+
+    Under torch.distributed every rank returns the same global loss L, and the backward of each all_reduce sums
+    every rank's gradient, so autograd differentiates world_size * L: the gradient reaching a rank's own rows is
+    world_size * dL/dz_local. DDP averages parameter gradients over ranks, which cancels that factor exactly: with
+    DDP (or Accelerate), call backward on this loss as it is, and the gradient equals the single-process gradient
+    on the whole global batch. Do not multiply (or divide) the loss by world_size; only a trainer that sums
+    gradients over ranks itself must divide by world_size.
+    """
+    if z1.dim() != 2 or z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must be 2-D with equal shapes, got {tuple(z1.shape)} and {tuple(z2.shape)}.")
+    d = z1.shape[1]
+    dtype = torch.promote_types(torch.promote_types(z1.dtype, z2.dtype), torch.float32)  # bf16/fp16 -> float32
+    # Autocast would run the matmuls in half precision again, whatever the inputs' dtype.
+    with torch.autocast(z1.device.type, enabled=False):
+        z = torch.cat([z1, z2], dim=1).to(dtype)  # both views side by side: one collective per statistic
+        n = _sum_over_ranks(torch.tensor(z.shape[0], dtype=dtype, device=z.device))
+        if n < 2:  # every rank sees the same n, so all raise together
+            raise ValueError(f"the global batch must have at least 2 samples, got {int(n)}.")
+        # Two passes (mean, then centred squares) stay accurate for embeddings far from zero.
+        mean = _sum_over_ranks(z.sum(dim=0)) / n
+        var = _sum_over_ranks((z - mean).square().sum(dim=0)) / n  # biased, as BatchNorm normalises
+        z = (z - mean) / torch.sqrt(var + BN_EPS)
+        c = _sum_over_ranks(z[:, :d].T @ z[:, d:]) / n  # D x D cross-correlation of the global batch
+        on_diag = (1 - c.diagonal()).square().sum()
+        off_diag = c.square().masked_fill(torch.eye(d, dtype=torch.bool, device=c.device), 0).sum()
+        loss = on_diag + lambd * off_diag
+    on, off = torch.stack([on_diag, off_diag]).tolist()  # one device sync for both (tolist detaches)
+    return loss, {"on_diag": on, "off_diag": off}

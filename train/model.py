@@ -1,0 +1,55 @@
+"""The twins: a timm backbone without classifier and a projector built from a spec string."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", *(f"efficientnet_b{k}" for k in range(5)))
+
+
+def build_backbone(name: str = "resnet18", in_chans: int = 1, pretrained: bool = False) -> nn.Module:
+    """A timm model with no classifier (`num_features` outputs). ResNets zero-initialise the last BN of each
+    residual block, so every block starts as the identity."""
+    if name not in BACKBONES:
+        raise ValueError(f"backbone {name!r} is not one of {', '.join(BACKBONES)}")
+    if in_chans not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {in_chans}")
+    extra = {"zero_init_last": True} if name.startswith("resnet") else {}
+    return timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=in_chans, **extra)
+
+
+def parse_projector(spec: str) -> list[int]:
+    try:
+        dims = [int(d) for d in str(spec).split("-")]
+    except ValueError:
+        raise ValueError(f"projector {spec!r} is not a list of sizes like 512 or 8192-8192-8192") from None
+    if not dims or any(d < 1 for d in dims):
+        raise ValueError(f"projector {spec!r} must list positive sizes")
+    return dims
+
+
+def build_projector(in_features: int, spec: str = "512") -> nn.Sequential:
+    """Linear(no bias)-BN-ReLU blocks, then a last Linear alone: '512' is one Linear, '512-512' two layers."""
+    dims = [in_features, *parse_projector(spec)]
+    layers: list[nn.Module] = []
+    for k in range(len(dims) - 2):
+        layers += [nn.Linear(dims[k], dims[k + 1], bias=False), nn.BatchNorm1d(dims[k + 1]), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
+    return nn.Sequential(*layers)
+
+
+class BarlowTwins(nn.Module):
+    def __init__(self, backbone: str = "resnet18", in_chans: int = 1, projector: str = "512"):
+        super().__init__()
+        self.backbone = build_backbone(backbone, in_chans)
+        self.projector = build_projector(self.backbone.num_features, projector)
+        self.in_chans = in_chans
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One view -> (backbone features, projector embedding). Grey views are repeated for 3-channel stems."""
+        if x.shape[1] != self.in_chans:
+            x = x.expand(-1, self.in_chans, -1, -1)
+        features = self.backbone(x)
+        return features, self.projector(features)

@@ -1,0 +1,77 @@
+"""Feedback during pretraining, with no second run: a linear probe on detached features, and a weighted kNN.
+
+Multiclass data reports accuracy; multilabel data (CheXpert) reports mean AUROC with uncertain and blank labels
+masked out.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.functional.classification import binary_auroc
+
+from pipelines.augment import Recipe
+
+# No randomness: the whole image (a centre square for non-square ones), resized.
+EVAL_RECIPE = Recipe(name="eval", crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0)
+
+
+def certain_targets(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multilabel codes (1, 0, -1 uncertain, -128 blank) -> float targets and the mask of certain ones."""
+    mask = (codes == 0) | (codes == 1)
+    return (codes == 1).float(), mask
+
+
+class LinearProbe(nn.Module):
+    """Trained alongside pretraining on detached features; its loss never reaches the backbone."""
+
+    def __init__(self, features: int, classes: int, multilabel: bool, lr: float = 1e-3):
+        super().__init__()
+        self.head = nn.Linear(features, classes)
+        self.multilabel = multilabel
+        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=lr)
+
+    def step(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        logits = self.head(features.detach().float())
+        if self.multilabel:
+            target, mask = certain_targets(labels)
+            loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+            loss = (loss * mask).sum() / mask.sum().clamp(min=1)
+            score = ((logits > 0).float() == target)[mask].float().mean() if mask.any() else torch.tensor(0.0)
+        else:
+            loss = F.cross_entropy(logits, labels)
+            score = (logits.argmax(1) == labels).float().mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"probe_loss": loss.item(), "probe_acc": score.item()}
+
+
+@torch.no_grad()
+def knn_scores(train_feats, train_labels, query_feats, classes: int, multilabel: bool, k: int = 20, t: float = 0.07):
+    """Weighted kNN (cosine similarity, weights exp(sim / t)): class scores (multiclass) or per-label positive
+    rates (multilabel) for each query."""
+    train_feats = F.normalize(train_feats.float(), dim=1)
+    query_feats = F.normalize(query_feats.float(), dim=1)
+    k = min(k, len(train_feats))
+    targets = certain_targets(train_labels)[0] if multilabel else F.one_hot(train_labels.long(), classes).float()
+    out = []
+    for chunk in query_feats.split(1024):
+        sim, idx = (chunk @ train_feats.T).topk(k, dim=1)
+        weights = (sim / t).exp()
+        votes = (weights[..., None] * targets[idx]).sum(1)
+        out.append(votes / weights.sum(1, keepdim=True))
+    return torch.cat(out)
+
+
+def knn_metrics(scores: torch.Tensor, labels: torch.Tensor, multilabel: bool) -> dict[str, float]:
+    if not multilabel:
+        return {"knn_acc": (scores.argmax(1) == labels.long()).float().mean().item()}
+    target, mask = certain_targets(labels)
+    aurocs = []
+    for c in range(scores.shape[1]):
+        t = target[mask[:, c], c]
+        if len(t) and 0 < t.sum() < len(t):  # AUROC needs both classes
+            aurocs.append(binary_auroc(scores[mask[:, c], c], t.long()).item())
+    return {"knn_auroc": sum(aurocs) / len(aurocs) if aurocs else float("nan")}

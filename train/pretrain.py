@@ -1,0 +1,329 @@
+"""Barlow Twins pretraining on a packed chest X-ray dataset.
+
+    python train/pretrain.py --data data/packed/covid --out runs/bt            # one device
+    accelerate launch train/pretrain.py --data ... --out ...                   # several GPUs or nodes
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 train/pretrain.py ...  # 2 CPU processes (gloo)
+
+Re-running with the same --out continues where the run stopped (mid-epoch included); a larger --epochs extends a
+finished run. `--batch-size` is the global batch, split evenly over the processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+# Run as a script, this folder heads sys.path; the repository root must come first.
+if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from pipelines import build_loader  # noqa: E402
+from prep.errors import PrepError  # noqa: E402
+from train import checkpoint  # noqa: E402
+from train.config import ConfigError, PretrainConfig, from_args  # noqa: E402
+from train.loss import barlow_twins_loss  # noqa: E402
+from train.model import BarlowTwins  # noqa: E402
+from train.online_eval import EVAL_RECIPE, LinearProbe, knn_metrics, knn_scores  # noqa: E402
+from train.optim import build_optimizer, build_scheduler  # noqa: E402
+
+
+class StopRequested(Exception):
+    pass
+
+
+class RunError(Exception):
+    """Stops the run with one line (exit code 1), after keeping the last good checkpoint."""
+
+
+def _signals(flag: dict) -> None:
+    """SIGTERM/SIGINT ask for a checkpoint at the next step boundary, then a clean exit."""
+
+    def handler(signum, frame):
+        flag["stop"] = signal.Signals(signum).name
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _mixed_precision(cfg: PretrainConfig, cuda: bool) -> str:
+    if cfg.mixed_precision == "auto":
+        return "bf16" if cuda else "no"
+    return cfg.mixed_precision
+
+
+def _trackers(cfg: PretrainConfig):
+    if cfg.wandb == "disabled":
+        return None
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError("wandb is not installed: pip install wandb, or pass --wandb disabled") from None
+    if cfg.wandb == "offline" or not os.environ.get("WANDB_API_KEY"):
+        os.environ["WANDB_MODE"] = "offline"  # never block on a login prompt
+    return "wandb"
+
+
+@torch.no_grad()
+def _features(model, loader, accelerator):
+    feats, labels = [], []
+    for batch in loader:
+        f, _ = model(batch.views[0])
+        feats.append(f.float())
+        labels.append(batch.labels)
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    return accelerator.gather_for_metrics(feats), accelerator.gather_for_metrics(labels)
+
+
+def evaluate_knn(model, cfg, accelerator, classes: int, multilabel: bool) -> dict[str, float]:
+    kw = dict(
+        batch_size=max(1, cfg.batch_size // accelerator.num_processes),
+        device=accelerator.device,
+        recipe=EVAL_RECIPE,
+        size=cfg.size,
+        views=1,
+        seed=cfg.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        drop_last=False,
+        workers=cfg.workers,
+    )
+    model.eval()
+    train_f, train_y = _features(model, build_loader(cfg.data, "train", **kw), accelerator)
+    try:
+        val_f, val_y = _features(model, build_loader(cfg.data, "val", **kw), accelerator)
+    except ValueError:  # an empty val split
+        model.train()
+        return {}
+    model.train()
+    return knn_metrics(knn_scores(train_f, train_y, val_f, classes, multilabel, k=cfg.knn_k), val_y, multilabel)
+
+
+def _peak_memory_mb(cuda: bool) -> float:
+    """GPU: the allocator's peak. CPU: the process' peak resident set."""
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def export_backbone(model, cfg: PretrainConfig, out: Path) -> None:
+    backbone = model.backbone
+    tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    tmp = out / ".backbone.safetensors.tmp"
+    save_file(tensors, tmp, metadata={"timm_name": cfg.backbone, "in_chans": str(cfg.channels)})
+    os.replace(tmp, out / "backbone.safetensors")
+    info = {
+        "timm_name": cfg.backbone,
+        "in_chans": cfg.channels,
+        "num_features": backbone.num_features,
+        "size": cfg.size,
+        "pretrained_on": cfg.data,
+    }
+    (out / "backbone.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def train(cfg: PretrainConfig) -> dict:
+    out = Path(cfg.out)
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(cfg, torch.cuda.is_available()),
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=_trackers(cfg),
+        project_dir=str(out),
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size {cfg.batch_size} does not split evenly over {world} processes")
+    set_seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    device = accelerator.device
+    cuda = device.type == "cuda"
+    use_compile = cuda if cfg.compile is None else cfg.compile
+
+    loader = build_loader(
+        cfg.data,
+        "train",
+        backend=cfg.backend,
+        batch_size=cfg.batch_size // world,
+        device=device,
+        recipe=cfg.recipe,
+        size=cfg.size,
+        views=2,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world,
+        drop_last=True,
+        workers=cfg.workers,
+    )
+    data = loader.data
+    multilabel = data.task == "multilabel"
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the train split ({len(loader.rows)} images)")
+
+    model = BarlowTwins(cfg.backbone, cfg.channels, cfg.projector)
+    if world > 1:
+        model.projector = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.projector)
+    model = model.to(device, memory_format=torch.channels_last)
+    probe = LinearProbe(model.backbone.num_features, len(data.classes), multilabel).to(device)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.exclude_bias_norm)
+    # The schedule counts optimizer steps; built from --epochs, so a larger --epochs stretches a resumed run.
+    updates_per_epoch = steps_per_epoch // cfg.grad_accum
+    scheduler = build_scheduler(
+        optimizer, cfg.schedule, cfg.epochs * updates_per_epoch, round(cfg.warmup_epochs * updates_per_epoch)
+    )
+
+    # Resume: everything, including where in the epoch the data stopped.
+    step, epoch, in_epoch = 0, 0, 0
+    latest = checkpoint.latest(out)
+    if latest is not None:
+        state = checkpoint.load(latest)
+        model.load_state_dict(state["model"])
+        probe.load_state_dict(state["probe"])
+        probe.optimizer.load_state_dict(state["probe_optimizer"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        step, epoch, in_epoch = state["position"]["step"], state["position"]["epoch"], state["position"]["in_epoch"]
+        accelerator.print(f"resuming from {latest.name}: epoch {epoch}, step {in_epoch} of {steps_per_epoch}")
+
+    compiled = torch.compile(model, mode=cfg.compile_mode) if use_compile else model
+    compiled, optimizer = accelerator.prepare(compiled, optimizer)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "world_size": world}, indent=2) + "\n")
+        if accelerator.log_with:
+            accelerator.init_trackers(
+                "twinray", config={**cfg.to_dict(), "world_size": world}, init_kwargs={"wandb": {"dir": str(out)}}
+            )
+    metrics_file = out / "metrics.jsonl"
+    flag: dict = {}
+    _signals(flag)
+
+    def save(position_epoch: int, position_in_epoch: int) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {
+                "model": model.state_dict(),  # DDP and compile wrap this module; it holds the weights
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "probe": probe.state_dict(),
+                "probe_optimizer": probe.optimizer.state_dict(),
+                "rng": {"torch": torch.get_rng_state()},
+                "position": {"step": step, "epoch": position_epoch, "in_epoch": position_in_epoch},
+            }
+            checkpoint.save(out, step, state, keep=cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    def log(row: dict) -> None:
+        if accelerator.is_main_process:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            accelerator.log(row, step=row["step"])
+
+    summary: dict = {}
+    compiled.train()
+    try:
+        while epoch < cfg.epochs:
+            loader.set_epoch(epoch, start_step=in_epoch)
+            bar = tqdm(
+                total=steps_per_epoch,
+                initial=in_epoch,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                disable=not accelerator.is_main_process,
+                leave=False,
+            )
+            waited, window_start, window_images = 0.0, time.perf_counter(), 0
+            fetch_start = time.perf_counter()
+            for batch in loader:
+                waited += time.perf_counter() - fetch_start
+                with accelerator.accumulate(compiled):
+                    f1, z1 = compiled(batch.views[0])
+                    _, z2 = compiled(batch.views[1])
+                    loss, terms = barlow_twins_loss(z1, z2, cfg.lambd)
+                    if not torch.isfinite(loss):
+                        raise RunError(
+                            f"loss is {loss.item()} at step {step} (epoch {epoch}); "
+                            f"the last good checkpoint is kept in {out}"
+                        )
+                    # Every process computes the same global loss, and its collectives' backward sums over ranks;
+                    # DDP's averaging then gives exactly the single-process gradient (see train/loss.py).
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                probe_stats = probe.step(f1, batch.labels)
+                step += 1
+                in_epoch += 1
+                window_images += batch.views[0].shape[0] * world
+                bar.update()
+                if step % cfg.log_every == 0 or in_epoch == steps_per_epoch:
+                    now = time.perf_counter()
+                    row = {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": loss.item(),
+                        **terms,
+                        "lr": scheduler.get_last_lr()[0],
+                        "images_per_s": window_images / (now - window_start),
+                        "data_wait": waited / (now - window_start),
+                        "peak_memory_mb": _peak_memory_mb(cuda),
+                        **probe_stats,
+                    }
+                    log(row)
+                    bar.set_postfix(loss=f"{row['loss']:.2f}", img_s=f"{row['images_per_s']:.0f}")
+                    waited, window_start, window_images = 0.0, now, 0
+                if flag.get("stop"):
+                    save(epoch, in_epoch)
+                    raise StopRequested(flag["stop"])
+                if cfg.max_steps and step >= cfg.max_steps:
+                    save(epoch, in_epoch)
+                    raise StopRequested("max_steps")
+                fetch_start = time.perf_counter()
+            bar.close()
+            epoch, in_epoch = epoch + 1, 0
+            row = {"step": step, "epoch": epoch - 1, "epoch_end": True, "loss": loss.item(), **probe_stats}
+            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                row.update(evaluate_knn(compiled, cfg, accelerator, len(data.classes), multilabel))
+            log(row)
+            summary = row
+            score = " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("probe_acc", "knn")))
+            accelerator.print(f"epoch {epoch}/{cfg.epochs}  loss {row['loss']:.3f}  {score}")
+            save(epoch, 0)
+    except StopRequested as why:
+        accelerator.print(f"stopped ({why}) at step {step}; checkpoint saved, re-run to continue")
+        accelerator.end_training()
+        return {"stopped": str(why), "step": step}
+    if accelerator.is_main_process:
+        export_backbone(model, cfg, out)
+    accelerator.end_training()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, _ = from_args(argv)
+        train(cfg)
+    except (ConfigError, PrepError, ValueError) as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 2
+    except RunError as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
