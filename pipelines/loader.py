@@ -78,4 +78,6 @@ def build_loader(
         from pipelines.dali_backend import DALILoader
 
         return DALILoader(data, **kwargs)
-    raise ValueError(f"backend {backend!r} is not built yet; use native or dali")
+    from pipelines.ffcv_backend import FFCVLoader
+
+    return FFCVLoader(data, **kwargs)

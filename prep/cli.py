@@ -10,13 +10,8 @@ import numpy as np
 
 from prep import build
 from prep.datasets import chexpert, covid, folder
-from prep.errors import PrepError
+from prep.errors import OneLineParser, PrepError
 from prep.format import ENCODINGS, LABEL_MISSING, SPLITS, PackedDataset, verify
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -106,6 +101,19 @@ def cmd_all(args) -> int:
     return 0
 
 
+def cmd_ffcv(args) -> int:
+    """One .beton per split for the FFCV backend (it also writes them itself when missing)."""
+    from pipelines.ffcv_backend import write_beton
+
+    data = PackedDataset(args.dir)
+    for split in args.splits.split(","):
+        if split not in SPLITS:
+            raise PrepError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        if data.manifest["splits"][split]:
+            print(f"wrote {write_beton(args.dir, split)}")
+    return 0
+
+
 def cmd_verify(args) -> int:
     for line in verify(args.dir):
         print(line)
@@ -157,8 +165,8 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m prep", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog="python -m prep", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("covid", help="the COVID-19 Radiography Database")
     p.add_argument("--src", required=True, type=Path, help=f"the {covid.FOLDER_NAME} folder")
@@ -194,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pack_options(p, None, out_default=Path("data/packed"))
     p.set_defaults(func=cmd_all)
 
+    p = sub.add_parser("ffcv", help="write DIR/ffcv/<split>.beton files for the FFCV backend")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--splits", default="train,val,test")
+    p.set_defaults(func=cmd_ffcv)
+
     p = sub.add_parser("verify", help="re-hash shards, decode every image, check the index")
     p.add_argument("dir", type=Path)
     p.set_defaults(func=cmd_verify)
@@ -208,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except PrepError as e:
+    except (PrepError, ValueError) as e:  # ValueError: a missing extra, named in the message
         print(f"prep: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

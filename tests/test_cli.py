@@ -66,3 +66,11 @@ def test_bad_argument_values_are_one_line(covid_sample, tmp_path):
     )
     assert_one_line_error(run_prep("sample", "--out", out, "--n", "3"), "--n 3")
     assert_one_line_error(run_prep("covid", "--out", out), "--src")
+
+
+def test_ffcv_writes_one_beton_per_split(covid_packed, tmp_path):
+    data = shutil.copytree(covid_packed, tmp_path / "data")
+    result = run_prep("ffcv", data, "--splits", "train,val")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (data / "ffcv").iterdir()) == ["train.beton", "val.beton"]
+    assert_one_line_error(run_prep("ffcv", data, "--splits", "dev"), "split 'dev'")

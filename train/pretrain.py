@@ -36,6 +36,8 @@ from train.model import BarlowTwins  # noqa: E402
 from train.online_eval import EVAL_RECIPE, LinearProbe, knn_metrics, knn_scores  # noqa: E402
 from train.optim import build_optimizer, build_scheduler  # noqa: E402
 
+RESUME_MUST_MATCH = ("backbone", "channels", "projector", "optimizer")
+
 
 class StopRequested(Exception):
     pass
@@ -189,11 +191,20 @@ def train(cfg: PretrainConfig) -> dict:
     latest = checkpoint.latest(out)
     if latest is not None:
         state = checkpoint.load(latest)
+        for name in RESUME_MUST_MATCH:  # the saved tensors only fit the same architecture and optimizer
+            if state["config"][name] != getattr(cfg, name):
+                raise ConfigError(
+                    f"{out} holds a run with {name} {state['config'][name]!r}, not {getattr(cfg, name)!r}: "
+                    "use the same setting or another --out"
+                )
         model.load_state_dict(state["model"])
         probe.load_state_dict(state["probe"])
         probe.optimizer.load_state_dict(state["probe_optimizer"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)  # this run's --lr, not the saved one
+        for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
+            group["lr"] = lr
         torch.set_rng_state(state["rng"]["torch"])
         step, epoch, in_epoch = state["position"]["step"], state["position"]["epoch"], state["position"]["in_epoch"]
         accelerator.print(f"resuming from {latest.name}: epoch {epoch}, step {in_epoch} of {steps_per_epoch}")
@@ -222,6 +233,7 @@ def train(cfg: PretrainConfig) -> dict:
                 "probe_optimizer": probe.optimizer.state_dict(),
                 "rng": {"torch": torch.get_rng_state()},
                 "position": {"step": step, "epoch": position_epoch, "in_epoch": position_in_epoch},
+                "config": cfg.to_dict(),
             }
             checkpoint.save(out, step, state, keep=cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
@@ -233,74 +245,75 @@ def train(cfg: PretrainConfig) -> dict:
             accelerator.log(row, step=row["step"])
 
     summary: dict = {}
+    last: dict = {}  # the latest step's loss and probe figures, for the epoch line
     compiled.train()
     try:
         while epoch < cfg.epochs:
             loader.set_epoch(epoch, start_step=in_epoch)
-            bar = tqdm(
+            with tqdm(
                 total=steps_per_epoch,
                 initial=in_epoch,
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 disable=not accelerator.is_main_process,
                 leave=False,
-            )
-            waited, window_start, window_images = 0.0, time.perf_counter(), 0
-            fetch_start = time.perf_counter()
-            for batch in loader:
-                waited += time.perf_counter() - fetch_start
-                with accelerator.accumulate(compiled):
-                    f1, z1 = compiled(batch.views[0])
-                    _, z2 = compiled(batch.views[1])
-                    loss, terms = barlow_twins_loss(z1, z2, cfg.lambd)
-                    if not torch.isfinite(loss):
-                        raise RunError(
-                            f"loss is {loss.item()} at step {step} (epoch {epoch}); "
-                            f"the last good checkpoint is kept in {out}"
-                        )
-                    # Every process computes the same global loss, and its collectives' backward sums over ranks;
-                    # DDP's averaging then gives exactly the single-process gradient (see train/loss.py).
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                probe_stats = probe.step(f1, batch.labels)
-                step += 1
-                in_epoch += 1
-                window_images += batch.views[0].shape[0] * world
-                bar.update()
-                if step % cfg.log_every == 0 or in_epoch == steps_per_epoch:
-                    now = time.perf_counter()
-                    row = {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": loss.item(),
-                        **terms,
-                        "lr": scheduler.get_last_lr()[0],
-                        "images_per_s": window_images / (now - window_start),
-                        "data_wait": waited / (now - window_start),
-                        "peak_memory_mb": _peak_memory_mb(cuda),
-                        **probe_stats,
-                    }
-                    log(row)
-                    bar.set_postfix(loss=f"{row['loss']:.2f}", img_s=f"{row['images_per_s']:.0f}")
-                    waited, window_start, window_images = 0.0, now, 0
-                if flag.get("stop"):
-                    save(epoch, in_epoch)
-                    raise StopRequested(flag["stop"])
-                if cfg.max_steps and step >= cfg.max_steps:
-                    save(epoch, in_epoch)
-                    raise StopRequested("max_steps")
+            ) as bar:  # closed on errors too, so the error line comes last
+                waited, window_start, window_images = 0.0, time.perf_counter(), 0
                 fetch_start = time.perf_counter()
-            bar.close()
+                for batch in loader:
+                    waited += time.perf_counter() - fetch_start
+                    with accelerator.accumulate(compiled):
+                        f1, z1 = compiled(batch.views[0])
+                        _, z2 = compiled(batch.views[1])
+                        loss, terms = barlow_twins_loss(z1, z2, cfg.lambd)
+                        if not torch.isfinite(loss):
+                            raise RunError(
+                                f"loss is {loss.item()} at step {step} (epoch {epoch}); "
+                                f"the last good checkpoint is kept in {out}"
+                            )
+                        # Every process computes the same global loss, and its collectives' backward sums over ranks;
+                        # DDP's averaging then gives exactly the single-process gradient (see train/loss.py).
+                        accelerator.backward(loss)
+                        optimizer.step()
+                        if accelerator.sync_gradients:
+                            scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    probe_stats = probe.step(f1, batch.labels)
+                    last = {"loss": loss.item(), **probe_stats}
+                    step += 1
+                    in_epoch += 1
+                    window_images += batch.views[0].shape[0] * world
+                    bar.update()
+                    if step % cfg.log_every == 0 or in_epoch == steps_per_epoch:
+                        now = time.perf_counter()
+                        row = {
+                            "step": step,
+                            "epoch": epoch,
+                            "loss": last["loss"],
+                            **terms,
+                            "lr": scheduler.get_last_lr()[0],
+                            "images_per_s": window_images / (now - window_start),
+                            "data_wait": waited / (now - window_start),
+                            "peak_memory_mb": _peak_memory_mb(cuda),
+                            **probe_stats,
+                        }
+                        log(row)
+                        bar.set_postfix(loss=f"{row['loss']:.2f}", img_s=f"{row['images_per_s']:.0f}")
+                        waited, window_start, window_images = 0.0, now, 0
+                    if flag.get("stop"):
+                        save(epoch, in_epoch)
+                        raise StopRequested(flag["stop"])
+                    if cfg.max_steps and step >= cfg.max_steps:
+                        save(epoch, in_epoch)
+                        raise StopRequested("max_steps")
+                    fetch_start = time.perf_counter()
             epoch, in_epoch = epoch + 1, 0
-            row = {"step": step, "epoch": epoch - 1, "epoch_end": True, "loss": loss.item(), **probe_stats}
+            row = {"step": step, "epoch": epoch - 1, "epoch_end": True, **last}
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
                 row.update(evaluate_knn(compiled, cfg, accelerator, len(data.classes), multilabel))
             log(row)
             summary = row
             score = " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("probe_acc", "knn")))
-            accelerator.print(f"epoch {epoch}/{cfg.epochs}  loss {row['loss']:.3f}  {score}")
+            accelerator.print(f"epoch {epoch}/{cfg.epochs}  loss {row.get('loss', float('nan')):.3f}  {score}")
             save(epoch, 0)
     except StopRequested as why:
         accelerator.print(f"stopped ({why}) at step {step}; checkpoint saved, re-run to continue")

@@ -1,0 +1,174 @@
+"""The FFCV backend: the .beton round trip and the loader contract (shapes, labels, shards, epochs, resume)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.augment import Recipe
+from pipelines.ffcv_backend import FFCVLoader, write_beton
+from pipelines.native import NativeLoader
+from prep.format import LABEL_MISSING, PackedDataset, PackWriter, encode_image
+
+PLAIN = Recipe(name="plain", hflip=0.0)  # crop only: a constant image stays constant
+
+# ffcv 1.0.2 sets `.mutable = False` on numba array types after they are hashed into numba's tables; when a Loader's
+# compiled functions are freed, numba's finalizer then misses them: a KeyError that Python ignores and prints.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(scope="module")
+def constant_data(tmp_path_factory):
+    """50 train samples; sample k is a constant image of value 5k+3 and label k % 4, sizes vary."""
+    out = tmp_path_factory.mktemp("constant")
+    writer = PackWriter(out, "constant", "multiclass", ["a", "b", "c", "d"], "png", 64, shard_samples=16)
+    for k in range(50):
+        image = np.full((40 + k % 7, 48 + k % 5), 5 * k + 3, np.uint8)
+        writer.add("train", encode_image(image, "png"), *image.shape, {"label": k % 4, "value": 5 * k + 3})
+    writer.finish({"skipped": []})
+    return out
+
+
+@pytest.fixture(scope="module")
+def multilabel_data(tmp_path_factory):
+    """12 train samples with random pixels and labels that include blanks."""
+    out = tmp_path_factory.mktemp("multilabel")
+    rng = np.random.default_rng(0)
+    writer = PackWriter(out, "ml", "multilabel", ["x", "y", "z"], "npy", 32, shard_samples=5)
+    for k in range(12):
+        image = rng.integers(0, 256, (20 + k % 3, 24), dtype=np.uint8)
+        labels = {c: [None, 0, 1][(k + j) % 3] for j, c in enumerate("xyz")}
+        writer.add("train", encode_image(image, "npy"), *image.shape, {"labels": labels})
+    writer.finish({"skipped": []})
+    return out
+
+
+def _values(data: PackedDataset, indices: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([data.metadata(int(i))["value"] for i in indices], dtype=torch.float32)
+
+
+def test_beton_round_trip(constant_data, tmp_path):
+    from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    path = write_beton(constant_data, "train", tmp_path / "t.beton")
+    assert path == tmp_path / "t.beton" and [p.name for p in tmp_path.iterdir()] == ["t.beton"]  # no temp left
+    data = PackedDataset(constant_data)
+    rows = data.indices("train")
+    decoders = {"image": [NDArrayDecoder()], "size": [NDArrayDecoder()], "label": [IntDecoder()], "row": [IntDecoder()]}
+    loader = Loader(str(path), 64, 1, order=OrderOption.SEQUENTIAL, pipelines=decoders, drop_last=False)
+    ((images, sizes, labels, beton_rows),) = list(loader)
+    assert images.shape == (50, 46, 52)  # the split's largest height and width
+    assert beton_rows.ravel().tolist() == rows.tolist()
+    assert labels.ravel().tolist() == data.labels(rows).tolist()
+    for k, i in enumerate(rows):
+        image = data.image(i)
+        assert sizes[k].tolist() == list(image.shape)
+        h, w = image.shape
+        assert np.array_equal(images[k, :h, :w], image)
+        assert not images[k, h:].any() and not images[k, :, w:].any()  # zero padding
+
+
+def test_undecodable_sample_fails_the_write_and_leaves_no_beton(tmp_path):
+    writer = PackWriter(tmp_path / "bad", "bad", "multiclass", ["a"], "png", 8)
+    good = encode_image(np.zeros((8, 8), np.uint8), "png")
+    for image in (good, b"not a png", good):
+        writer.add("train", image, 8, 8, {"label": 0})
+    writer.finish({})
+    with pytest.raises(ValueError, match="row 1 does not decode"):  # and does not hang: FFCV's writer would
+        write_beton(tmp_path / "bad", "train")
+    assert list((tmp_path / "bad" / "ffcv").iterdir()) == []
+
+
+def test_missing_ffcv_is_a_clear_error(constant_data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ffcv", None)  # makes `import ffcv` raise ImportError
+    with pytest.raises(ValueError, match=r"needs the ffcv extra: pip install 'twinray\[ffcv\]'"):
+        FFCVLoader(constant_data)
+
+
+def test_batches_have_the_contracted_shapes_and_align_with_labels(constant_data):
+    data = PackedDataset(constant_data)
+    loader = FFCVLoader(constant_data, batch_size=8, recipe=PLAIN, size=32, views=3, seed=1)
+    assert (constant_data / "ffcv" / "train.beton").is_file()
+    assert len(loader) == 6  # 50 // 8 with drop_last
+    batches = list(loader)  # held past their step: FFCV reuses its buffers, a batch must not
+    assert len(batches) == 6
+    for batch in batches:
+        assert len(batch.views) == 3
+        for view in batch.views:
+            assert view.shape == (8, 1, 32, 32) and view.dtype == torch.float32
+            assert view.is_contiguous(memory_format=torch.channels_last)
+            # every pixel of a view shows its own sample's constant value
+            expected = _values(data, batch.indices)[:, None, None, None] / 255
+            assert torch.allclose(view, expected.expand_as(view), atol=1e-5)
+        assert batch.indices.dtype == torch.int64 and batch.labels.dtype == torch.int64
+        assert batch.labels.tolist() == [data.metadata(int(i))["label"] for i in batch.indices]
+
+
+def test_multilabel_codes(multilabel_data):
+    data = PackedDataset(multilabel_data)
+    batches = list(FFCVLoader(multilabel_data, batch_size=4, recipe=PLAIN, size=16, seed=0))
+    assert len(batches) == 3
+    for batch in batches:
+        assert batch.labels.dtype == torch.int8 and batch.labels.shape == (4, 3)
+        assert torch.equal(batch.labels, torch.from_numpy(data.labels(batch.indices.numpy())))
+    assert (torch.cat([b.labels for b in batches]) == LABEL_MISSING).any()
+
+
+def test_ranks_get_disjoint_equal_shards_and_epochs_reshuffle(constant_data):
+    def epoch_indices(loader, epoch):
+        loader.set_epoch(epoch)
+        return torch.cat([b.indices for b in loader]).tolist()
+
+    def loader(rank, world):
+        return FFCVLoader(
+            constant_data, batch_size=5, recipe=PLAIN, size=16, seed=3, rank=rank, world_size=world, drop_last=False
+        )
+
+    r0, r1, r2 = (epoch_indices(loader(r, 3), 0) for r in range(3))
+    assert len(r0) == len(r1) == len(r2) == 16  # 50 // 3
+    assert not (set(r0) & set(r1)) and not (set(r1) & set(r2)) and not (set(r0) & set(r2))
+    whole = loader(0, 1)
+    one = epoch_indices(whole, 0)
+    assert sorted(one) == list(range(50))
+    assert epoch_indices(whole, 1) != one
+    assert epoch_indices(whole, 0) == one
+
+
+def test_matches_native_and_resumes(covid_packed):
+    """Same rows, same pixels, same seeds: the views equal the native backend's; a resumed epoch repeats none."""
+    kwargs = dict(batch_size=6, size=32, seed=5)
+    ffcv, native = FFCVLoader(covid_packed, **kwargs), NativeLoader(covid_packed, **kwargs)
+    ffcv.set_epoch(2)
+    native.set_epoch(2)
+    full = list(ffcv)
+    assert len(full) == len(native)
+    for a, b in zip(full, native):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
+        for va, vb in zip(a.views, b.views):
+            assert torch.allclose(va, vb, atol=1e-6)
+    ffcv.set_epoch(2, start_step=4)
+    resumed = list(ffcv)
+    assert len(resumed) == len(full) - 4
+    for a, b in zip(full[4:], resumed):
+        assert torch.equal(a.indices, b.indices)
+        for va, vb in zip(a.views, b.views):
+            assert torch.equal(va, vb)
+    assert len(list(ffcv)) == len(full)  # resuming applies to one epoch: the next pass is whole
+    ffcv.set_epoch(2, start_step=len(full))
+    assert list(ffcv) == []
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(covid_packed):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    kwargs = dict(batch_size=8, size=64, seed=0)
+    gpu = next(iter(FFCVLoader(covid_packed, device="cuda", **kwargs)))
+    cpu = next(iter(FFCVLoader(covid_packed, device="cpu", **kwargs)))
+    assert gpu.views[0].is_cuda and gpu.labels.is_cuda and gpu.views[0].shape == (8, 1, 64, 64)
+    assert torch.equal(gpu.indices, cpu.indices) and torch.equal(gpu.labels.cpu(), cpu.labels)
+    assert torch.allclose(gpu.views[0].cpu(), cpu.views[0], atol=1e-4)

@@ -1,0 +1,265 @@
+"""Pretraining on the CPU at a tiny resolution: config, checkpoints, resume, distributed, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, assert_one_line_error
+from train import checkpoint
+from train.config import ConfigError, PretrainConfig, from_args
+from train.model import BarlowTwins, build_projector
+from train.optim import build_optimizer, lr_factor
+
+TINY = ["--size", "32", "--batch-size", "16", "--projector", "64", "--wandb", "disabled", "--workers", "1"]
+
+
+def pretrain(*args, env=None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train/pretrain.py", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **kw,
+    )
+
+
+def test_defaults_are_the_studys_final_settings():
+    cfg = PretrainConfig()
+    assert (cfg.size, cfg.batch_size, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.schedule) == (
+        224,
+        128,
+        "adam",
+        2e-3,
+        1e-5,
+        "cosine",
+    )
+    assert (cfg.lambd, cfg.projector, cfg.recipe, cfg.epochs, cfg.backbone, cfg.channels) == (
+        5e-3,
+        "512",
+        "seed-final",
+        300,
+        "resnet18",
+        1,
+    )
+
+
+def test_yaml_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 7\nlr: 0.01\noptimizer: lars\n")
+    cfg, _ = from_args(["--config", str(path), "--lr", "0.02", "--no-compile"])
+    assert (cfg.epochs, cfg.lr, cfg.optimizer, cfg.compile) == (7, 0.02, "lars", False)
+    path.write_text("epoch: 7\n")
+    with pytest.raises(ConfigError, match="unknown field.*epoch"):
+        from_args(["--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--optimizer", "adagrad"], ["optimizer 'adagrad'", "adam, adamw, lars, sgd"]),
+        (["--schedule", "step"], ["schedule 'step'", "constant, linear, cosine"]),
+        (["--epochs", "many"], ["--epochs", "many"]),
+        (["--projector", "512-x"], ["projector '512-x'"]),
+        (["--backend", "tfrecord"], ["backend 'tfrecord'", "native, dali, ffcv"]),
+    ],
+)
+def test_bad_values_are_one_line_with_choices(args, needles, tmp_path):
+    assert_one_line_error(pretrain("--data", tmp_path, "--out", tmp_path / "run", *args), *needles)
+
+
+def test_missing_data_is_one_line(tmp_path):
+    assert_one_line_error(pretrain("--data", tmp_path / "nope", "--out", tmp_path / "run", *TINY), "nope")
+
+
+def test_checkpoint_round_trip_without_pickle(tmp_path):
+    model = BarlowTwins(projector="32-16")
+    optimizer = build_optimizer(model, "adamw", 1e-3, 1e-4, exclude_bias_norm=True)
+    model(torch.rand(4, 1, 32, 32))[1].sum().backward()
+    optimizer.step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "pos": (3, [1, 2]), "n": None}
+    for step in (5, 10, 15):
+        path = checkpoint.save(tmp_path, step, state, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000010", "ckpt-000000015"]
+    assert checkpoint.latest(tmp_path) == path
+    assert sorted(p.name for p in path.iterdir()) == ["state.json", "tensors.safetensors"]
+    loaded = checkpoint.load(path)
+    assert loaded["pos"] == (3, [1, 2]) and loaded["n"] is None
+    for k, v in state["model"].items():
+        assert torch.equal(loaded["model"][k], v)
+    fresh = build_optimizer(model, "adamw", 1e-3, 1e-4, exclude_bias_norm=True)
+    fresh.load_state_dict(loaded["optimizer"])
+    assert fresh.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    assert set(fresh.state_dict()["state"]) == set(optimizer.state_dict()["state"])
+
+
+def test_projector_specs_and_zero_initialised_blocks():
+    proj = build_projector(512, "8192-8192-8192")
+    kinds = [type(m).__name__ for m in proj]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert all(m.bias is None for m in proj if isinstance(m, torch.nn.Linear))
+    assert [type(m).__name__ for m in build_projector(512, "512")] == ["Linear"]
+    model = BarlowTwins("resnet18", 1, "512")
+    assert model.backbone.conv1.in_channels == 1 and model.backbone.num_features == 512
+    for block in (b for layer in (model.backbone.layer1, model.backbone.layer4) for b in layer):
+        assert torch.count_nonzero(block.bn2.weight) == 0  # each block starts as the identity
+
+
+def test_lars_and_exclusions():
+    model = BarlowTwins(projector="32-16")
+    lars = build_optimizer(model, "lars", 0.1, 1e-6)
+    decayed, plain = lars.param_groups
+    assert decayed["weight_decay"] == 1e-6 and plain["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim <= 1 for p in plain["params"])
+    assert len(build_optimizer(model, "adam", 1e-3, 1e-5).param_groups) == 1  # no exclusion unless asked
+
+
+def test_schedules():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0)
+    assert lr_factor(55, 100, 10, "linear") == pytest.approx(0.5)
+    assert lr_factor(99, 100, 0, "constant") == 1.0
+
+
+def test_short_run_logs_checkpoints_and_exports_a_timm_backbone(covid_packed, tmp_path):
+    out = tmp_path / "run"
+    result = pretrain("--data", covid_packed, "--out", out, "--epochs", "2", "--log-every", "1", *TINY)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "epoch 2/2" in result.stdout and "knn_acc" in result.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if not r.get("epoch_end")]
+    for key in (
+        "step",
+        "epoch",
+        "loss",
+        "on_diag",
+        "off_diag",
+        "lr",
+        "images_per_s",
+        "data_wait",
+        "peak_memory_mb",
+        "probe_acc",
+    ):
+        assert key in steps[0], key
+    assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))  # no step repeated
+    assert any("knn_acc" in r for r in rows)
+    assert json.loads((out / "config.json").read_text())["world_size"] == 1
+    info = json.loads((out / "backbone.json").read_text())
+    backbone = timm.create_model(info["timm_name"], num_classes=0, in_chans=info["in_chans"])
+    backbone.load_state_dict(load_file(out / "backbone.safetensors"))
+    backbone.eval()
+    assert backbone(torch.rand(1, 1, 32, 32)).shape == (1, info["num_features"])
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    return load_file(run / "backbone.safetensors")
+
+
+def test_killed_mid_epoch_resumes_to_the_same_weights(covid_packed, tmp_path):
+    args = ["--data", covid_packed, "--epochs", "2", "--log-every", "1", "--deterministic", *TINY]
+    straight = tmp_path / "straight"
+    assert pretrain(*args, "--out", straight).returncode == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "train/pretrain.py", *map(str, args), "--out", str(killed)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:  # stop it in the middle of the first epoch (3 steps per epoch at batch 16)
+        metrics = killed / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert "stopped (SIGTERM)" in out
+    assert not (killed / "backbone.safetensors").exists()
+    position = checkpoint.load(checkpoint.latest(killed))["position"]
+    assert position["in_epoch"] > 0 or position["epoch"] > 0
+
+    resumed = pretrain(*args, "--out", killed)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from ckpt-" in resumed.stdout
+    steps = [
+        json.loads(line)["step"]
+        for line in (killed / "metrics.jsonl").read_text().splitlines()
+        if "epoch_end" not in line
+    ]
+    assert steps == sorted(set(steps))  # nothing repeated
+    a, b = _weights(straight), _weights(killed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(covid_packed, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain("--data", covid_packed, "--out", out, "--epochs", "1", "--optimizer", "sgd", *TINY).returncode == 0
+    before = checkpoint.latest(out)
+    result = pretrain(
+        "--data", covid_packed, "--out", out, "--epochs", "3", "--optimizer", "sgd", "--lr", "1e30", *TINY
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    assert lines[-1].startswith("pretrain: error: loss is") and "at step" in lines[-1]
+    assert checkpoint.latest(out) == before
+
+
+def test_two_processes_on_gloo_then_resume_on_one(covid_packed, tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    assert torchrun, "torchrun is missing from the venv"
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "train/pretrain.py",
+            "--data",
+            str(covid_packed),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            *TINY,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2  # really two processes
+    resumed = pretrain("--data", covid_packed, "--out", out, "--epochs", "2", *TINY)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from ckpt-" in resumed.stdout
+    assert json.loads((out / "config.json").read_text())["world_size"] == 1
+
+
+def test_resume_with_another_architecture_is_one_line(covid_packed, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain("--data", covid_packed, "--out", out, "--epochs", "1", *TINY).returncode == 0
+    changed = [a if a != "64" else "32" for a in TINY]  # another projector
+    assert_one_line_error(
+        pretrain("--data", covid_packed, "--out", out, "--epochs", "2", *changed), "projector '64'", "'32'"
+    )
