@@ -307,7 +307,7 @@ def test_real_radiograph_views_look_like_the_input():
 
     from tests.layouts import REAL_CXR
 
-    image = np.asarray(Image.open(REAL_CXR / "mhh-covid19" / "png" / "006f3a8a.png").convert("L"))
+    image = np.array(Image.open(REAL_CXR / "mhh-covid19" / "png" / "006f3a8a.png").convert("L"))
     x = torch.from_numpy(image)[None, None]
     views = Augment(load_recipe("base", size=128), seed=0)(x.expand(16, -1, -1, -1))
     # A crop of the same radiograph: the mean stays near the image's range, and views differ from each other.
