@@ -40,6 +40,9 @@ demo: install
 	$(PY) -m prep verify $(DEMO)/packed
 	$(PY) -m prep info $(DEMO)/packed
 	$(PY) -m pipelines.preview --data $(DEMO)/packed --recipe seed-final --out $(DEMO)/preview-seed-final.png
+	$(PY) train/pretrain.py --data $(DEMO)/packed --out $(DEMO)/pretrain --epochs 4 --size 64 --batch-size 64 \
+	    --wandb offline --log-every 1
+	@echo "demo outputs: $(DEMO)/packed (dataset), $(DEMO)/preview-seed-final.png (views), $(DEMO)/pretrain (run)"
 
 prep: install
 	$(PY) -m prep all --raw $(RAW) --out $(PACKED)

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
+from bench.prep import cpu_name  # noqa: E402
 from pipelines import build_loader  # noqa: E402
 from pipelines.augment import load_recipe  # noqa: E402
 from prep.format import PackedDataset  # noqa: E402
@@ -164,7 +165,7 @@ def main() -> None:
     if "baseline" in results:
         for row in results.values():
             row["vs_baseline"] = round(row["pairs_per_s"] / results["baseline"]["pairs_per_s"], 2)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cores} cores)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {cpu_name()} ({cores} cores)"
     report = {
         "benchmark": "pipeline",
         "date": date.today().isoformat(),

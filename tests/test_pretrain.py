@@ -263,3 +263,24 @@ def test_resume_with_another_architecture_is_one_line(covid_packed, tmp_path):
     assert_one_line_error(
         pretrain("--data", covid_packed, "--out", out, "--epochs", "2", *changed), "projector '64'", "'32'"
     )
+
+
+def test_wandb_offline_run_and_disabled_without_wandb(covid_packed, tmp_path):
+    out = tmp_path / "run"
+    tiny = [a for a in TINY if a not in ("--wandb", "disabled")]
+    args = ["--data", covid_packed, "--out", out, "--epochs", "1", *tiny]
+    result = pretrain(*args, "--wandb", "offline", env={"WANDB_API_KEY": "", "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list((out / "wandb").glob("offline-run-*")), "no offline wandb run was written"
+
+    no_wandb = "import sys; sys.modules['wandb'] = None; sys.argv[0] = 'train/pretrain.py'\n"
+    code = no_wandb + "from train.pretrain import main; sys.exit(main(sys.argv[1:]))"
+    base = [sys.executable, "-c", code, "--data", str(covid_packed), "--epochs", "1", *tiny]
+    disabled = subprocess.run(
+        [*base, "--out", str(tmp_path / "d"), "--wandb", "disabled"], cwd=REPO, capture_output=True, text=True
+    )
+    assert disabled.returncode == 0, disabled.stderr[-2000:]
+    missing = subprocess.run(
+        [*base, "--out", str(tmp_path / "m"), "--wandb", "offline"], cwd=REPO, capture_output=True, text=True
+    )
+    assert_one_line_error(missing, "wandb is not installed", "--wandb disabled")
