@@ -70,13 +70,22 @@ def _build_pipeline(loader: DALILoader, device_id: int | None, threads: int):
     interp = types.INTERP_CUBIC if r.interpolation == "bicubic" else types.INTERP_LINEAR
     encoded = loader.data.encoding != "npy"
 
+    def on_device(node):
+        """Random draws are made on the CPU (operators take their named arguments from there); arithmetic with
+        the images needs them where the images are."""
+        return node.gpu() if device_id is not None and not isinstance(node, (int, float)) else node
+
+    def uniform(low: float, high: float):
+        """A per-sample draw from [low, high]; DALI refuses an empty range, so a fixed value stays a constant."""
+        return fn.random.uniform(range=(low, high)) if high > low else low
+
     def maybe(p: float, applied, original):
         """Per sample: the op's output with probability p, else its input."""
         if p <= 0:
             return original
         if p >= 1:
             return applied
-        coin = fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+        coin = on_device(fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT))
         return coin * applied + (1.0 - coin) * original
 
     # A fresh pipeline per epoch, seeded by (seed, epoch, rank): epochs differ and a rerun repeats them.
@@ -126,28 +135,28 @@ def _build_pipeline(loader: DALILoader, device_id: int | None, threads: int):
                     x, m, inverse_map=True, border_mode="constant", fill_value=0, interp_type=types.INTERP_LINEAR
                 )
             if r.rotation > 0:
-                angle = fn.random.uniform(range=(-r.rotation_degrees, r.rotation_degrees))
+                angle = uniform(-r.rotation_degrees, r.rotation_degrees)
                 angle = angle * fn.cast(fn.random.coin_flip(probability=r.rotation), dtype=types.FLOAT)
                 x = fn.rotate(x, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
             x = fn.cast(x, dtype=types.FLOAT) / 255.0
             if r.brightness_contrast > 0:
-                jitter = fn.brightness_contrast(
-                    x,
-                    brightness=fn.random.uniform(range=(max(0.0, 1 - r.brightness), 1 + r.brightness)),
-                    contrast=fn.random.uniform(range=(max(0.0, 1 - r.contrast), 1 + r.contrast)),
-                    contrast_center=fn.reductions.mean(x),
-                    dtype=types.FLOAT,
-                )
-                x = maybe(r.brightness_contrast, math_clamp(jitter), x)
+                # ColorJitter's brightness then contrast about the image mean, in arithmetic: the mean is computed
+                # where the image is, which a named argument (contrast_center) would not accept on a GPU.
+                b = on_device(uniform(max(0.0, 1 - r.brightness), 1 + r.brightness))
+                c = on_device(uniform(max(0.0, 1 - r.contrast), 1 + r.contrast))
+                bright = math_clamp(x * b)
+                jitter = math_clamp(c * bright + (1.0 - c) * fn.reductions.mean(bright))
+                x = maybe(r.brightness_contrast, jitter, x)
             if r.blur > 0:
-                sigma = fn.random.uniform(range=list(r.blur_sigma))
+                sigma = uniform(*r.blur_sigma)
                 x = maybe(r.blur, fn.gaussian_blur(x, sigma=sigma, window_size=r.blur_kernel), x)
             if r.noise > 0:
                 if r.noise_sigma is not None:
                     sigma = r.noise_sigma
-                else:
-                    sigma = fn.reductions.mean(x) * fn.random.uniform(range=list(r.noise_mean_fraction))
-                x = maybe(r.noise, math_clamp(fn.noise.gaussian(x, stddev=sigma)), x)
+                else:  # the study's sigma: image mean x U(a, b)
+                    sigma = fn.reductions.mean(x) * on_device(uniform(*r.noise_mean_fraction))
+                unit = fn.noise.gaussian(x, stddev=1.0) - x  # N(0, 1) per pixel; scaled by sigma where x lives
+                x = maybe(r.noise, math_clamp(x + unit * sigma), x)
             if r.normalize is not None:
                 x = (x - r.normalize[0]) / r.normalize[1]
             views.append(fn.transpose(x, perm=[2, 0, 1]))  # HWC -> CHW

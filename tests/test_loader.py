@@ -138,3 +138,18 @@ def test_missing_dali_is_one_clear_line(covid_packed, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0
     assert "backend 'dali' needs the dali extra: pip install 'twinray[dali]'" in result.stderr
+
+
+def test_dali_noise_and_jitter_follow_the_recipe(constant_data):
+    data = PackedDataset(constant_data)
+    noisy = Recipe(name="noise", hflip=0.0, noise=1.0, noise_mean_fraction=(0.06, 0.1))
+    batch = next(iter(build_loader(constant_data, backend="dali", batch_size=16, recipe=noisy, size=32, seed=2)))
+    values = _values(data, batch.indices) / 255
+    ratio = (batch.views[0] - values[:, None, None, None]).flatten(1).std(1) / values
+    keep = values > 0.1  # away from clipping at 0
+    assert ((ratio[keep] > 0.05) & (ratio[keep] < 0.11)).all(), ratio
+    jitter = Recipe(name="jitter", hflip=0.0, brightness_contrast=1.0, brightness=0.4, contrast=0.0)
+    batch = next(iter(build_loader(constant_data, backend="dali", batch_size=16, recipe=jitter, size=32, seed=2)))
+    factor = batch.views[0].flatten(1).mean(1) / (_values(data, batch.indices) / 255)
+    unclipped = _values(data, batch.indices) < 150
+    assert ((factor[unclipped] > 0.59) & (factor[unclipped] < 1.41)).all() and factor.std() > 0.05
