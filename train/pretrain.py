@@ -175,7 +175,7 @@ def train(cfg: PretrainConfig) -> dict:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the train split ({len(loader.rows)} images)")
 
     model = BarlowTwins(cfg.backbone, cfg.channels, cfg.projector)
-    if world > 1:
+    if world > 1 and cuda:  # SyncBatchNorm runs on GPUs only; CPU processes keep per-process BN statistics
         model.projector = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.projector)
     model = model.to(device, memory_format=torch.channels_last)
     probe = LinearProbe(model.backbone.num_features, len(data.classes), multilabel).to(device)
