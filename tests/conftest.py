@@ -38,6 +38,15 @@ def covid_packed(covid_sample, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_packed(tmp_path_factory) -> Path:
+    """The demo's dataset: 400 generated images, packed (320 train)."""
+    raw = sample.generate(tmp_path_factory.mktemp("demo-raw"), n=400, seed=0, workers=2)
+    out = tmp_path_factory.mktemp("demo") / "packed"
+    assert prep_main(["covid", "--src", str(raw), "--out", str(out), "--workers", "2"]) == 0
+    return out
+
+
 def run_prep(*args: str) -> subprocess.CompletedProcess:
     """`python -m prep ARGS` in a fresh process, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "prep", *map(str, args)], capture_output=True, text=True, cwd=REPO)

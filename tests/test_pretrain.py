@@ -286,3 +286,14 @@ def test_wandb_offline_run_and_disabled_without_wandb(covid_packed, tmp_path):
         [*base, "--out", str(tmp_path / "m"), "--wandb", "offline"], cwd=REPO, capture_output=True, text=True
     )
     assert_one_line_error(missing, "wandb is not installed", "--wandb disabled")
+
+
+def test_a_short_run_lowers_the_loss(demo_packed, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", demo_packed, "--out", out, "--epochs", "4", "--size", "64", "--batch-size", "32"]
+    result = pretrain(*args, "--recipe", "base", "--wandb", "disabled")
+    assert result.returncode == 0, result.stderr[-2000:]
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "epoch_end" in line]
+    assert len(epochs) == 4
+    assert epochs[-1]["loss"] < 0.9 * epochs[0]["loss"]  # epoch means; measured 422 -> 332
+    assert 0.0 <= epochs[-1]["probe_acc"] <= 1.0 and 0.0 <= epochs[-1]["knn_acc"] <= 1.0

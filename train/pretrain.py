@@ -245,11 +245,12 @@ def train(cfg: PretrainConfig) -> dict:
             accelerator.log(row, step=row["step"])
 
     summary: dict = {}
-    last: dict = {}  # the latest step's loss and probe figures, for the epoch line
+    last: dict = {}  # the latest step's loss and probe figures
     compiled.train()
     try:
         while epoch < cfg.epochs:
             loader.set_epoch(epoch, start_step=in_epoch)
+            sums: dict = {}  # this epoch's loss and probe figures, summed over its steps, for the epoch line
             with tqdm(
                 total=steps_per_epoch,
                 initial=in_epoch,
@@ -279,6 +280,8 @@ def train(cfg: PretrainConfig) -> dict:
                         optimizer.zero_grad(set_to_none=True)
                     probe_stats = probe.step(f1, batch.labels)
                     last = {"loss": loss.item(), **probe_stats}
+                    for key, value in {**last, "steps": 1}.items():
+                        sums[key] = sums.get(key, 0.0) + value
                     step += 1
                     in_epoch += 1
                     window_images += batch.views[0].shape[0] * world
@@ -307,13 +310,14 @@ def train(cfg: PretrainConfig) -> dict:
                         raise StopRequested("max_steps")
                     fetch_start = time.perf_counter()
             epoch, in_epoch = epoch + 1, 0
-            row = {"step": step, "epoch": epoch - 1, "epoch_end": True, **last}
+            means = {k: v / sums["steps"] for k, v in sums.items() if k != "steps"} if sums else {}
+            row = {"step": step, "epoch": epoch - 1, "epoch_end": True, **means}
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
                 row.update(evaluate_knn(compiled, cfg, accelerator, len(data.classes), multilabel))
             log(row)
             summary = row
             score = " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("probe_acc", "knn")))
-            accelerator.print(f"epoch {epoch}/{cfg.epochs}  loss {row.get('loss', float('nan')):.3f}  {score}")
+            accelerator.print(f"epoch {epoch}/{cfg.epochs}  mean loss {row.get('loss', float('nan')):.2f}  {score}")
             save(epoch, 0)
     except StopRequested as why:
         accelerator.print(f"stopped ({why}) at step {step}; checkpoint saved, re-run to continue")
