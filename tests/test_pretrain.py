@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -297,3 +298,21 @@ def test_a_short_run_lowers_the_loss(demo_packed, tmp_path):
     assert len(epochs) == 4
     assert epochs[-1]["loss"] < 0.9 * epochs[0]["loss"]  # epoch means; measured 422 -> 332
     assert 0.0 <= epochs[-1]["probe_acc"] <= 1.0 and 0.0 <= epochs[-1]["knn_acc"] <= 1.0
+
+
+def test_bf16_accumulation_lars_and_compile_run_on_the_cpu(covid_packed, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--mixed-precision", "bf16", "--grad-accum", "2", "--optimizer", "lars", "--compile", "--max-steps", "3"]
+    result = pretrain("--data", covid_packed, "--out", out, "--epochs", "2", "--log-every", "1", *TINY, *flags)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "stopped (max_steps) at step 3" in result.stdout
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["mixed_precision"], saved["grad_accum"], saved["optimizer"], saved["compile"]) == (
+        "bf16",
+        2,
+        "lars",
+        True,
+    )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if not r.get("epoch_end")] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
