@@ -79,7 +79,9 @@ def cmd_folder(args) -> int:
 def cmd_sample(args) -> int:
     from prep import sample
 
-    root = sample.generate(args.out, n=args.n, seed=args.seed, workers=args.workers or 1, force=args.force)
+    root = sample.generate(
+        args.out, n=args.n, seed=args.seed, workers=args.workers or 1, force=args.force, metadata=args.metadata
+    )
     print(f"sample ready: {root}")
     return 0
 
@@ -195,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=_positive_int, default=None, help="processes (1)")
     p.add_argument("--force", action="store_true", help="regenerate even if it exists")
+    p.add_argument(
+        "--no-metadata",
+        dest="metadata",
+        action="store_false",
+        help="skip the metadata xlsx files (for machines without openpyxl)",
+    )
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("all", help="every known dataset under --raw (what `make prep` runs)")

@@ -176,7 +176,9 @@ def _write_metadata(folder: Path, name: str, sources: list[str]) -> None:
     book.save(folder / f"{name}.metadata.xlsx")
 
 
-def generate(out: str | Path, n: int = 400, seed: int = 0, workers: int = 1, force: bool = False) -> Path:
+def generate(
+    out: str | Path, n: int = 400, seed: int = 0, workers: int = 1, force: bool = False, metadata: bool = True
+) -> Path:
     """Writes OUT/COVID-19_Radiography_Dataset/ and returns it; an existing complete copy is kept unless forced."""
     root = Path(out) / FOLDER_NAME
     done = root / "README.md.txt"
@@ -192,7 +194,8 @@ def generate(out: str | Path, n: int = 400, seed: int = 0, workers: int = 1, for
         (tmp / name / "masks").mkdir(parents=True)
         names, weights = zip(*CLASS_SOURCES[name].items())
         sources = list(rng.choice(names, size=counts[name], p=weights))
-        _write_metadata(tmp, name, sources)
+        if metadata:  # without it, `prep covid` records every origin as unknown
+            _write_metadata(tmp, name, sources)
         jobs += [(seed, name, i + 1, s, str(tmp)) for i, s in enumerate(sources)]
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:

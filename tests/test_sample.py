@@ -99,3 +99,11 @@ def test_class_signal_is_learnable_but_not_brightness(tmp_path):
     assert brightness < 0.42  # chance is 0.25; measured 0.35
     assert features > 0.65  # measured 0.76
     assert random_init < features - 0.15  # measured 0.33
+
+
+def test_sample_without_metadata_packs_with_unknown_origins(tmp_path):
+    from prep.datasets import covid
+
+    root = sample.generate(tmp_path, n=8, seed=1, metadata=False)
+    assert not list(root.glob("*.xlsx"))
+    assert {r.meta["origin"] for r in covid.plan(root).records} == {"unknown"}

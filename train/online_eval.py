@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.functional.classification import binary_auroc
 
 from pipelines.augment import Recipe
 
@@ -68,6 +67,8 @@ def knn_scores(train_feats, train_labels, query_feats, classes: int, multilabel:
 def knn_metrics(scores: torch.Tensor, labels: torch.Tensor, multilabel: bool) -> dict[str, float]:
     if not multilabel:
         return {"knn_acc": (scores.argmax(1) == labels.long()).float().mean().item()}
+    from torchmetrics.functional.classification import binary_auroc  # here: GPU images may lack torchmetrics
+
     target, mask = certain_targets(labels)
     aurocs = []
     for c in range(scores.shape[1]):

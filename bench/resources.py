@@ -1,0 +1,319 @@
+"""The study's resource grid (its figures 3 and 4): time and peak memory of a Barlow Twins training step across
+resolution x batch size x backbone x channels, under a memory cap, drawn as heatmaps.
+
+    python bench/resources.py --device cuda --out bench/results/resources        # the full grid, 8 GiB cap
+    python bench/resources.py --device cpu --resolutions 32,48 --batch-sizes 2,4 --backbones resnet18 \\
+        --channels 1,3 --steps 2 --out DIR                                        # a tiny CPU grid
+
+Each cell runs in its own process (so one cell's memory never leaks into the next): a real step with two views,
+the projector, the loss and Adam, timed after warm-up (CUDA events on a GPU). The cap is emulated with
+`torch.cuda.set_per_process_memory_fraction` on a GPU and with an address-space limit on the CPU; a cell that
+runs out of memory is recorded as OOM (grey) and the grid goes on. Hours per 100 epochs = step time x
+ceil(dataset size / batch) x 100. `--compare` adds the study's setting (fp32, eager, NCHW) against twinray's
+(bf16, compile, channels_last) for ResNet-18 with 1 channel at 224 px.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+FIELDS = [
+    "backbone",
+    "channels",
+    "resolution",
+    "batch_size",
+    "precision",
+    "compile",
+    "channels_last",
+    "status",
+    "step_s",
+    "hours_per_100_epochs",
+    "peak_memory_mb",
+    "error",
+]
+
+
+def parse_bytes(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(float(t))
+
+
+def run_cell(cell: dict) -> dict:
+    """One grid cell, in this process: returns the row (status ok, oom or error)."""
+    import torch
+
+    from train.loss import barlow_twins_loss
+    from train.model import BarlowTwins
+
+    device = torch.device(cell["device"])
+    row = {k: cell[k] for k in FIELDS if k in cell}
+    cap = cell.get("memory_cap")
+    if cap and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    elif cap:
+        import resource
+
+        # The address space already mapped (libraries) is not the model's: the cap applies on top of it.
+        mapped = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + cap, mapped + cap))
+    try:
+        model = BarlowTwins(cell["backbone"], cell["channels"], "512").to(device)
+        layout = torch.channels_last if cell["channels_last"] else torch.contiguous_format
+        model = model.to(memory_format=layout)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        forward = torch.compile(model) if cell["compile"] else model
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cell["precision"])
+        scaler = torch.amp.GradScaler(device.type, enabled=cell["precision"] == "fp16")
+        shape = (cell["batch_size"], cell["channels"], cell["resolution"], cell["resolution"])
+        views = [torch.rand(shape, device=device).contiguous(memory_format=layout) for _ in range(2)]
+
+        def step():
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                z1, z2 = forward(views[0])[1], forward(views[1])[1]
+            loss, _ = barlow_twins_loss(z1, z2)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+        for _ in range(cell["warmup"]):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(cell["steps"]):
+                step()
+            end.record()
+            torch.cuda.synchronize()
+            step_s = start.elapsed_time(end) / 1000 / cell["steps"]
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
+        else:
+            t0 = time.perf_counter()
+            for _ in range(cell["steps"]):
+                step()
+            step_s = (time.perf_counter() - t0) / cell["steps"]
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process' peak RSS
+        steps_per_epoch = math.ceil(cell["dataset_size"] / cell["batch_size"])
+        row.update(
+            status="ok",
+            step_s=round(step_s, 5),
+            peak_memory_mb=round(peak, 1),
+            hours_per_100_epochs=round(step_s * steps_per_epoch * 100 / 3600, 3),
+        )
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        row.update(status="oom", error=str(e).splitlines()[0][:200])
+    except RuntimeError as e:
+        oom = "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower()
+        row.update(status="oom" if oom else "error", error=str(e).splitlines()[0][:200])
+    return row
+
+
+def grid_cells(args) -> list[dict]:
+    cells = []
+    for backbone in args.backbones.split(","):
+        for channels in (int(c) for c in args.channels.split(",")):
+            for resolution in (int(r) for r in args.resolutions.split(",")):
+                for batch in (int(b) for b in args.batch_sizes.split(",")):
+                    cells.append(
+                        dict(
+                            backbone=backbone,
+                            channels=channels,
+                            resolution=resolution,
+                            batch_size=batch,
+                            precision=args.precision,
+                            compile=args.compile,
+                            channels_last=args.channels_last,
+                        )
+                    )
+    return cells
+
+
+def run_isolated(cell: dict, timeout: int) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--cell", json.dumps(cell)], capture_output=True, text=True, timeout=timeout
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    # A process killed for memory (or a CUDA abort) is an OOM cell too; anything else is kept as an error.
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    oom = proc.returncode < 0 or "memory" in proc.stderr.lower()
+    return {**{k: cell[k] for k in FIELDS if k in cell}, "status": "oom" if oom else "error", "error": tail}
+
+
+def draw_heatmaps(rows: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = sorted({(r["backbone"], r["channels"]) for r in rows})
+    resolutions = sorted({r["resolution"] for r in rows})
+    batches = sorted({r["batch_size"] for r in rows})
+    ok = [r["hours_per_100_epochs"] for r in rows if r["status"] == "ok"]
+    vmin, vmax = (min(ok), max(ok)) if ok else (0, 1)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 3.2), squeeze=False)
+    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap.set_bad("lightgrey")  # OOM
+    for ax, (backbone, channels) in zip(axes[0], panels):
+        grid = np.full((len(resolutions), len(batches)), np.nan)
+        for r in rows:
+            if (r["backbone"], r["channels"]) == (backbone, channels) and r["status"] == "ok":
+                grid[resolutions.index(r["resolution"]), batches.index(r["batch_size"])] = r["hours_per_100_epochs"]
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(
+                j,
+                i,
+                "OOM" if np.isnan(value) else f"{value:.2g}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black" if np.isnan(value) else "white",
+            )
+        ax.set_xticks(range(len(batches)), batches)
+        ax.set_yticks(range(len(resolutions)), resolutions)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("resolution (px)")
+        ax.set_title(f"{backbone}, {channels} ch", fontsize=9)
+    fig.colorbar(image, ax=axes[0].tolist(), label="hours per 100 epochs (grey: out of memory)")
+    path = out / "heatmaps.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def draw_memory(rows: list[dict], out: Path) -> Path:
+    """Peak memory per model against batch size, at the largest resolution each model ran (like figure 4)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for backbone, channels in sorted({(r["backbone"], r["channels"]) for r in rows}):
+        mine = [r for r in rows if (r["backbone"], r["channels"]) == (backbone, channels) and r["status"] == "ok"]
+        if not mine:
+            continue
+        resolution = max(r["resolution"] for r in mine)
+        points = sorted((r["batch_size"], r["peak_memory_mb"]) for r in mine if r["resolution"] == resolution)
+        ax.plot(*zip(*points), marker="o", label=f"{backbone} {channels}ch @{resolution}px")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("peak memory (MiB)")
+    ax.legend(fontsize=7)
+    path = out / "memory.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def compare(args, base: dict) -> dict:
+    """The study's setting against twinray's for ResNet-18, 1 channel, 224 px."""
+    settings = {
+        "study": dict(precision="fp32", compile=False, channels_last=False),
+        "twinray": dict(precision="bf16", compile=True, channels_last=True),
+    }
+    result = {}
+    for name, setting in settings.items():
+        rows = [
+            run_isolated(
+                {**base, "backbone": "resnet18", "channels": 1, "resolution": 224, "batch_size": b, **setting},
+                args.timeout,
+            )
+            for b in (int(b) for b in args.batch_sizes.split(","))
+        ]
+        fits = [r["batch_size"] for r in rows if r["status"] == "ok"]
+        at_128 = next((r for r in rows if r["batch_size"] == 128 and r["status"] == "ok"), None)
+        result[name] = {
+            **setting,
+            "largest_batch_that_fits": max(fits) if fits else None,
+            "hours_per_100_epochs_b128": at_128["hours_per_100_epochs"] if at_128 else None,
+            "cells": rows,
+        }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolutions", default="128,224,256,384,512")
+    parser.add_argument("--batch-sizes", default="16,32,64,128,256,512")
+    parser.add_argument("--backbones", default="resnet18,resnet34,resnet50,resnet101,efficientnet_b0")
+    parser.add_argument("--channels", default="1,3")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--memory-cap", default="8GiB", help="e.g. 8GiB; 0 for none")
+    parser.add_argument("--dataset-size", type=int, default=21165)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per cell")
+    parser.add_argument("--compare", action="store_true", help="also the study's setting against twinray's")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/resources"))
+    parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell and print its row
+    args = parser.parse_args()
+    if args.cell:
+        print(json.dumps(run_cell(json.loads(args.cell))))
+        return
+
+    import torch
+
+    base = dict(
+        device=args.device,
+        memory_cap=parse_bytes(args.memory_cap),
+        dataset_size=args.dataset_size,
+        steps=args.steps,
+        warmup=args.warmup,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for cell in grid_cells(args):
+        row = run_isolated({**base, **cell}, args.timeout)
+        rows.append(row)
+        shown = (
+            f"{row['hours_per_100_epochs']} h/100 ep, {row['peak_memory_mb']} MiB"
+            if row["status"] == "ok"
+            else row["status"]
+        )
+        print(f"{cell['backbone']:<16} {cell['channels']}ch {cell['resolution']:>4}px b{cell['batch_size']:<4} {shown}")
+    with open(args.out / "cells.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    report = {
+        "benchmark": "resources",
+        "date": time.strftime("%Y-%m-%d"),
+        "device": device,
+        "memory_cap_bytes": base["memory_cap"],
+        "dataset_size": args.dataset_size,
+        "cells": rows,
+    }
+    if args.compare:
+        report["compare"] = compare(args, base)
+    (args.out / "cells.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"wrote {args.out / 'cells.csv'}, {args.out / 'cells.json'}, {draw_heatmaps(rows, args.out)}, "
+        f"{draw_memory(rows, args.out)}"
+    )
+
+
+if __name__ == "__main__":
+    main()

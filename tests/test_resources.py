@@ -1,0 +1,63 @@
+"""bench/resources.py on a tiny CPU grid: every cell recorded, OOM caught as a grey cell, plots drawn."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import cv2
+
+from tests.conftest import REPO
+
+
+def test_tiny_cpu_grid_records_every_cell_and_survives_oom(tmp_path):
+    out = tmp_path / "grid"
+    cmd = [
+        sys.executable,
+        "bench/resources.py",
+        "--device",
+        "cpu",
+        "--resolutions",
+        "32,256",
+        "--batch-sizes",
+        "2,64",
+        "--backbones",
+        "resnet18",
+        "--channels",
+        "1",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--memory-cap",
+        "400MiB",
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(out / "cells.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    assert {(r["resolution"], r["batch_size"]) for r in rows} == {
+        ("32", "2"),
+        ("32", "64"),
+        ("256", "2"),
+        ("256", "64"),
+    }
+    by_cell = {(int(r["resolution"]), int(r["batch_size"])): r for r in rows}
+    assert by_cell[(256, 64)]["status"] == "oom"  # 256 px x 64 x 2 views does not fit in 400 MiB
+    small = by_cell[(32, 2)]
+    assert small["status"] == "ok" and float(small["step_s"]) > 0 and float(small["peak_memory_mb"]) > 0
+    # hours per 100 epochs = step time x ceil(21165 / batch) x 100 / 3600
+    assert abs(float(small["hours_per_100_epochs"]) - float(small["step_s"]) * 10583 * 100 / 3600) < 0.01
+    report = json.loads((out / "cells.json").read_text())
+    assert report["device"] == "cpu" and len(report["cells"]) == 4 and report["memory_cap_bytes"] == 400 * 2**20
+    for png in ("heatmaps.png", "memory.png"):
+        image = cv2.imread(str(out / png))
+        assert image is not None and image.shape[0] > 100
+    heat = cv2.imread(str(out / "heatmaps.png"))
+    grey = (abs(heat[..., 0].astype(int) - 211) < 3) & (abs(heat[..., 1].astype(int) - 211) < 3)
+    assert grey.sum() > 1000  # the OOM cell is drawn in light grey
