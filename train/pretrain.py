@@ -206,6 +206,10 @@ def train(cfg: PretrainConfig) -> dict:
         for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
             group["lr"] = lr
         torch.set_rng_state(state["rng"]["torch"])
+        if cuda and state["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if accelerator.scaler is not None and "scaler" in state:  # fp16 loss scale
+            accelerator.scaler.load_state_dict(state["scaler"])
         step, epoch, in_epoch = state["position"]["step"], state["position"]["epoch"], state["position"]["in_epoch"]
         accelerator.print(f"resuming from {latest.name}: epoch {epoch}, step {in_epoch} of {steps_per_epoch}")
 
@@ -231,10 +235,12 @@ def train(cfg: PretrainConfig) -> dict:
                 "scheduler": scheduler.state_dict(),
                 "probe": probe.state_dict(),
                 "probe_optimizer": probe.optimizer.state_dict(),
-                "rng": {"torch": torch.get_rng_state()},
+                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else []},
                 "position": {"step": step, "epoch": position_epoch, "in_epoch": position_in_epoch},
                 "config": cfg.to_dict(),
             }
+            if accelerator.scaler is not None:
+                state["scaler"] = accelerator.scaler.state_dict()
             checkpoint.save(out, step, state, keep=cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
 
