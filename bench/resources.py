@@ -169,7 +169,7 @@ def draw_heatmaps(rows: list[dict], out: Path) -> Path:
     batches = sorted({r["batch_size"] for r in rows})
     ok = [r["hours_per_100_epochs"] for r in rows if r["status"] == "ok"]
     vmin, vmax = (min(ok), max(ok)) if ok else (0, 1)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels) + 1.5, 3.4), squeeze=False, sharey=True)
     cmap = matplotlib.colormaps["viridis"].copy()
     cmap.set_bad("lightgrey")  # OOM
     for ax, (backbone, channels) in zip(axes[0], panels):
@@ -191,8 +191,8 @@ def draw_heatmaps(rows: list[dict], out: Path) -> Path:
         ax.set_xticks(range(len(batches)), batches)
         ax.set_yticks(range(len(resolutions)), resolutions)
         ax.set_xlabel("batch size")
-        ax.set_ylabel("resolution (px)")
         ax.set_title(f"{backbone}, {channels} ch", fontsize=9)
+    axes[0][0].set_ylabel("resolution (px)")
     fig.colorbar(image, ax=axes[0].tolist(), label="hours per 100 epochs (grey: out of memory)")
     path = out / "heatmaps.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -12,15 +12,14 @@ bit-identical views; the native backend is the one to use when that matters.
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
 import torch
 
-from pipelines.augment import geometry, load_recipe
-from pipelines.loader import Batch, rank_order
-from prep.format import PackedDataset, decode_image
+from pipelines.augment import geometry
+from pipelines.loader import Batch, LoaderBase, rank_order
+from prep.format import decode_image
 
 MISSING_EXTRA = "backend 'dali' needs the dali extra: pip install 'twinray[dali]'"
 
@@ -43,7 +42,7 @@ class _EpochSource:
         order = rank_order(ld.rows, ld.seed, ld.epoch, ld.rank, ld.world_size)
         steps = [order[k * ld.batch_size : (k + 1) * ld.batch_size] for k in range(len(ld))]
         rng = torch.Generator().manual_seed(int(np.random.default_rng([ld.seed, ld.epoch, ld.rank]).integers(2**62)))
-        start, ld.start_step = ld.start_step, 0  # resuming applies to one epoch only
+        start = ld._take_start()
         for rows in steps[start:]:
             if ld.data.encoding == "npy":
                 images = [decode_image(ld.data.image_bytes(i), "npy")[..., None] for i in rows]
@@ -176,7 +175,7 @@ def math_clamp(x):
     return dmath.clamp(x, 0.0, 1.0)
 
 
-class DALILoader:
+class DALILoader(LoaderBase):
     def __init__(
         self,
         data,
@@ -193,26 +192,10 @@ class DALILoader:
         workers: int | None = None,
     ):
         _import_dali()
-        self.data = PackedDataset(data)
-        self.rows = self.data.indices(split)
-        if len(self.rows) < world_size:
-            raise ValueError(f"{data}: split {split!r} holds {len(self.rows)} samples, fewer than {world_size} ranks")
-        self.device = torch.device(device)
-        recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
-        self.recipe = recipe.replace(size=size)
-        self.batch_size, self.views, self.seed = batch_size, views, seed
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        super().__init__(data, split, batch_size, device, recipe, size, views, seed, rank, world_size, drop_last)
         self.labels = np.ascontiguousarray(self.data.labels())
-        self.epoch, self.start_step = 0, 0
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.threads = workers or len(os.sched_getaffinity(0))
-
-    def __len__(self) -> int:
-        per_rank = len(self.rows) // self.world_size
-        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
 
     def __iter__(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipelines.augment import Augment, load_recipe
-from pipelines.loader import Batch, batch_seed, rank_order
+from pipelines.augment import Augment
+from pipelines.loader import Batch, LoaderBase, batch_seed, rank_order
 from prep.format import PackedDataset
 
 MISSING = (
@@ -122,7 +122,7 @@ def write_beton(data_dir, split: str, out_path=None) -> Path:
     return out
 
 
-class FFCVLoader:
+class FFCVLoader(LoaderBase):
     """The loader contract (see pipelines.loader) over a .beton; same arguments as NativeLoader, plus `beton`
     (default `<data>/ffcv/<split>.beton`, written if missing or older than the dataset's manifest)."""
 
@@ -146,32 +146,16 @@ class FFCVLoader:
         _ffcv()
         import numba
 
-        self.data = PackedDataset(data)
-        self.rows = self.data.indices(split)
-        if len(self.rows) < world_size:
-            raise ValueError(f"{data}: split {split!r} holds {len(self.rows)} samples, fewer than {world_size} ranks")
+        super().__init__(data, split, batch_size, device, recipe, size, views, seed, rank, world_size, drop_last)
         self.beton = Path(beton) if beton is not None else beton_path(self.data.root, split)
         manifest = self.data.root / "manifest.json"
         if not self.beton.is_file() or self.beton.stat().st_mtime < manifest.stat().st_mtime:
             write_beton(self.data.root, split, self.beton)
-        self.device = torch.device(device)
-        recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
-        self.augment = Augment(recipe.replace(size=size), device=self.device, seed=seed)
-        self.batch_size, self.views, self.seed = batch_size, views, seed
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.augment = Augment(self.recipe, device=self.device, seed=seed)
         # FFCV hands num_workers to numba.set_num_threads, which refuses more than numba's pool (the CPU count).
         self.workers = min(workers or len(os.sched_getaffinity(0)), numba.config.NUMBA_NUM_THREADS)
         self.prefetch = prefetch
-        self.epoch, self.start_step = 0, 0
         self._loader = None
-
-    def __len__(self) -> int:
-        per_rank = len(self.rows) // self.world_size
-        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """The next iteration runs `epoch`, starting after the `start_step` batches already done."""
-        self.epoch, self.start_step = epoch, start_step
 
     def _ffcv_loader(self, positions: np.ndarray):
         """The FFCV Loader, set to yield `positions` of the beton in order.
@@ -215,8 +199,7 @@ class FFCVLoader:
     def __iter__(self):
         order = rank_order(np.arange(len(self.rows)), self.seed, self.epoch, self.rank, self.world_size)
         n_batches = len(self)
-        start = self.start_step
-        self.start_step = 0  # resuming applies to one epoch only
+        start = self._take_start()
         positions = order[start * self.batch_size : n_batches * self.batch_size]
         if len(positions) == 0:
             return

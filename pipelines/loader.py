@@ -7,6 +7,7 @@ disjoint, equal-sized shard; `set_epoch(epoch, start_step)` resumes mid-epoch wi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,51 @@ class Batch:
     views: tuple[torch.Tensor, ...]
     labels: torch.Tensor  # int64 B (multiclass) or int8 B x C codes with -128 for missing (multilabel)
     indices: torch.Tensor  # int64 B, rows of index.npy
+
+
+class LoaderBase:
+    """What every backend shares: the split's rows, the recipe at the output size, the epoch length, and where the
+    next epoch starts. Backends add how they read, decode and augment."""
+
+    def __init__(
+        self,
+        data,
+        split: str,
+        batch_size: int,
+        device,
+        recipe,
+        size: int,
+        views: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        drop_last: bool,
+    ):
+        from pipelines.augment import load_recipe
+        from prep.format import PackedDataset
+
+        self.data = PackedDataset(data)
+        self.rows = self.data.indices(split)
+        if len(self.rows) < world_size:
+            raise ValueError(f"{data}: split {split!r} holds {len(self.rows)} samples, fewer than {world_size} ranks")
+        self.device = torch.device(device)
+        self.recipe = (load_recipe(recipe) if isinstance(recipe, str) else recipe).replace(size=size)
+        self.batch_size, self.views, self.seed = batch_size, views, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch, self.start_step = 0, 0
+
+    def __len__(self) -> int:
+        per_rank = len(self.rows) // self.world_size
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next iteration runs `epoch`, starting after the `start_step` batches already done."""
+        self.epoch, self.start_step = epoch, start_step
+
+    def _take_start(self) -> int:
+        """The step this epoch starts at; resuming applies to one epoch only."""
+        start, self.start_step = self.start_step, 0
+        return start
 
 
 def rank_order(rows: np.ndarray, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:

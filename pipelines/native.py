@@ -8,7 +8,6 @@ A background thread reads and decodes the next batches while the device works on
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import threading
@@ -18,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from pipelines.augment import Augment, load_recipe
-from pipelines.loader import Batch, batch_seed, rank_order
-from prep.format import PackedDataset, decode_image
+from pipelines.augment import Augment
+from pipelines.loader import Batch, LoaderBase, batch_seed, rank_order
+from prep.format import decode_image
 
 _DONE = object()
 
@@ -35,7 +34,7 @@ def pad_batch(images: list[torch.Tensor], pin: bool = False) -> tuple[torch.Tens
     return batch, sizes
 
 
-class NativeLoader:
+class NativeLoader(LoaderBase):
     def __init__(
         self,
         data,
@@ -52,29 +51,13 @@ class NativeLoader:
         workers: int | None = None,
         prefetch: int = 3,
     ):
-        self.data = PackedDataset(data)
-        self.rows = self.data.indices(split)
-        if len(self.rows) < world_size:
-            raise ValueError(f"{data}: split {split!r} holds {len(self.rows)} samples, fewer than {world_size} ranks")
-        self.device = torch.device(device)
-        recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
-        self.augment = Augment(recipe.replace(size=size), device=self.device, seed=seed)
-        self.batch_size, self.views, self.seed = batch_size, views, seed
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        super().__init__(data, split, batch_size, device, recipe, size, views, seed, rank, world_size, drop_last)
+        self.augment = Augment(self.recipe, device=self.device, seed=seed)
         labels = torch.from_numpy(np.ascontiguousarray(self.data.labels()))
         self.labels = labels.long() if self.data.task == "multiclass" else labels
         self.gpu_jpeg = self.device.type == "cuda" and self.data.encoding == "jpeg"
         self.pool = ThreadPoolExecutor(workers or len(os.sched_getaffinity(0)))
         self.prefetch = prefetch
-        self.epoch, self.start_step = 0, 0
-
-    def __len__(self) -> int:
-        per_rank = len(self.rows) // self.world_size
-        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """The next iteration runs `epoch`, starting after the `start_step` batches already done."""
-        self.epoch, self.start_step = epoch, start_step
 
     def _host_batch(self, rows: np.ndarray):
         """What the background thread prepares: raw JPEG bytes for GPU decode, else a decoded padded batch."""
@@ -116,8 +99,7 @@ class NativeLoader:
         order = rank_order(self.rows, self.seed, self.epoch, self.rank, self.world_size)
         n_batches = len(self)
         steps = [order[k * self.batch_size : (k + 1) * self.batch_size] for k in range(n_batches)]
-        start = self.start_step
-        self.start_step = 0  # resuming applies to one epoch only
+        start = self._take_start()
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         thread = threading.Thread(target=self._producer, args=(steps[start:], q, stop), daemon=True)
