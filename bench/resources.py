@@ -224,6 +224,32 @@ def draw_memory(rows: list[dict], out: Path) -> Path:
     return path
 
 
+def draw_compare(result: dict, out: Path) -> Path:
+    """Hours per 100 epochs by batch size, the study's setting beside twinray's (OOM: no bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    batches = sorted({c["batch_size"] for r in result.values() for c in r["cells"]})
+    width = 0.8 / len(result)
+    for k, (name, r) in enumerate(result.items()):
+        hours = {c["batch_size"]: c.get("hours_per_100_epochs") for c in r["cells"] if c["status"] == "ok"}
+        xs = [i + k * width for i, b in enumerate(batches) if b in hours]
+        mode = "compile" if r["compile"] else "eager"
+        label = f"{name} ({r['precision']}, {mode}, largest batch {r['largest_batch_that_fits']})"
+        ax.bar(xs, [hours[b] for b in batches if b in hours], width, label=label)
+    ax.set_xticks([i + width * (len(result) - 1) / 2 for i in range(len(batches))], batches)
+    ax.set_xlabel("batch size (ResNet-18, 1 channel, 224 px)")
+    ax.set_ylabel("hours per 100 epochs")
+    ax.legend(fontsize=7, loc="lower center")
+    path = out / "compare.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def compare(args, base: dict) -> dict:
     """The study's setting against twinray's for ResNet-18, 1 channel, 224 px."""
     settings = {
@@ -308,6 +334,7 @@ def main() -> None:
     }
     if args.compare:
         report["compare"] = compare(args, base)
+        draw_compare(report["compare"], args.out)
     (args.out / "cells.json").write_text(json.dumps(report, indent=2) + "\n")
     print(
         f"wrote {args.out / 'cells.csv'}, {args.out / 'cells.json'}, {draw_heatmaps(rows, args.out)}, "

@@ -61,3 +61,27 @@ def test_tiny_cpu_grid_records_every_cell_and_survives_oom(tmp_path):
     heat = cv2.imread(str(out / "heatmaps.png"))
     grey = (abs(heat[..., 0].astype(int) - 211) < 3) & (abs(heat[..., 1].astype(int) - 211) < 3)
     assert grey.sum() > 1000  # the OOM cell is drawn in light grey
+
+
+def test_compare_plot_draws_both_settings_and_skips_oom(tmp_path):
+    from bench.resources import draw_compare
+
+    def cells(hours):
+        return [{"batch_size": b, "status": "ok" if h else "oom", "hours_per_100_epochs": h} for b, h in hours]
+
+    result = {
+        "study": {
+            "precision": "fp32",
+            "compile": False,
+            "largest_batch_that_fits": 64,
+            "cells": cells([(64, 10.0), (128, None)]),
+        },
+        "twinray": {
+            "precision": "bf16",
+            "compile": True,
+            "largest_batch_that_fits": 128,
+            "cells": cells([(64, 4.0), (128, 3.5)]),
+        },
+    }
+    image = cv2.imread(str(draw_compare(result, tmp_path)))
+    assert image is not None and image.shape[1] > 300
