@@ -11,7 +11,6 @@ stops). A copy of the JSON goes to bench/results/pipeline-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -29,7 +28,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from bench.prep import cpu_name  # noqa: E402
+from bench.report import device_name  # noqa: E402
+from bench.report import save as report_save  # noqa: E402
 from pipelines import build_loader  # noqa: E402
 from pipelines.augment import load_recipe  # noqa: E402
 from prep.format import PackedDataset  # noqa: E402
@@ -165,7 +165,7 @@ def main() -> None:
     if "baseline" in results:
         for row in results.values():
             row["vs_baseline"] = round(row["pairs_per_s"] / results["baseline"]["pairs_per_s"], 2)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {cpu_name()} ({cores} cores)"
+    name = device_name(device) + ("" if device.type == "cuda" else f" ({cores} cores)")
     report = {
         "benchmark": "pipeline",
         "date": date.today().isoformat(),
@@ -177,12 +177,7 @@ def main() -> None:
         "encoding": data.encoding,
         "results": results,
     }
-    text = json.dumps(report, indent=2) + "\n"
-    copy = Path(__file__).resolve().parent / "results" / f"pipeline-{device.type}.json"
-    for path in filter(None, [args.json, copy]):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        print(f"wrote {path}")
+    report_save(report, f"pipeline-{device.type}", args.json)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -25,6 +24,7 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 from PIL import Image  # noqa: E402
 
+from bench.report import cpu_name  # noqa: E402
 from prep import build, sample  # noqa: E402
 from prep.datasets import covid  # noqa: E402
 
@@ -52,16 +52,6 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -299,7 +299,7 @@ def main() -> None:
         print(json.dumps(run_cell(json.loads(args.cell))))
         return
 
-    import torch
+    from bench.report import device_name
 
     base = dict(
         device=args.device,
@@ -323,7 +323,7 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    device = device_name(args.device)
     report = {
         "benchmark": "resources",
         "date": time.strftime("%Y-%m-%d"),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from datetime import date
@@ -29,7 +28,8 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 import torch  # noqa: E402
 
 from bench.pipeline import PngPairs, cycle, export_pngs, study_transform  # noqa: E402
-from bench.prep import cpu_name  # noqa: E402
+from bench.report import device_name  # noqa: E402
+from bench.report import save as report_save  # noqa: E402
 from pipelines import build_loader  # noqa: E402
 from pipelines.augment import load_recipe  # noqa: E402
 from prep.format import PackedDataset  # noqa: E402
@@ -160,7 +160,7 @@ def main() -> None:
             ratios[f"native_end_to_end_over_ceiling_b{batch}"] = round(native / d, 2)
         if native:  # 300 epochs of the COVID-19 Radiography Database, two views per image
             ratios[f"minutes_300_epochs_covid_native_d_b{batch}"] = round(300 * COVID_IMAGES / native / 60, 1)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {cpu_name()}"
+    name = device_name(device)
     report = {
         "benchmark": "train_speed",
         "date": date.today().isoformat(),
@@ -171,12 +171,7 @@ def main() -> None:
         "results": rows,
         "ratios": ratios,
     }
-    text = json.dumps(report, indent=2) + "\n"
-    copy = Path(__file__).resolve().parent / "results" / f"train_speed-{device.type}.json"
-    for path in filter(None, [args.json, copy]):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        print(f"wrote {path}")
+    report_save(report, f"train_speed-{device.type}", args.json)
 
 
 if __name__ == "__main__":

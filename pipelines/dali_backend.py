@@ -176,23 +176,11 @@ def math_clamp(x):
 
 
 class DALILoader(LoaderBase):
-    def __init__(
-        self,
-        data,
-        split: str = "train",
-        batch_size: int = 128,
-        device="cpu",
-        recipe="seed-final",
-        size: int = 224,
-        views: int = 2,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = True,
-        workers: int | None = None,
-    ):
+    def __init__(self, data, workers: int | None = None, **contract):
+        """`contract`: build_loader's keywords (split, batch_size, device, recipe, size, views, seed, rank,
+        world_size, drop_last); `workers` DALI threads."""
         _import_dali()
-        super().__init__(data, split, batch_size, device, recipe, size, views, seed, rank, world_size, drop_last)
+        super().__init__(data, **contract)
         self.labels = np.ascontiguousarray(self.data.labels())
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.threads = workers or len(os.sched_getaffinity(0))

@@ -126,32 +126,19 @@ class FFCVLoader(LoaderBase):
     """The loader contract (see pipelines.loader) over a .beton; same arguments as NativeLoader, plus `beton`
     (default `<data>/ffcv/<split>.beton`, written if missing or older than the dataset's manifest)."""
 
-    def __init__(
-        self,
-        data,
-        split: str = "train",
-        batch_size: int = 128,
-        device="cpu",
-        recipe="seed-final",
-        size: int = 224,
-        views: int = 2,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = True,
-        workers: int | None = None,
-        prefetch: int = 3,
-        beton=None,
-    ):
+    def __init__(self, data, workers: int | None = None, prefetch: int = 3, beton=None, **contract):
+        """`contract`: build_loader's keywords (split, batch_size, device, recipe, size, views, seed, rank,
+        world_size, drop_last); `workers` FFCV threads, `prefetch` batches ahead, `beton` the file (default
+        `<data>/ffcv/<split>.beton`)."""
         _ffcv()
         import numba
 
-        super().__init__(data, split, batch_size, device, recipe, size, views, seed, rank, world_size, drop_last)
-        self.beton = Path(beton) if beton is not None else beton_path(self.data.root, split)
+        super().__init__(data, **contract)
+        self.beton = Path(beton) if beton is not None else beton_path(self.data.root, self.split)
         manifest = self.data.root / "manifest.json"
         if not self.beton.is_file() or self.beton.stat().st_mtime < manifest.stat().st_mtime:
-            write_beton(self.data.root, split, self.beton)
-        self.augment = Augment(self.recipe, device=self.device, seed=seed)
+            write_beton(self.data.root, self.split, self.beton)
+        self.augment = Augment(self.recipe, device=self.device, seed=self.seed)
         # FFCV hands num_workers to numba.set_num_threads, which refuses more than numba's pool (the CPU count).
         self.workers = min(workers or len(os.sched_getaffinity(0)), numba.config.NUMBA_NUM_THREADS)
         self.prefetch = prefetch

@@ -30,21 +30,22 @@ class LoaderBase:
     def __init__(
         self,
         data,
-        split: str,
-        batch_size: int,
-        device,
-        recipe,
-        size: int,
-        views: int,
-        seed: int,
-        rank: int,
-        world_size: int,
-        drop_last: bool,
+        split: str = "train",
+        batch_size: int = 128,
+        device="cpu",
+        recipe="seed-final",
+        size: int = 224,
+        views: int = 2,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
     ):
         from pipelines.augment import load_recipe
         from prep.format import PackedDataset
 
         self.data = PackedDataset(data)
+        self.split = split
         self.rows = self.data.indices(split)
         if len(self.rows) < world_size:
             raise ValueError(f"{data}: split {split!r} holds {len(self.rows)} samples, fewer than {world_size} ranks")

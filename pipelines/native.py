@@ -35,24 +35,11 @@ def pad_batch(images: list[torch.Tensor], pin: bool = False) -> tuple[torch.Tens
 
 
 class NativeLoader(LoaderBase):
-    def __init__(
-        self,
-        data,
-        split: str = "train",
-        batch_size: int = 128,
-        device="cpu",
-        recipe="seed-final",
-        size: int = 224,
-        views: int = 2,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = True,
-        workers: int | None = None,
-        prefetch: int = 3,
-    ):
-        super().__init__(data, split, batch_size, device, recipe, size, views, seed, rank, world_size, drop_last)
-        self.augment = Augment(self.recipe, device=self.device, seed=seed)
+    def __init__(self, data, workers: int | None = None, prefetch: int = 3, **contract):
+        """`contract`: build_loader's keywords (split, batch_size, device, recipe, size, views, seed, rank,
+        world_size, drop_last); `workers` decode threads, `prefetch` batches prepared ahead."""
+        super().__init__(data, **contract)
+        self.augment = Augment(self.recipe, device=self.device, seed=self.seed)
         labels = torch.from_numpy(np.ascontiguousarray(self.data.labels()))
         self.labels = labels.long() if self.data.task == "multiclass" else labels
         self.gpu_jpeg = self.device.type == "cuda" and self.data.encoding == "jpeg"

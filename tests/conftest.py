@@ -4,10 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from prep import sample
 from prep.cli import main as prep_main
+from prep.format import PackWriter, encode_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +46,18 @@ def demo_packed(tmp_path_factory) -> Path:
     raw = sample.generate(tmp_path_factory.mktemp("demo-raw"), n=400, seed=0, workers=2)
     out = tmp_path_factory.mktemp("demo") / "packed"
     assert prep_main(["covid", "--src", str(raw), "--out", str(out), "--workers", "2"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def constant_data(tmp_path_factory) -> Path:
+    """50 train samples; sample k is a constant image of value 5k+3 and label k % 4, sizes vary."""
+    out = tmp_path_factory.mktemp("constant")
+    writer = PackWriter(out, "constant", "multiclass", ["a", "b", "c", "d"], "png", 64, shard_samples=16)
+    for k in range(50):
+        image = np.full((40 + k % 7, 48 + k % 5), 5 * k + 3, np.uint8)
+        writer.add("train", encode_image(image, "png"), *image.shape, {"label": k % 4, "value": 5 * k + 3})
+    writer.finish({"skipped": []})
     return out
 
 

@@ -21,18 +21,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 
 @pytest.fixture(scope="module")
-def constant_data(tmp_path_factory):
-    """50 train samples; sample k is a constant image of value 5k+3 and label k % 4, sizes vary."""
-    out = tmp_path_factory.mktemp("constant")
-    writer = PackWriter(out, "constant", "multiclass", ["a", "b", "c", "d"], "png", 64, shard_samples=16)
-    for k in range(50):
-        image = np.full((40 + k % 7, 48 + k % 5), 5 * k + 3, np.uint8)
-        writer.add("train", encode_image(image, "png"), *image.shape, {"label": k % 4, "value": 5 * k + 3})
-    writer.finish({"skipped": []})
-    return out
-
-
-@pytest.fixture(scope="module")
 def multilabel_data(tmp_path_factory):
     """12 train samples with random pixels and labels that include blanks."""
     out = tmp_path_factory.mktemp("multilabel")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from pipelines import build_loader
 from pipelines.augment import Recipe
-from prep.format import PackedDataset, PackWriter, encode_image
+from prep.format import PackedDataset
 
 PLAIN = Recipe(name="plain", hflip=0.0)  # crop only: a constant image stays constant
 BACKENDS = ["native", "dali", "ffcv"]
@@ -17,18 +16,6 @@ BACKENDS = ["native", "dali", "ffcv"]
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
-
-
-@pytest.fixture(scope="module")
-def constant_data(tmp_path_factory):
-    """50 train samples; sample k is a constant image of value 5k+3 and label k % 4, sizes vary."""
-    out = tmp_path_factory.mktemp("constant")
-    writer = PackWriter(out, "constant", "multiclass", ["a", "b", "c", "d"], "png", 64, shard_samples=16)
-    for k in range(50):
-        image = np.full((40 + k % 7, 48 + k % 5), 5 * k + 3, np.uint8)
-        writer.add("train", encode_image(image, "png"), *image.shape, {"label": k % 4, "value": 5 * k + 3})
-    writer.finish({"skipped": []})
-    return out
 
 
 def _values(data: PackedDataset, indices: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,9 @@ def test_tiny_cpu_grid_records_every_cell_and_survives_oom(tmp_path):
     # hours per 100 epochs = step time x ceil(21165 / batch) x 100 / 3600
     assert abs(float(small["hours_per_100_epochs"]) - float(small["step_s"]) * 10583 * 100 / 3600) < 0.01
     report = json.loads((out / "cells.json").read_text())
-    assert report["device"] == "cpu" and len(report["cells"]) == 4 and report["memory_cap_bytes"] == 400 * 2**20
+    assert (
+        report["device"].startswith("cpu") and len(report["cells"]) == 4 and report["memory_cap_bytes"] == 400 * 2**20
+    )
     for png in ("heatmaps.png", "memory.png"):
         image = cv2.imread(str(out / png))
         assert image is not None and image.shape[0] > 100

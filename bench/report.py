@@ -1,0 +1,35 @@
+"""What every benchmark script shares: naming the machine, and saving its JSON (to --json and bench/results/)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def device_name(device) -> str:
+    import torch
+
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {cpu_name()}"
+
+
+def save(report: dict, name: str, extra: Path | None = None) -> None:
+    """Writes bench/results/<name>.json, and `extra` too when given."""
+    text = json.dumps(report, indent=2) + "\n"
+    for path in filter(None, [extra, RESULTS / f"{name}.json"]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
