@@ -36,7 +36,7 @@ def test_batches_have_the_contracted_shapes_and_align_with_labels(constant_data,
             # every pixel of a view shows its own sample's constant value
             expected = _values(data, batch.indices)[:, None, None, None] / 255
             assert torch.allclose(view, expected.expand_as(view), atol=1e-5)
-        assert batch.labels.dtype == torch.int64
+        assert batch.labels.dtype == torch.int64 and batch.indices.dtype == torch.int64
         assert batch.labels.tolist() == [data.metadata(int(i))["label"] for i in batch.indices]
 
 
