@@ -25,9 +25,11 @@ def certain_targets(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class LinearProbe(nn.Module):
     """Trained alongside pretraining on detached features; its loss never reaches the backbone."""
 
-    def __init__(self, features: int, classes: int, multilabel: bool, lr: float = 1e-3):
+    def __init__(self, features: int, classes: int, multilabel: bool, lr: float = 1e-2):
         super().__init__()
-        self.head = nn.Linear(features, classes)
+        # Standardise first: backbone features start tiny (zero-initialised residual branches, std ~0.002 here),
+        # and a plain linear head then sits at the majority class for many epochs.
+        self.head = nn.Sequential(nn.BatchNorm1d(features, affine=False), nn.Linear(features, classes))
         self.multilabel = multilabel
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=lr)
 
@@ -49,10 +51,12 @@ class LinearProbe(nn.Module):
 
 @torch.no_grad()
 def knn_scores(train_feats, train_labels, query_feats, classes: int, multilabel: bool, k: int = 20, t: float = 0.07):
-    """Weighted kNN (cosine similarity, weights exp(sim / t)): class scores (multiclass) or per-label positive
+    """Weighted kNN (cosine similarity of centred features, weights exp(sim / t)): class scores (multiclass) or per-label positive
     rates (multilabel) for each query."""
-    train_feats = F.normalize(train_feats.float(), dim=1)
-    query_feats = F.normalize(query_feats.float(), dim=1)
+    # Centre on the train mean before the cosine: a shared offset would make every pair look alike.
+    centre = train_feats.float().mean(0)
+    train_feats = F.normalize(train_feats.float() - centre, dim=1)
+    query_feats = F.normalize(query_feats.float() - centre, dim=1)
     k = min(k, len(train_feats))
     targets = certain_targets(train_labels)[0] if multilabel else F.one_hot(train_labels.long(), classes).float()
     out = []
