@@ -51,8 +51,8 @@ class LinearProbe(nn.Module):
 
 @torch.no_grad()
 def knn_scores(train_feats, train_labels, query_feats, classes: int, multilabel: bool, k: int = 20, t: float = 0.07):
-    """Weighted kNN (cosine similarity of centred features, weights exp(sim / t)): class scores (multiclass) or per-label positive
-    rates (multilabel) for each query."""
+    """Weighted kNN (cosine similarity of centred features, weights exp(sim / t)): class scores (multiclass) or
+    per-label positive rates (multilabel) for each query."""
     # Centre on the train mean before the cosine: a shared offset would make every pair look alike.
     centre = train_feats.float().mean(0)
     train_feats = F.normalize(train_feats.float() - centre, dim=1)

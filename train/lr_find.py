@@ -1,0 +1,151 @@
+"""LR range test (the study's figure 6): raise the learning rate exponentially over a few hundred steps, record the
+smoothed loss, and suggest the lr where it falls fastest.
+
+    python train/lr_find.py --data data/packed/covid --task pretrain --out lr-pretrain.png
+    python train/lr_find.py --data data/packed/covid --task finetune --out lr-finetune.png
+
+`pretrain` uses the Barlow Twins loss on two seed-final views; `finetune` uses cross-entropy (masked BCE for
+multilabel data) of a ResNet-18 with a linear head on horizontally flipped crops. Writes the PNG and a JSON beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pipelines import build_loader  # noqa: E402
+from prep.errors import OneLineParser, PrepError  # noqa: E402
+from train.loss import barlow_twins_loss  # noqa: E402
+from train.model import BarlowTwins  # noqa: E402
+from train.online_eval import certain_targets  # noqa: E402
+
+
+def suggest(lrs: list[float], losses: list[float]) -> float:
+    """The lr where the smoothed loss falls fastest against log(lr) (fastai's steepest-slope rule)."""
+    # The first tenth is the running mean warming up, not the loss responding to the lr: skip it.
+    first = max(1, len(lrs) // 10)
+    if len(lrs) - first < 2:
+        return lrs[len(lrs) // 2]
+    slopes = {
+        i: (losses[i + 1] - losses[i - 1]) / (math.log(lrs[i + 1]) - math.log(lrs[i - 1]))
+        for i in range(first, len(lrs) - 1)
+    }
+    return lrs[min(slopes, key=slopes.get)]
+
+
+def range_test(step_loss, optimizer, min_lr: float, max_lr: float, steps: int, smooth: float = 0.98):
+    """Runs `step_loss()` (one batch -> loss tensor) at exponentially rising lrs; stops when the loss explodes."""
+    lrs, losses, avg, best = [], [], 0.0, math.inf
+    for k in range(steps):
+        lr = min_lr * (max_lr / min_lr) ** (k / max(1, steps - 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = step_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            break
+        avg = smooth * avg + (1 - smooth) * value
+        smoothed = avg / (1 - smooth ** (k + 1))  # bias-corrected running mean
+        lrs.append(lr)
+        losses.append(smoothed)
+        best = min(best, smoothed)
+        if smoothed > 4 * best and k > 10:
+            break
+    return lrs, losses
+
+
+def plot(lrs, losses, lr_suggested: float, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(lrs, losses)
+    ax.axvline(lr_suggested, color="tab:red", linestyle="--", label=f"suggested lr {lr_suggested:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("smoothed loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="train/lr_find.py", description=__doc__)
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--task", choices=["pretrain", "finetune"], default="pretrain")
+    parser.add_argument("--out", required=True, type=Path, help="the plot (.png); the JSON goes beside it")
+    parser.add_argument("--min-lr", type=float, default=1e-7)
+    parser.add_argument("--max-lr", type=float, default=1.0)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not 0 < args.min_lr < args.max_lr:
+        print(f"lr_find: error: need 0 < --min-lr ({args.min_lr}) < --max-lr ({args.max_lr})", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    try:
+        recipe = "seed-final" if args.task == "pretrain" else "base"
+        loader = build_loader(
+            str(args.data),
+            "train",
+            batch_size=args.batch_size,
+            device=args.device,
+            recipe=recipe,
+            size=args.size,
+            views=2 if args.task == "pretrain" else 1,
+            seed=args.seed,
+        )
+    except (PrepError, ValueError) as e:
+        print(f"lr_find: error: {e}", file=sys.stderr)
+        return 2
+    model = BarlowTwins().to(args.device, memory_format=torch.channels_last)
+    multilabel = loader.data.task == "multilabel"
+    head = torch.nn.Linear(model.backbone.num_features, len(loader.data.classes)).to(args.device)
+    params = list(model.parameters()) + (list(head.parameters()) if args.task == "finetune" else [])
+    optimizer = torch.optim.Adam(params, lr=args.min_lr)
+    batches = (b for epoch in range(10**6) for b in (loader.set_epoch(epoch) or loader))
+
+    def step_loss() -> torch.Tensor:
+        batch = next(batches)
+        if args.task == "pretrain":
+            return barlow_twins_loss(model(batch.views[0])[1], model(batch.views[1])[1])[0]
+        logits = head(model.backbone(batch.views[0]))
+        if multilabel:
+            target, mask = certain_targets(batch.labels)
+            return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * mask).sum() / mask.sum()
+        return F.cross_entropy(logits, batch.labels)
+
+    lrs, losses = range_test(step_loss, optimizer, args.min_lr, args.max_lr, args.steps)
+    if not lrs:
+        print("lr_find: error: the loss was not finite at the first step", file=sys.stderr)
+        return 1
+    lr = suggest(lrs, losses)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    plot(
+        lrs, losses, lr, f"LR range test: {args.task} ({'Barlow Twins' if args.task == 'pretrain' else 'CE'})", args.out
+    )
+    result = {"task": args.task, "suggested_lr": lr, "lrs": lrs, "losses": losses, "data": str(args.data)}
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"suggested lr {lr:.2e}; wrote {args.out} and {args.out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
