@@ -22,18 +22,18 @@ stage() {  # stage NAME SECONDS COMMAND...
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.txt" 2>&1
-stage data 90 bash -c "$PY -m prep sample --out $work/raw --n 2000 --workers 16 --no-metadata && \
+stage data 60 bash -c "$PY -m prep sample --out $work/raw --n 2000 --workers 16 --no-metadata && \
   $PY -m prep covid --src $work/raw/COVID-19_Radiography_Dataset --out $work/packed --workers 16"
 if $PY -c "import pytest" 2>/dev/null; then
-  stage gpu_tests 90 $PY -m pytest -q -m gpu tests/test_augment.py tests/test_loader.py -p no:cacheprovider
+  stage gpu_tests 60 $PY -m pytest -q -m gpu tests/test_augment.py tests/test_loader.py -p no:cacheprovider
 else
   echo "gpu_tests skipped: pytest is not installed on this machine" | tee -a "$OUT/status.txt"
 fi
-stage pipeline 90 $PY bench/pipeline.py --data "$work/packed" --device cuda --backends native,baseline \
+stage pipeline 60 $PY bench/pipeline.py --data "$work/packed" --device cuda --backends native,baseline \
   --batch-size 256 --batches 20 --json "$OUT/pipeline.json"
+# Both benchmarks below save after every row or cell: a stage cut short by its limit keeps what it measured.
 stage train_speed 150 $PY bench/train_speed.py --device cuda --data "$work/packed" --backends native \
   --batch-sizes 128,256 --steps 20 --warmup 5 --json "$OUT/train_speed.json"
-stage resources 150 $PY bench/resources.py --device cuda --resolutions 224,384 --batch-sizes 128,256,512 \
-  --backbones resnet18,resnet50,efficientnet_b0 --channels 1 --steps 5 --warmup 2 --memory-cap 8GiB --compare \
-  --out "$OUT/resources"
+stage resources 120 $PY bench/resources.py --device cuda --resolutions 224,384 --batch-sizes 128,256,512 \
+  --backbones resnet18,resnet50 --channels 1 --steps 5 --warmup 2 --memory-cap 8GiB --out "$OUT/resources"
 echo "results in $OUT"; cat "$OUT/status.txt"

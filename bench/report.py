@@ -26,10 +26,11 @@ def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {cpu_name()}"
 
 
-def save(report: dict, name: str, extra: Path | None = None) -> None:
+def save(report: dict, name: str, extra: Path | None = None, quiet: bool = False) -> None:
     """Writes bench/results/<name>.json, and `extra` too when given."""
     text = json.dumps(report, indent=2) + "\n"
     for path in filter(None, [extra, RESULTS / f"{name}.json"]):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-        print(f"wrote {path}")
+        if not quiet:
+            print(f"wrote {path}")

@@ -276,6 +276,27 @@ def compare(args, base: dict) -> dict:
     return result
 
 
+def save_tables(rows: list[dict], args, base: dict) -> dict:
+    """cells.csv and cells.json, rewritten after every cell so that a grid cut short keeps what it measured."""
+    from bench.report import device_name
+
+    with open(args.out / "cells.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    device = device_name(args.device)
+    report = {
+        "benchmark": "resources",
+        "date": time.strftime("%Y-%m-%d"),
+        "device": device,
+        "memory_cap_bytes": base["memory_cap"],
+        "dataset_size": args.dataset_size,
+        "cells": rows,
+    }
+    (args.out / "cells.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolutions", default="128,224,256,384,512")
@@ -299,8 +320,6 @@ def main() -> None:
         print(json.dumps(run_cell(json.loads(args.cell))))
         return
 
-    from bench.report import device_name
-
     base = dict(
         device=args.device,
         memory_cap=parse_bytes(args.memory_cap),
@@ -319,19 +338,8 @@ def main() -> None:
             else row["status"]
         )
         print(f"{cell['backbone']:<16} {cell['channels']}ch {cell['resolution']:>4}px b{cell['batch_size']:<4} {shown}")
-    with open(args.out / "cells.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    device = device_name(args.device)
-    report = {
-        "benchmark": "resources",
-        "date": time.strftime("%Y-%m-%d"),
-        "device": device,
-        "memory_cap_bytes": base["memory_cap"],
-        "dataset_size": args.dataset_size,
-        "cells": rows,
-    }
+        save_tables(rows, args, base)
+    report = save_tables(rows, args, base)
     if args.compare:
         report["compare"] = compare(args, base)
         draw_compare(report["compare"], args.out)

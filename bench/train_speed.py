@@ -104,10 +104,47 @@ def main() -> None:
             "images_per_s": round(args.steps * batch / seconds, 1),
         }
         rows.append(row)
+        write_report()
         print(
             f"{config} batch {batch:>4} {source:<10} {row['steps_per_s']:>8.2f} steps/s "
             f"{row['images_per_s']:>9.1f} img/s"
         )
+
+    def write_report(quiet: bool = True) -> None:
+        """Saved after every row, so a stage cut short by a time limit still leaves its results."""
+
+        def best(config, source, batch):
+            return next(
+                (
+                    r["images_per_s"]
+                    for r in rows
+                    if (r["config"], r["source"], r["batch_size"]) == (config, source, batch)
+                ),
+                None,
+            )
+
+        ratios = {}
+        for batch in {r["batch_size"] for r in rows}:
+            a, d = best("a", "synthetic", batch), best("d", "synthetic", batch)
+            if a and d:
+                ratios[f"d_over_a_synthetic_b{batch}"] = round(d / a, 2)
+            native = best("d", "native", batch)
+            if native and d:
+                ratios[f"native_end_to_end_over_ceiling_b{batch}"] = round(native / d, 2)
+            if native:  # 300 epochs of the COVID-19 Radiography Database, two views per image
+                ratios[f"minutes_300_epochs_covid_native_d_b{batch}"] = round(300 * COVID_IMAGES / native / 60, 1)
+        name = device_name(device)
+        report = {
+            "benchmark": "train_speed",
+            "date": date.today().isoformat(),
+            "device": name,
+            "size": args.size,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "results": rows,
+            "ratios": ratios,
+        }
+        report_save(report, f"train_speed-{device.type}", args.json, quiet=quiet)
 
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         for config in args.configs.split(","):
@@ -144,34 +181,7 @@ def main() -> None:
                 pairs = (b.views for b in cycle(loader))
                 record(config, batch, backend, timed(step, pairs, args.warmup, args.steps, device))
 
-    def best(config, source, batch):
-        return next(
-            (r["images_per_s"] for r in rows if (r["config"], r["source"], r["batch_size"]) == (config, source, batch)),
-            None,
-        )
-
-    ratios = {}
-    for batch in {r["batch_size"] for r in rows}:
-        a, d = best("a", "synthetic", batch), best("d", "synthetic", batch)
-        if a and d:
-            ratios[f"d_over_a_synthetic_b{batch}"] = round(d / a, 2)
-        native = best("d", "native", batch)
-        if native and d:
-            ratios[f"native_end_to_end_over_ceiling_b{batch}"] = round(native / d, 2)
-        if native:  # 300 epochs of the COVID-19 Radiography Database, two views per image
-            ratios[f"minutes_300_epochs_covid_native_d_b{batch}"] = round(300 * COVID_IMAGES / native / 60, 1)
-    name = device_name(device)
-    report = {
-        "benchmark": "train_speed",
-        "date": date.today().isoformat(),
-        "device": name,
-        "size": args.size,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "results": rows,
-        "ratios": ratios,
-    }
-    report_save(report, f"train_speed-{device.type}", args.json)
+    write_report(quiet=False)
 
 
 if __name__ == "__main__":
