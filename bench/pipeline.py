@@ -15,8 +15,8 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 # Run as a script, this folder heads sys.path; the repository root must come first.
@@ -28,7 +28,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from bench.report import device_name  # noqa: E402
+from bench.report import (
+    device_name,  # noqa: E402
+    time_calls,  # noqa: E402
+)
 from bench.report import save as report_save  # noqa: E402
 from pipelines import build_loader  # noqa: E402
 from pipelines.augment import load_recipe  # noqa: E402
@@ -94,20 +97,6 @@ def export_pngs(data: PackedDataset, rows, folder: Path) -> list[Path]:
     return files
 
 
-def time_batches(batches, warmup: int, count: int, device: torch.device) -> float:
-    it = iter(batches)
-    for _ in range(warmup):
-        next(it)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(count):
-        next(it)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def cycle(loader):
     while True:
         yield from loader
@@ -145,7 +134,7 @@ def main() -> None:
                 drop_last=True,
                 persistent_workers=True,
             )
-            seconds = time_batches(cycle(loader), args.warmup, args.batches, device)
+            seconds = time_calls(partial(next, cycle(loader)), args.warmup, args.batches, device)
             del loader
             shutil.rmtree(work, ignore_errors=True)
         else:
@@ -157,7 +146,7 @@ def main() -> None:
                 recipe=recipe,
                 size=args.size,
             )
-            seconds = time_batches(cycle(loader), args.warmup, args.batches, device)
+            seconds = time_calls(partial(next, cycle(loader)), args.warmup, args.batches, device)
         pairs = args.batches * args.batch_size
         results[backend] = {"pairs_per_s": round(pairs / seconds, 1), "seconds": round(seconds, 3), "pairs": pairs}
         print(f"{backend:<10} {pairs / seconds:>10.1f} pairs/s  ({pairs} pairs in {seconds:.2f} s)")

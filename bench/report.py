@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -34,3 +35,20 @@ def save(report: dict, name: str, extra: Path | None = None, quiet: bool = False
         path.write_text(text)
         if not quiet:
             print(f"wrote {path}")
+
+
+def time_calls(call, warmup: int, count: int, device) -> float:
+    """Seconds for `count` calls of `call()` after `warmup` untimed ones; CUDA work is waited for at both ends."""
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        call()
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(count):
+        call()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start

@@ -338,8 +338,7 @@ def main() -> None:
             else row["status"]
         )
         print(f"{cell['backbone']:<16} {cell['channels']}ch {cell['resolution']:>4}px b{cell['batch_size']:<4} {shown}")
-        save_tables(rows, args, base)
-    report = save_tables(rows, args, base)
+        report = save_tables(rows, args, base)  # after every cell: a grid cut short keeps what it measured
     if args.compare:
         report["compare"] = compare(args, base)
         draw_compare(report["compare"], args.out)

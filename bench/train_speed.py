@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -28,7 +27,10 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 import torch  # noqa: E402
 
 from bench.pipeline import PngPairs, cycle, export_pngs, study_transform  # noqa: E402
-from bench.report import device_name  # noqa: E402
+from bench.report import (
+    device_name,  # noqa: E402
+    time_calls,  # noqa: E402
+)
 from bench.report import save as report_save  # noqa: E402
 from pipelines import build_loader  # noqa: E402
 from pipelines.augment import load_recipe  # noqa: E402
@@ -66,17 +68,9 @@ def make_step(device: torch.device, channels_last: bool, bf16: bool, compile: bo
     return step
 
 
-def timed(step, batches, warmup: int, steps: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        step(*next(batches))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step(*next(batches))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+def timed(step, batches, warmup: int, steps: int, device) -> float:
+    """Seconds for `steps` training steps, each on the next pair of views."""
+    return time_calls(lambda: step(*next(batches)), warmup, steps, device)
 
 
 def main() -> None:
