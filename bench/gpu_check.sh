@@ -1,39 +1,58 @@
 #!/usr/bin/env bash
 # The GPU checks in one script, under 8 minutes on one H100/H200, with only the device image's packages
-# (torch, torchvision, timm, accelerate, opencv, matplotlib: no wandb, DALI, FFCV, openpyxl).
+# (torch, torchvision, timm, accelerate, opencv, matplotlib, pytest: no wandb, DALI, FFCV, openpyxl).
 #   device tool:  bash bench/gpu_check.sh          (from the repository root; results land in $OUT)
 #   by hand:      OUT=bench/results/<device> bash bench/gpu_check.sh
+#   dry run here: DEVICE=cpu OUT=/tmp/check bash bench/gpu_check.sh   (stages hit their limits; checks the wiring)
 # Each stage has its own time limit, so one slow stage cannot eat the others; stage exit codes go to status.txt.
+# The device tool returns at most 8 files from $OUT, so every log and result is packed into $OUT/results.tar.gz,
+# re-packed after each stage: a run cut short still brings back what it finished.
 set -uo pipefail
-export PYTHONPATH=.
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results/gpu}
 PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+N=${N:-2000}  # generated images
 mkdir -p "$OUT"
 work=$(mktemp -d)
+res=$work/results
+mkdir -p "$res"
+pack() {
+  tar -czf "$OUT/results.tar.gz" -C "$res" .
+  cp "$res/status.txt" "$OUT/status.txt" 2>/dev/null || true
+}
 stage() {  # stage NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
   echo "== $name (limit ${limit}s)"
   local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > "$res/$name.log" 2>&1
   local rc=$?
-  echo "$name rc=$rc seconds=$((SECONDS - start))" | tee -a "$OUT/status.txt"
-  tail -n 15 "$OUT/$name.log"
+  echo "$name rc=$rc seconds=$((SECONDS - start))" | tee -a "$res/status.txt"
+  tail -n 12 "$res/$name.log"
+  pack
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.txt" 2>&1
-stage data 60 bash -c "$PY -m prep sample --out $work/raw --n 2000 --workers 16 --no-metadata && \
-  $PY -m prep covid --src $work/raw/COVID-19_Radiography_Dataset --out $work/packed --workers 16"
-if $PY -c "import pytest" 2>/dev/null; then
-  stage gpu_tests 60 $PY -m pytest -q -m gpu tests/test_augment.py tests/test_loader.py -p no:cacheprovider
-else
-  echo "gpu_tests skipped: pytest is not installed on this machine" | tee -a "$OUT/status.txt"
-fi
-stage pipeline 60 $PY bench/pipeline.py --data "$work/packed" --device cuda --backends native,baseline \
-  --batch-size 256 --batches 20 --json "$OUT/pipeline.json"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; date -u; \
+  $PY -c "import torch, torchvision, timm, accelerate; print(torch.__version__, torchvision.__version__, \
+  timm.__version__, accelerate.__version__)"; } > "$res/device.txt" 2>&1
+cat "$res/device.txt"
+stage data 45 bash -c "$PY -m prep sample --out $work/raw --n $N --workers 16 --no-metadata && \
+  $PY -m prep covid --src $work/raw/COVID-19_Radiography_Dataset --out $work/jpeg --workers 16 && \
+  $PY -m prep covid --src $work/raw/COVID-19_Radiography_Dataset --out $work/npy --encoding npy --workers 16"
+# Every GPU-marked test; the two files left out import openpyxl at the top (CI runs them).
+stage gpu_tests 170 $PY -m pytest -q -rs -m gpu tests -p no:cacheprovider \
+  --ignore=tests/test_covid.py --ignore=tests/test_sample.py
+stage pipeline 75 bash -c "$PY bench/pipeline.py --data $work/jpeg --device $DEVICE --backends native,baseline \
+  --batch-size 256 --batches 40 --json $res/pipeline.json && \
+  $PY bench/pipeline.py --data $work/npy --device $DEVICE --backends native \
+  --batch-size 256 --batches 40 --json $res/pipeline-npy.json"
 # Both benchmarks below save after every row or cell: a stage cut short by its limit keeps what it measured.
-stage train_speed 150 $PY bench/train_speed.py --device cuda --data "$work/packed" --backends native \
-  --batch-sizes 128,256 --steps 20 --warmup 5 --json "$OUT/train_speed.json"
-stage resources 120 $PY bench/resources.py --device cuda --resolutions 224,384 --batch-sizes 128,256,512 \
-  --backbones resnet18,resnet50 --channels 1 --steps 5 --warmup 2 --memory-cap 8GiB --out "$OUT/resources"
-echo "results in $OUT"; cat "$OUT/status.txt"
+stage train_speed 110 $PY bench/train_speed.py --device "$DEVICE" --data "$work/jpeg" --backends native \
+  --batch-sizes 128 --steps 20 --warmup 5 --json "$res/train_speed.json"
+# The study's setting (fp32, eager) over a small grid, then --compare: the study's against twinray's at 224 px.
+stage resources 190 $PY bench/resources.py --device "$DEVICE" --resolutions 224,384 --batch-sizes 128,512 \
+  --backbones resnet18,resnet50 --channels 1 --steps 5 --warmup 2 --memory-cap 8GiB --timeout 90 --compare \
+  --out "$res/resources"
+echo "results in $OUT/results.tar.gz"
+cat "$res/status.txt"

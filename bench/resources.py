@@ -145,16 +145,20 @@ def grid_cells(args) -> list[dict]:
 
 
 def run_isolated(cell: dict, timeout: int) -> dict:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--cell", json.dumps(cell)], capture_output=True, text=True, timeout=timeout
-    )
+    row = {k: cell[k] for k in FIELDS if k in cell}
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--cell", json.dumps(cell)], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:  # a slow cell (a long compile, say) is recorded, and the grid goes on
+        return {**row, "status": "timeout", "error": f"over {timeout} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
     # A process killed for memory (or a CUDA abort) is an OOM cell too; anything else is kept as an error.
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
     oom = proc.returncode < 0 or "memory" in proc.stderr.lower()
-    return {**{k: cell[k] for k in FIELDS if k in cell}, "status": "oom" if oom else "error", "error": tail}
+    return {**row, "status": "oom" if oom else "error", "error": tail}
 
 
 def draw_heatmaps(rows: list[dict], out: Path) -> Path:
@@ -174,15 +178,19 @@ def draw_heatmaps(rows: list[dict], out: Path) -> Path:
     cmap.set_bad("lightgrey")  # OOM
     for ax, (backbone, channels) in zip(axes[0], panels):
         grid = np.full((len(resolutions), len(batches)), np.nan)
+        labels = {}  # grey cells say why: OOM, timeout or error
         for r in rows:
-            if (r["backbone"], r["channels"]) == (backbone, channels) and r["status"] == "ok":
-                grid[resolutions.index(r["resolution"]), batches.index(r["batch_size"])] = r["hours_per_100_epochs"]
+            if (r["backbone"], r["channels"]) == (backbone, channels):
+                at = resolutions.index(r["resolution"]), batches.index(r["batch_size"])
+                labels[at] = "OOM" if r["status"] == "oom" else r["status"]
+                if r["status"] == "ok":
+                    grid[at] = r["hours_per_100_epochs"]
         image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
         for (i, j), value in np.ndenumerate(grid):
             ax.text(
                 j,
                 i,
-                "OOM" if np.isnan(value) else f"{value:.2g}",
+                labels.get((i, j), "") if np.isnan(value) else f"{value:.2g}",
                 ha="center",
                 va="center",
                 fontsize=7,

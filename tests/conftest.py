@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from prep.cli import main as prep_main
 from prep.format import PackWriter, encode_image
 
 REPO = Path(__file__).resolve().parents[1]
+HAVE_OPENPYXL = importlib.util.find_spec("openpyxl") is not None  # absent on the GPU machine only; see covid_sample
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -26,8 +28,11 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(scope="session")
 def covid_sample(tmp_path_factory) -> Path:
-    """A small generated COVID-19_Radiography_Dataset (read-only: copy it before changing it)."""
-    return sample.generate(tmp_path_factory.mktemp("sample"), n=60, seed=1)
+    """A small generated COVID-19_Radiography_Dataset (read-only: copy it before changing it).
+
+    The metadata xlsx needs openpyxl, which the GPU machine's image lacks; CI has it (test_covid imports it, and
+    test_sample_json_holds_source_split_label_origin fails without the metadata)."""
+    return sample.generate(tmp_path_factory.mktemp("sample"), n=60, seed=1, metadata=HAVE_OPENPYXL)
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +48,7 @@ def covid_packed(covid_sample, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_packed(tmp_path_factory) -> Path:
     """The demo's dataset: 400 generated images, packed (320 train)."""
-    raw = sample.generate(tmp_path_factory.mktemp("demo-raw"), n=400, seed=0, workers=2)
+    raw = sample.generate(tmp_path_factory.mktemp("demo-raw"), n=400, seed=0, workers=2, metadata=HAVE_OPENPYXL)
     out = tmp_path_factory.mktemp("demo") / "packed"
     assert prep_main(["covid", "--src", str(raw), "--out", str(out), "--workers", "2"]) == 0
     return out

@@ -270,6 +270,19 @@ def test_cuda_gives_the_same_views_as_cpu():
     assert (cpu - gpu.cpu()).abs().mean() < 1e-3
 
 
+@pytest.mark.gpu
+def test_cuda_kernels_equal_torchvision_and_keep_the_output_contract():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x = _images(6, 40, 50).cuda()
+    x[1] = 7
+    assert torch.equal(equalize(x), TF.equalize(x))
+    assert torch.equal(equalize(x).cpu(), TF.equalize(x.cpu()))
+    out = Augment("seed-final", device="cuda", dtype=torch.bfloat16)(_images(3, 70, 90).cuda())
+    assert out.is_cuda and out.shape == (3, 1, 224, 224) and out.dtype == torch.bfloat16
+    assert out.is_contiguous(memory_format=torch.channels_last) and 0 <= out.min() and out.max() <= 1
+
+
 def test_named_recipes_cover_the_study():
     assert set(STUDY_RECIPES) <= set(RECIPES)
     final = RECIPES["seed-final"]

@@ -56,6 +56,22 @@ def test_matches_paper_formula(lambd):
     assert isinstance(stats["on_diag"], float) and isinstance(stats["off_diag"], float)
 
 
+@pytest.mark.gpu
+def test_cuda_matches_paper_formula_and_cpu_gradients():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    z1, z2 = _embeddings(n=64, d=32, seed=2)
+    ref, _, _ = _reference(z1, z2, 5e-3)
+    grads = []
+    for device in ("cpu", "cuda"):
+        a, b = z1.to(device).clone().requires_grad_(), z2.to(device).clone().requires_grad_()
+        loss, _ = barlow_twins_loss(a, b, lambd=5e-3)
+        loss.backward()
+        assert loss.item() == pytest.approx(ref, rel=1e-4)
+        grads.append(torch.cat([a.grad.cpu(), b.grad.cpu()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_computed_in_float32(dtype):
     z1, z2 = (z.requires_grad_() for z in _embeddings(seed=2, dtype=dtype))

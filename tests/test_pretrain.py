@@ -316,3 +316,29 @@ def test_bf16_accumulation_lars_and_compile_run_on_the_cpu(covid_packed, tmp_pat
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if not r.get("epoch_end")] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+@pytest.mark.gpu
+def test_cuda_run_compiles_in_bf16_and_resumes(demo_packed, tmp_path):
+    """The command users come for, on a GPU with its CUDA defaults (compile on, bf16), then stop-and-resume."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    small = ["--data", demo_packed, "--size", "64", "--batch-size", "32", "--wandb", "disabled", "--log-every", "1"]
+    out = tmp_path / "compiled"
+    result = pretrain(*small, "--out", out, "--epochs", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["compile"] in (None, True) and saved["mixed_precision"] in ("auto", "bf16")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if not r.get("epoch_end")]
+    assert all(math.isfinite(r["loss"]) for r in steps) and steps[-1]["peak_memory_mb"] > 0
+    assert (out / "backbone.safetensors").exists()
+
+    out = tmp_path / "resumed"
+    first = pretrain(*small, "--out", out, "--epochs", "2", "--no-compile", "--max-steps", "3")
+    assert first.returncode == 0 and "stopped (max_steps) at step 3" in first.stdout, first.stderr[-2000:]
+    second = pretrain(*small, "--out", out, "--epochs", "2", "--no-compile")
+    assert second.returncode == 0, second.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    numbers = [r["step"] for r in rows if not r.get("epoch_end")]
+    assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) == 20  # 320 train / 32, two epochs

@@ -87,3 +87,11 @@ def test_compare_plot_draws_both_settings_and_skips_oom(tmp_path):
     }
     image = cv2.imread(str(draw_compare(result, tmp_path)))
     assert image is not None and image.shape[1] > 300
+
+
+def test_a_cell_over_its_time_limit_is_recorded_not_raised():
+    from bench.resources import run_isolated
+
+    cell = dict(device="cpu", memory_cap=0, dataset_size=100, steps=2, warmup=1, backbone="resnet18", channels=1)
+    row = run_isolated({**cell, "resolution": 32, "batch_size": 2, "precision": "fp32", "compile": False}, timeout=1)
+    assert (row["status"], row["backbone"], row["batch_size"]) == ("timeout", "resnet18", 2)  # importing torch > 1 s
