@@ -58,6 +58,8 @@ def run_cell(cell: dict) -> dict:
     from train.model import BarlowTwins
 
     device = torch.device(cell["device"])
+    if device.type == "cuda" and device.index is None:  # set_per_process_memory_fraction wants an index
+        device = torch.device("cuda", torch.cuda.current_device())
     row = {k: cell[k] for k in FIELDS if k in cell}
     cap = cell.get("memory_cap")
     if cap and device.type == "cuda":
@@ -157,7 +159,9 @@ def run_isolated(cell: dict, timeout: int) -> dict:
         return json.loads(lines[-1])
     # A process killed for memory (or a CUDA abort) is an OOM cell too; anything else is kept as an error.
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
-    oom = proc.returncode < 0 or "memory" in proc.stderr.lower()
+    # Only out-of-memory wording counts: "memory" alone also names functions in any traceback.
+    words = ("out of memory", "outofmemoryerror", "memoryerror", "bad_alloc", "allocate memory")
+    oom = proc.returncode < 0 or any(w in proc.stderr.lower() for w in words)
     return {**row, "status": "oom" if oom else "error", "error": tail}
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from datetime import date
 from pathlib import Path
@@ -161,7 +162,7 @@ def main() -> None:
                     batch_size=batch,
                     shuffle=True,
                     drop_last=True,
-                    num_workers=2,
+                    num_workers=len(os.sched_getaffinity(0)),  # every core, as in bench/pipeline.py
                     persistent_workers=True,
                     pin_memory=device.type == "cuda",
                 )
