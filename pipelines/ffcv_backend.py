@@ -165,7 +165,7 @@ class FFCVLoader(LoaderBase):
                     num_workers=self.workers,
                     os_cache=True,  # mmap the file: the page cache is shared by the ranks on one machine
                     order=OrderOption.SEQUENTIAL,
-                    indices=np.arange(len(self.rows)),
+                    indices=np.arange(len(self.split_rows)),
                     pipelines={
                         "image": [NDArrayDecoder(), ToTensor(), *to_device],
                         "size": [NDArrayDecoder(), ToTensor()],
@@ -175,16 +175,18 @@ class FFCVLoader(LoaderBase):
                     drop_last=False,  # `positions` hold whole batches only, when drop_last is set
                     batches_ahead=self.prefetch,
                 )
-            if self._loader.reader.num_samples != len(self.rows):  # numba reads out of bounds unchecked
+            if self._loader.reader.num_samples != len(self.split_rows):  # numba reads out of bounds unchecked
                 raise ValueError(
                     f"{self.beton}: {self._loader.reader.num_samples} samples, the split holds "
-                    f"{len(self.rows)}; delete the stale beton"
+                    f"{len(self.split_rows)}; delete the stale beton"
                 )
         self._loader.traversal_order.indices = positions
         return self._loader
 
     def __iter__(self):
-        order = rank_order(np.arange(len(self.rows)), self.seed, self.epoch, self.rank, self.world_size)
+        # The beton holds the whole split; a subset (`rows`) is read by its positions in it.
+        subset = np.searchsorted(self.split_rows, self.rows)
+        order = rank_order(subset, self.seed, self.epoch, self.rank, self.world_size)
         n_batches = len(self)
         start = self._take_start()
         positions = order[start * self.batch_size : n_batches * self.batch_size]
@@ -197,7 +199,7 @@ class FFCVLoader(LoaderBase):
             for step, (images, sizes, labels, rows) in enumerate(batches, start):
                 # FFCV reuses its output buffers a few batches later: keep nothing of them past this step.
                 rows = rows.reshape(-1).clone()
-                expected = self.rows[positions[(step - start) * self.batch_size :][: len(rows)]]
+                expected = self.split_rows[positions[(step - start) * self.batch_size :][: len(rows)]]
                 if not np.array_equal(rows.numpy(), expected):
                     raise ValueError(f"{self.beton}: rows disagree with {self.data.root}; delete the stale beton")
                 # Trim the split-wide padding to this batch's largest image, as the native backend pads.

@@ -40,13 +40,17 @@ class LoaderBase:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = True,
+        rows=None,
     ):
         from pipelines.augment import load_recipe
         from prep.format import PackedDataset
 
         self.data = PackedDataset(data)
         self.split = split
-        self.rows = self.data.indices(split)
+        self.split_rows = self.data.indices(split)
+        self.rows = self.split_rows if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
+        if not np.isin(self.rows, self.split_rows).all():
+            raise ValueError(f"{data}: some of the rows given are not in split {split!r}")
         if len(self.rows) < world_size:
             raise ValueError(f"{data}: split {split!r} holds {len(self.rows)} samples, fewer than {world_size} ranks")
         self.device = torch.device(device)
@@ -98,8 +102,10 @@ def build_loader(
     world_size: int = 1,
     drop_last: bool = True,
     workers: int | None = None,
+    rows=None,
 ):
-    """A loader over a packed dataset directory; see the module docstring for what it yields."""
+    """A loader over a packed dataset directory; see the module docstring for what it yields.
+    `rows` restricts it to a subset of the split's rows (a label fraction, say)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if batch_size < 1 or views < 1:
@@ -116,6 +122,7 @@ def build_loader(
         world_size=world_size,
         drop_last=drop_last,
         workers=workers,
+        rows=rows,
     )
     if backend == "native":
         from pipelines.native import NativeLoader

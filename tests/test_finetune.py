@@ -1,0 +1,194 @@
+"""Downstream: label fractions, inits, freezing, metrics, model selection on val only, and bad arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from prep.format import SPLITS
+from tests.conftest import REPO, assert_one_line_error
+from train import transfer
+from train.finetune import multilabel_targets
+from train.fractions import label_fraction
+from train.metrics import multiclass_metrics, multilabel_metrics
+from train.model import build_backbone
+
+SMALL = ["--epochs", "2", "--size", "32", "--batch-size", "16", "--workers", "1"]
+
+
+def finetune(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train/finetune.py", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_fractions_are_nested_stratified_and_hold_every_class():
+    rng = np.random.default_rng(0)
+    labels = rng.choice(4, size=1000, p=[0.6, 0.25, 0.13, 0.02])
+    rows = np.arange(5000, 6000)
+    subsets = [set(label_fraction(rows, labels, f, seed=3)) for f in (0.01, 0.05, 0.1, 0.5, 1.0)]
+    for small, large in zip(subsets, subsets[1:]):
+        assert small < large  # strictly nested
+    assert subsets[-1] == set(rows)
+    for subset in subsets:
+        picked = labels[np.isin(rows, sorted(subset))]
+        assert set(picked) == {0, 1, 2, 3}  # at least one per class, even at 1%
+    ten = labels[np.isin(rows, sorted(subsets[2]))]
+    for c in range(4):  # stratified: each class at ceil(10%) of its count
+        assert (ten == c).sum() == int(np.ceil(0.1 * (labels == c).sum()))
+    assert set(label_fraction(rows, labels, 0.1, seed=4)) != subsets[2]  # another seed, another subset
+    with pytest.raises(ValueError, match="fraction 0"):
+        label_fraction(rows, labels, 0, seed=0)
+
+
+def test_multilabel_fractions_and_uncertain_policies():
+    codes = torch.tensor([[1, -1, -128], [0, -1, 1], [-128, 0, -1]], dtype=torch.int8)
+    assert multilabel_targets(codes, [0, 1, 2], "ones").tolist() == [[1, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert multilabel_targets(codes, [0, 1, 2], "zeros").tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 0]]
+    assert multilabel_targets(codes, [1, 2], "ignore").tolist() == [[-1, 0], [-1, 1], [0, -1]]
+    rows = np.arange(3)
+    assert len(label_fraction(rows, codes.numpy(), 0.1, seed=0)) == 3  # strata: label 0, label 2, none
+
+
+def test_metrics_against_hand_counts():
+    targets = torch.tensor([0, 0, 1, 1, 2, 2])
+    logits = torch.eye(3)[[0, 1, 1, 1, 2, 0]] * 5
+    m = multiclass_metrics(logits, targets, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0.5) / 3)
+    assert m["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
+    assert m["confusion"]["counts"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert m["confusion"]["normalized"][0] == [0.5, 0.5, 0.0]
+    f1 = [2 * 0.5 * 0.5 / 1, 2 * (2 / 3) / (2 / 3 + 1), 2 * 0.5 / 1.5]
+    assert m["macro_f1"] == pytest.approx(sum(f1) / 3, abs=1e-6)
+    ml = multilabel_metrics(
+        torch.tensor([[2.0, 0], [1, 0], [-1, 0]]), torch.tensor([[1, -1], [0, 1], [0, 0]]), ["x", "y"]
+    )
+    assert ml["per_label_auroc"]["x"] == 1.0 and ml["per_label_auroc"]["y"] == 0.5 and ml["mean_auroc"] == 0.75
+
+
+def test_freeze_k_freezes_the_stem_and_k_stages_and_keeps_their_statistics():
+    for k in range(5):
+        backbone = build_backbone("resnet18")
+        parts = transfer.freeze(backbone, f"freeze:{k}")
+        assert not any(p.requires_grad for p in backbone.conv1.parameters())
+        for s, stage in enumerate(("layer1", "layer2", "layer3", "layer4")):
+            assert all(p.requires_grad != (s < k) for p in getattr(backbone, stage).parameters())
+    backbone.train()
+    transfer.keep_frozen_in_eval(parts)
+    before = backbone.layer1[0].bn1.running_mean.clone()
+    backbone(torch.rand(4, 1, 32, 32))
+    assert torch.equal(before, backbone.layer1[0].bn1.running_mean)
+    linear = build_backbone("resnet18")
+    transfer.freeze(linear, "linear")
+    assert not any(p.requires_grad for p in linear.parameters())
+    with pytest.raises(ValueError, match="needs a ResNet"):
+        transfer.freeze(build_backbone("efficientnet_b0"), "freeze:2")
+
+
+def test_inits_load_run_dirs_and_files(tmp_path):
+    source = build_backbone("resnet18")
+    tensors = {k: v.contiguous() for k, v in source.state_dict().items()}
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file(tensors, run / "backbone.safetensors", metadata={"timm_name": "resnet18", "in_chans": "1"})
+    for init in (run, run / "backbone.safetensors"):
+        model, info = transfer.load_backbone(str(init))
+        assert info["timm_name"] == "resnet18"
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, tensors[k]), k
+    random_a, _ = transfer.load_backbone("random")
+    assert not torch.equal(random_a.conv1.weight, source.conv1.weight)
+
+
+def test_full_finetune_writes_results_model_and_confusion(covid_packed, tmp_path):
+    out = tmp_path / "ft"
+    result = finetune("--data", covid_packed, "--init", "random", "--mode", "freeze:1", "--out", out, *SMALL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    test = results["test"]
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "per_class", "confusion"):
+        assert key in test, key
+    assert test["n"] == int(sum(np.array(test["confusion"]["counts"]).ravel()))
+    assert set(test["per_class"]) == {"COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"}
+    assert results["config"]["mode"] == "freeze:1" and len(results["history"]) == 2
+    assert results["best_epoch"] == 1 + int(np.argmax([h["val_score"] for h in results["history"]]))
+    assert (out / "confusion.png").stat().st_size > 1000
+    weights = load_file(out / "model.safetensors")
+    assert "head.1.weight" in weights and weights["head.1.weight"].shape[0] == 4
+
+
+def test_the_test_split_is_never_used_for_selection(covid_packed, tmp_path):
+    """Scrambling the test labels changes the test metrics and nothing else."""
+    scrambled = tmp_path / "scrambled"
+    shutil.copytree(covid_packed, scrambled)
+    index = np.load(scrambled / "index.npy")
+    test_rows = np.flatnonzero(index["split"] == SPLITS.index("test"))
+    index["label"][test_rows] = (index["label"][test_rows] + 1) % 4
+    np.save(scrambled / "index.npy", index)
+    runs = []
+    for data in (covid_packed, scrambled):
+        out = tmp_path / data.name / "ft"
+        result = finetune("--data", data, "--init", "random", "--mode", "linear", "--out", out, *SMALL, "--epochs", "3")
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append(json.loads((out / "results.json").read_text()))
+    a, b = runs
+    assert a["history"] == [{**h, "seconds": a["history"][i]["seconds"]} for i, h in enumerate(b["history"])]
+    assert a["best_epoch"] == b["best_epoch"] and a["val"] == b["val"]
+    assert a["test"]["confusion"]["counts"] != b["test"]["confusion"]["counts"]
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--init", "barlow"], ["--init barlow", "no such file"]),
+        (["--init", "random", "--mode", "freeze:5"], ["freeze:5", "0 to 4"]),
+        (["--init", "random", "--mode", "half"], ["--mode", "full, linear, freeze:K"]),
+        (["--init", "random", "--fraction", "0"], ["fraction 0"]),
+        (["--init", "random", "--fraction", "1.5"], ["fraction 1.5"]),
+        (["--init", "random", "--epochs", "0"], ["--epochs 0"]),
+    ],
+)
+def test_bad_arguments_are_one_line(args, needles, covid_packed, tmp_path):
+    assert_one_line_error(finetune("--data", covid_packed, "--out", tmp_path / "o", *args), *needles)
+
+
+def test_a_run_without_a_backbone_and_offline_imagenet_are_one_line(covid_packed, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    assert_one_line_error(
+        finetune("--data", covid_packed, "--out", tmp_path / "o", "--init", run), "no backbone.safetensors"
+    )
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
+    result = finetune("--data", covid_packed, "--out", tmp_path / "o", "--init", "imagenet", *SMALL, env=offline)
+    assert_one_line_error(result, "--init imagenet", "local cache")
+
+
+def test_multilabel_chexpert_reports_per_label_auroc(tmp_path):
+    from prep.cli import main as prep_main
+    from tests.layouts import build_chexpert
+
+    root = build_chexpert(tmp_path / "raw", n_patients=40, n_valid=12)
+    packed = tmp_path / "packed"
+    assert prep_main(["chexpert", "--src", str(root), "--out", str(packed), "--workers", "1"]) == 0
+    out = tmp_path / "ft"
+    result = finetune("--data", packed, "--init", "random", "--out", out, *SMALL, "--uncertain", "ignore")
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "multilabel"
+    assert results["classes"] == ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+    assert set(results["test"]["per_label_auroc"]) == set(results["classes"])
+    assert "mean_auroc" in results["test"] and not (out / "confusion.png").exists()

@@ -1,0 +1,267 @@
+"""Fine-tune or linear-probe a backbone on a packed dataset, with a label fraction, and report test metrics.
+
+    python train/finetune.py --data DIR --init RUN_DIR|BACKBONE.safetensors|imagenet|random \\
+        --mode full|linear|freeze:K --fraction F --seed S --epochs E --size S --out DIR
+
+Defaults are the study's downstream settings: Adam, lr 0.00153, weight decay 9.87e-6, batch 96, 15 epochs,
+horizontal flip. The train split is cut to a stratified label fraction (nested across fractions for one seed). The
+epoch with the best val score (accuracy, or mean AUROC for multilabel data) is kept; only then is the test split
+read, once. Writes results.json (config, history, best val, `"test"` metrics), model.safetensors + model.json,
+and confusion.png (multiclass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from torch import nn  # noqa: E402
+
+from pipelines import build_loader  # noqa: E402
+from pipelines.loader import BACKENDS  # noqa: E402
+from prep.errors import OneLineParser, PrepError  # noqa: E402
+from prep.format import PackedDataset  # noqa: E402
+from train import transfer  # noqa: E402
+from train.fractions import check_fraction, label_fraction  # noqa: E402
+from train.metrics import draw_confusion, multiclass_metrics, multilabel_metrics  # noqa: E402
+from train.model import BACKBONES  # noqa: E402
+from train.online_eval import EVAL_RECIPE  # noqa: E402
+
+# The CheXpert competition pathologies, used by default when the dataset has them all.
+COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+TRAIN_RECIPE = EVAL_RECIPE.replace(name="finetune", hflip=0.5)  # the study's downstream augmentation
+UNCERTAIN = ("ones", "zeros", "ignore")
+
+
+class Classifier(nn.Module):
+    """Backbone, then a linear head on standardised features (BatchNorm without affine): with zero-initialised
+    residual branches, fresh features are tiny, and a plain head would sit at the majority class."""
+
+    def __init__(self, backbone: nn.Module, outputs: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(
+            nn.BatchNorm1d(backbone.num_features, affine=False), nn.Linear(backbone.num_features, outputs)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def multilabel_targets(codes: torch.Tensor, columns: list[int], uncertain: str) -> torch.Tensor:
+    """Codes (1, 0, -1 uncertain, -128 unmentioned) -> 1, 0 or -1 (masked). Unmentioned counts as negative, as in
+    the CheXpert competition; uncertain follows the policy."""
+    codes = codes[:, columns].long()
+    out = (codes == 1).long()
+    if uncertain == "ones":
+        out[codes == -1] = 1
+    elif uncertain == "ignore":
+        out[codes == -1] = -1
+    return out
+
+
+class Task:
+    """What the dataset asks for: its classes or labels, the loss, the metrics and the selection score."""
+
+    def __init__(self, data: PackedDataset, labels: str | None, uncertain: str):
+        self.multilabel = data.task == "multilabel"
+        if not self.multilabel:
+            self.names, self.columns = list(data.classes), []
+        else:
+            wanted = (
+                labels.split(",")
+                if labels
+                else (COMPETITION if set(COMPETITION) <= set(data.classes) else data.classes)
+            )
+            unknown = [w for w in wanted if w not in data.classes]
+            if unknown:
+                raise PrepError(f"--labels: {', '.join(unknown)} not among {', '.join(data.classes)}")
+            self.names, self.columns = list(wanted), [data.classes.index(w) for w in wanted]
+        self.uncertain = uncertain
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        return multilabel_targets(labels, self.columns, self.uncertain) if self.multilabel else labels.long()
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if not self.multilabel:
+            return F.cross_entropy(logits.float(), targets)
+        mask = targets >= 0
+        loss = F.binary_cross_entropy_with_logits(logits.float(), targets.clamp(min=0).float(), reduction="none")
+        return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+    def metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict:
+        if self.multilabel:
+            return multilabel_metrics(logits, targets, self.names)
+        return multiclass_metrics(logits, targets, self.names)
+
+    def score(self, metrics: dict) -> float:
+        """The model-selection score on val."""
+        value = metrics["mean_auroc"] if self.multilabel else metrics["accuracy"]
+        return -1.0 if value is None else value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="a packed dataset (python -m prep ...)")
+    parser.add_argument("--init", required=True, help="RUN_DIR, BACKBONE.safetensors, imagenet or random")
+    parser.add_argument("--mode", default="full", help="full, linear or freeze:K (K = 0..4)")
+    parser.add_argument("--fraction", type=float, default=1.0, help="label fraction of the train split, in (0, 1]")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--batch-size", type=int, default=96)
+    parser.add_argument("--lr", type=float, default=0.00153)
+    parser.add_argument("--weight-decay", type=float, default=9.87e-6)
+    parser.add_argument("--backbone", default="resnet18", choices=BACKBONES, help="for imagenet and random")
+    parser.add_argument("--channels", type=int, default=1, choices=(1, 3), help="for imagenet and random")
+    parser.add_argument("--backend", default="native", choices=BACKENDS)
+    parser.add_argument("--labels", default=None, help="multilabel: comma-separated (default: the 5 competition ones)")
+    parser.add_argument("--uncertain", default="ones", choices=UNCERTAIN, help="multilabel: what -1 means")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=None, help="CPU decode threads (native backend)")
+    args = parser.parse_args(argv)
+    for name in ("epochs", "size", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    try:
+        check_fraction(args.fraction)
+        transfer.parse_mode(args.mode)
+    except ValueError as e:
+        parser.error(f"--{'fraction' if 'fraction' in str(e) else 'mode'}: {e}")
+    return args
+
+
+def _loader(args, split: str, rows=None, train: bool = False):
+    return build_loader(
+        str(args.data),
+        split=split,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        device=args.device,
+        recipe=TRAIN_RECIPE if train else EVAL_RECIPE,
+        size=args.size,
+        views=1,
+        seed=args.seed,
+        drop_last=train and len(rows) > args.batch_size,  # a 1% fraction may hold less than one batch
+        workers=args.workers,
+        rows=rows,
+    )
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, task: Task, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    logits, targets = [], []
+    for batch in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits.append(model(batch.views[0]).float().cpu())
+        targets.append(task.targets(batch.labels.cpu()))
+    return torch.cat(logits), torch.cat(targets)
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    data = PackedDataset(args.data)
+    task = Task(data, args.labels, args.uncertain)
+    torch.manual_seed(args.seed)
+    backbone, init = transfer.load_backbone(args.init, args.backbone, args.channels)
+    if init["in_chans"] != 1:
+        raise transfer.TransferError(f"--init {args.init}: {init['in_chans']}-channel backbone; the loaders give 1")
+    frozen = transfer.freeze(backbone, args.mode)
+    model = Classifier(backbone, len(task.names)).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(transfer.trainable_parameters(model), lr=args.lr, weight_decay=args.weight_decay)
+
+    split_rows = data.indices("train")
+    rows = label_fraction(split_rows, data.labels(split_rows), args.fraction, args.seed)
+    train_loader = _loader(args, "train", rows, train=True)
+    val_loader = _loader(args, "val")
+    args.out.mkdir(parents=True, exist_ok=True)
+    history, best = [], None
+    for epoch in range(args.epochs):
+        train_loader.set_epoch(epoch)
+        model.train()
+        transfer.keep_frozen_in_eval(frozen)
+        start, losses = time.perf_counter(), []
+        for batch in train_loader:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(batch.views[0])
+            loss = task.loss(logits, task.targets(batch.labels))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"epoch {epoch + 1}: the loss is {loss.item()}; try a lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        val = task.metrics(*predict(model, val_loader, task, device))
+        row = {"epoch": epoch + 1, "train_loss": round(sum(losses) / len(losses), 6), "val_score": task.score(val),
+               "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+        history.append(row)
+        if best is None or row["val_score"] > best["score"]:  # selection reads val only
+            best = {
+                "score": row["val_score"],
+                "epoch": epoch + 1,
+                "val": val,
+                "state": copy.deepcopy(model.state_dict()),
+            }
+        print(f"epoch {epoch + 1}/{args.epochs}  train_loss {row['train_loss']:.4f}  val {row['val_score']:.4f}")
+
+    model.load_state_dict(best["state"])
+    test = task.metrics(*predict(model, _loader(args, "test"), task, device))  # read once, after selection
+    results = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "init": init,
+        "task": "multilabel" if task.multilabel else "multiclass",
+        "classes": task.names,
+        "train_samples": len(rows),
+        "train_split_samples": len(split_rows),
+        "history": history,
+        "best_epoch": best["epoch"],
+        "val": best["val"],
+        "test": test,
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, args.out / ".model.safetensors.tmp")
+    os.replace(args.out / ".model.safetensors.tmp", args.out / "model.safetensors")
+    _atomic_json(args.out / "model.json", {**init, "classes": task.names, "size": args.size, "task": results["task"]})
+    if not task.multilabel:
+        draw_confusion(test["confusion"], args.out / "confusion.png", title=f"test, {init['init']}")
+    _atomic_json(args.out / "results.json", results)  # last: its presence means the run finished
+    summary = (
+        f"accuracy {test['accuracy']:.4f}  macro_f1 {test['macro_f1']:.4f}"
+        if not task.multilabel
+        else f"mean_auroc {test['mean_auroc']}"
+    )
+    print(f"test ({test['n']} images, best val epoch {best['epoch']}): {summary}  -> {args.out / 'results.json'}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (PrepError, ValueError, FloatingPointError) as e:
+        print(f"finetune: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
