@@ -192,3 +192,38 @@ def test_multilabel_chexpert_reports_per_label_auroc(tmp_path):
     assert results["classes"] == ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
     assert set(results["test"]["per_label_auroc"]) == set(results["classes"])
     assert "mean_auroc" in results["test"] and not (out / "confusion.png").exists()
+
+
+def test_gradcam_on_real_radiographs_side_by_side(tmp_path):
+    """Real NIH images (RGBA files included), two fine-tuned models, one grid."""
+    from prep.cli import main as prep_main
+    from tests.layouts import REAL_CXR
+    from train.gradcam import cams, load_model
+
+    packed = tmp_path / "nih"
+    assert prep_main(["folder", "--src", str(REAL_CXR / "nih-cxr14"), "--out", str(packed), "--workers", "2"]) == 0
+    runs = []
+    for init in ("random", "random"):
+        out = tmp_path / f"ft{len(runs)}"
+        result = finetune("--data", packed, "--init", init, "--out", out, *SMALL, "--epochs", "1", "--seed", len(runs))
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append(out)
+    png = tmp_path / "cam.png"
+    result = subprocess.run(
+        [sys.executable, "train/gradcam.py", "--data", packed, "--models", *runs, "--per-class", "2", "--out", png],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert png.stat().st_size > 10_000
+    model, info = load_model(runs[0])
+    maps = cams(model, torch.rand(3, 1, 32, 32), [0, 1, 1])
+    assert maps.shape == (3, 32, 32) and np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+    bad = subprocess.run(
+        [sys.executable, "train/gradcam.py", "--data", packed, "--models", tmp_path, "--out", png],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert_one_line_error(bad, "not a finetune run")
