@@ -1,0 +1,69 @@
+"""train/scan.py: a pretraining sweep with finetunes after it, a fraction x init grid over seeds, and resuming."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, assert_one_line_error
+from train.scan import flags, t_interval
+
+FINETUNE = {"epochs": 1, "size": 32, "batch_size": 16, "workers": 1}
+
+
+def scan(config) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train/scan.py", str(config)], cwd=REPO, capture_output=True, text=True)
+
+
+def test_flags_and_interval():
+    assert flags({"batch_size": 8, "compile": False, "x": True}) == ["--batch-size", "8", "--no-compile", "--x"]
+    assert t_interval([1.0]) == 0.0
+    assert t_interval([1.0, 2.0, 3.0]) == pytest.approx(4.303 * 1.0 / 3**0.5, rel=1e-3)  # t(0.975, 2) = 4.303
+
+
+def test_pretrain_sweep_then_fraction_grid_resumes(covid_packed, tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    pretrain = {"epochs": 1, "size": 32, "batch_size": 16, "workers": 1}
+    sweep.write_text(yaml.safe_dump({
+        "data": str(covid_packed), "out": str(tmp_path / "sweep"), "seeds": [0],
+        "pretrain": pretrain, "finetune": FINETUNE, "grid": {"projector": ["64"]}, "then": ["linear", "freeze:2"],
+    }, sort_keys=False))  # fmt: skip
+    result = scan(sweep)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "runs.csv")))
+    assert sorted(r["mode"] for r in rows) == ["freeze:2", "linear"] and all(r["projector"] == "64" for r in rows)
+    backbone = tmp_path / "sweep" / "projector-64" / "seed-0" / "pretrain"
+    assert (backbone / "backbone.safetensors").is_file()
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "data": str(covid_packed), "out": str(tmp_path / "grid"), "seeds": [0, 1], "finetune": FINETUNE,
+        "grid": {"init": [str(backbone), "random"], "fraction": [0.5, 1.0]},
+    }, sort_keys=False))  # fmt: skip
+    result = scan(grid)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "grid" / "runs.csv")))
+    assert len(rows) == 8 and {r["seed"] for r in rows} == {"0", "1"}
+    summary = list(csv.DictReader(open(tmp_path / "grid" / "summary.csv")))
+    assert len(summary) == 4 and all(s["seeds"] == "2" and float(s["accuracy_ci95"]) >= 0 for s in summary)
+    assert (tmp_path / "grid" / "scan.png").stat().st_size > 5000
+
+    (tmp_path / "grid" / "init-random_fraction-0.5" / "seed-1" / "results.json").unlink()  # as if interrupted
+    result = scan(grid)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "8 runs, 7 already finished" in result.stdout and result.stdout.count(" skip ") == 7
+    assert len(list(csv.DictReader(open(tmp_path / "grid" / "runs.csv")))) == 8
+
+
+def test_bad_scans_are_one_line(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("data: x\nout: y\ngrid: {fraction: [0.1]}\nseed: [1]\n")
+    assert_one_line_error(scan(path), "unknown key 'seed'")
+    path.write_text("data: x\nout: y\ngrid: {fraction: 0.1}\n")
+    assert_one_line_error(scan(path), "non-empty list")
+    path.write_text(f"data: {tmp_path}\nout: {tmp_path / 'o'}\ngrid: {{fraction: [2]}}\nfinetune: {{init: random}}\n")
+    assert_one_line_error(scan(path), "finetune in", "fraction 2")

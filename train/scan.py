@@ -1,0 +1,260 @@
+"""Grids of finetune or pretrain+finetune runs from one YAML file, with repeated seeds, one CSV and plots.
+
+    python train/scan.py configs/scan-fractions.yaml [--out DIR] [--dry-run]
+
+A finetune grid (label fractions x inits, table 8 / figure 11; freeze depth, figure 15):
+
+    data: data/demo/packed
+    out: runs/scan-fractions
+    seeds: [0, 1, 2]
+    finetune: {epochs: 15, size: 224}        # flags every finetune run gets
+    grid: {init: [runs/pretrain, random, imagenet], fraction: [0.01, 0.1, 1.0]}
+
+A pretraining sweep (recipe, projector, lambda: tables 4-7), each pretraining followed by finetunes:
+
+    pretrain: {epochs: 50, size: 224}        # flags every pretraining run gets
+    grid: {recipe: [base, seed-final], projector: ["512", "512-512"]}
+    then: [linear, full]                     # finetune modes run on each pretrained backbone
+
+Every run has its own directory under `out`; a finished run (results.json, or backbone.safetensors for a
+pretraining) is skipped, so an interrupted scan resumes where it stopped. Writes runs.csv (one row per run),
+summary.csv (mean and 95% t-interval over seeds per cell) and scan.png (the spread of seeds around each mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import yaml  # noqa: E402
+
+from prep.errors import OneLineParser, PrepError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = {"data", "out", "seeds", "finetune", "pretrain", "grid", "then", "metric"}
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "mean_auroc")
+
+
+def load_config(path: Path) -> dict:
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise PrepError(f"{path}: cannot read the scan ({type(e).__name__})") from None
+    if not isinstance(cfg, dict):
+        raise PrepError(f"{path}: a scan is a YAML mapping")
+    unknown = sorted(set(cfg) - KEYS)
+    if unknown:
+        raise PrepError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(KEYS))})")
+    for key in ("data", "out", "grid"):
+        if key not in cfg:
+            raise PrepError(f"{path}: missing {key!r}")
+    if not isinstance(cfg["grid"], dict) or not all(isinstance(v, list) and v for v in cfg["grid"].values()):
+        raise PrepError(f"{path}: grid maps each flag to a non-empty list of values")
+    if "then" in cfg and "pretrain" not in cfg:
+        raise PrepError(f"{path}: 'then' needs a 'pretrain' section")
+    cfg.setdefault("seeds", [0])
+    cfg.setdefault("then", ["linear", "full"])
+    return cfg
+
+
+def flags(options: dict) -> list[str]:
+    """{"batch_size": 32, "compile": False} -> ["--batch-size", "32", "--no-compile"]."""
+    out = []
+    for key, value in options.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is False:
+            out.append("--no-" + flag[2:])
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def cell_name(cell: dict) -> str:
+    """A directory name from a cell's values: init=runs/pretrain,fraction=0.1 -> init-pretrain_fraction-0.1."""
+    parts = []
+    for key, value in cell.items():
+        text = Path(str(value)).name if "/" in str(value) else str(value)
+        parts.append(f"{key}-{text}".replace(":", "").replace(" ", ""))
+    return "_".join(parts)
+
+
+def plan(cfg: dict) -> list[dict]:
+    """Every run, in order: {"kind", "cell", "seed", "dir", "args", ["after"]}; a pretraining comes before the
+    finetunes that use it."""
+    out, keys = Path(cfg["out"]), list(cfg["grid"])
+    runs = []
+    for values in itertools.product(*cfg["grid"].values()):
+        cell = dict(zip(keys, values))
+        for seed in cfg["seeds"]:
+            base = out / cell_name(cell) / f"seed-{seed}"
+            common = ["--data", str(cfg["data"]), "--seed", str(seed)]
+            if "pretrain" not in cfg:
+                args = [*common, *flags({**cfg.get("finetune", {}), **cell}), "--out", str(base)]
+                runs.append({"kind": "finetune", "cell": cell, "seed": seed, "dir": base, "args": args})
+                continue
+            pre = base / "pretrain"
+            args = [*common, *flags({**cfg["pretrain"], **cell}), "--out", str(pre)]
+            runs.append({"kind": "pretrain", "cell": cell, "seed": seed, "dir": pre, "args": args})
+            for mode in cfg["then"]:
+                tuned = base / f"finetune-{mode.replace(':', '')}"
+                options = {**cfg.get("finetune", {}), "init": str(pre), "mode": mode}
+                args = [*common, *flags(options), "--out", str(tuned)]
+                tuned_cell = {**cell, "mode": mode}
+                runs.append({"kind": "finetune", "cell": tuned_cell, "seed": seed, "dir": tuned, "args": args})
+    return runs
+
+
+def finished(run: dict) -> bool:
+    return (run["dir"] / ("results.json" if run["kind"] == "finetune" else "backbone.safetensors")).is_file()
+
+
+def execute(run: dict) -> None:
+    script = REPO / "train" / f"{run['kind']}.py"
+    extra = ["--wandb", "disabled"] if run["kind"] == "pretrain" and "--wandb" not in run["args"] else []
+    result = subprocess.run([sys.executable, str(script), *run["args"], *extra], capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PrepError(f"{run['kind']} in {run['dir']} failed (exit {result.returncode}): {last}")
+
+
+def t_interval(values: list[float]) -> float:
+    """Half-width of the 95% t-interval of the mean (0 for a single value)."""
+    if len(values) < 2:
+        return 0.0
+    from scipy.stats import t
+
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return float(t.ppf(0.975, len(values) - 1) * sd / math.sqrt(len(values)))
+
+
+def collect(runs: list[dict]) -> list[dict]:
+    rows = []
+    for run in runs:
+        if run["kind"] != "finetune" or not finished(run):
+            continue
+        test = json.loads((run["dir"] / "results.json").read_text())["test"]
+        metrics = {m: test[m] for m in METRICS if test.get(m) is not None}
+        cell = {k: str(v) for k, v in run["cell"].items()}
+        rows.append({**cell, "seed": run["seed"], **metrics, "dir": str(run["dir"])})
+    return rows
+
+
+def summarise(rows: list[dict], keys: list[str]) -> list[dict]:
+    cells: dict[tuple, list[dict]] = {}
+    for row in rows:
+        cells.setdefault(tuple(row[k] for k in keys), []).append(row)
+    summary = []
+    for cell, members in cells.items():
+        entry = {**dict(zip(keys, cell)), "seeds": len(members)}
+        for m in METRICS:
+            values = [r[m] for r in members if m in r]
+            if values:
+                entry[f"{m}_mean"] = round(sum(values) / len(values), 6)
+                entry[f"{m}_ci95"] = round(t_interval(values), 6)
+        summary.append(entry)
+    return summary
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def draw(rows: list[dict], summary: list[dict], keys: list[str], metric: str, out: Path) -> Path:
+    """With a `fraction` key: metric against label fraction (log x), one line per other cell, seeds as dots and the
+    95% interval as a band (figure 11). Otherwise one bar per cell with its interval and seeds as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if "fraction" in keys:
+        others = [k for k in keys if k != "fraction"]
+        groups = sorted({tuple(s[k] for k in others) for s in summary})
+        for group in groups:
+            label = ", ".join(f"{k}={Path(v).name}" for k, v in zip(others, group)) or metric
+            points = sorted((float(s["fraction"]), s) for s in summary if tuple(s[k] for k in others) == group)
+            x = [p for p, _ in points]
+            mean = [s.get(f"{metric}_mean", math.nan) for _, s in points]
+            ci = [s.get(f"{metric}_ci95", 0.0) for _, s in points]
+            line = ax.plot(x, mean, marker="o", label=label)[0]
+            ax.fill_between(x, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)],
+                            color=line.get_color(), alpha=0.15)  # fmt: skip
+            seeds = [r for r in rows if tuple(r[k] for k in others) == group and metric in r]
+            xs, ys = [float(r["fraction"]) for r in seeds], [r[metric] for r in seeds]
+            ax.scatter(xs, ys, color=line.get_color(), s=10, alpha=0.6)
+        ax.set_xscale("log")
+        ax.set_xlabel("label fraction")
+        ax.legend(fontsize=7)
+    else:
+        names = [", ".join(f"{Path(str(s[k])).name}" for k in keys) for s in summary]
+        means = [s.get(f"{metric}_mean", math.nan) for s in summary]
+        ax.bar(range(len(summary)), means, yerr=[s.get(f"{metric}_ci95", 0.0) for s in summary], capsize=3, alpha=0.7)
+        for i, s in enumerate(summary):
+            seeds = [r[metric] for r in rows if all(r[k] == s[k] for k in keys) and metric in r]
+            ax.scatter([i] * len(seeds), seeds, color="black", s=10, zorder=3)
+        ax.set_xticks(range(len(summary)), names, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(f"test {metric} (mean, 95% CI, seeds)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", type=Path, help="the scan's YAML file")
+    parser.add_argument("--out", type=Path, default=None, help="overrides the YAML's out")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and stop")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        if args.out is not None:
+            cfg["out"] = str(args.out)
+        runs = plan(cfg)
+        out = Path(cfg["out"])
+        done = sum(finished(r) for r in runs)
+        print(f"scan: {len(runs)} runs, {done} already finished, in {out}")
+        for k, run in enumerate(runs, 1):
+            if args.dry_run or finished(run):
+                print(f"[{k}/{len(runs)}] {'skip' if finished(run) else 'plan'} {run['kind']} {run['dir']}")
+                continue
+            print(f"[{k}/{len(runs)}] {run['kind']} {run['dir']}", flush=True)
+            execute(run)
+        if args.dry_run:
+            return 0
+        keys = list(cfg["grid"]) + (["mode"] if "pretrain" in cfg else [])
+        rows = collect(runs)
+        summary = summarise(rows, keys)
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(out / "runs.csv", rows)
+        write_csv(out / "summary.csv", summary)
+        metric = cfg.get("metric") or ("accuracy" if rows and "accuracy" in rows[0] else "mean_auroc")
+        png = draw(rows, summary, keys, metric, out / "scan.png")
+    except PrepError as e:
+        print(f"scan: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out / 'runs.csv'}, {out / 'summary.csv'}, {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
