@@ -42,7 +42,11 @@ demo: install
 	$(PY) -m pipelines.preview --data $(DEMO)/packed --recipe seed-final --out $(DEMO)/preview-seed-final.png
 	$(PY) train/pretrain.py --data $(DEMO)/packed --out $(DEMO)/pretrain --epochs 4 --size 64 --batch-size 64 \
 	    --wandb offline --log-every 1
+	$(PY) train/scan.py configs/demo-scan.yaml --out $(DEMO)/scan
+	$(PY) train/gradcam.py --data $(DEMO)/packed --out $(DEMO)/gradcam.png \
+	    --models $(DEMO)/scan/init-pretrain_fraction-1.0/seed-0 $(DEMO)/scan/init-random_fraction-1.0/seed-0
 	@echo "demo outputs: $(DEMO)/packed (dataset), $(DEMO)/preview-seed-final.png (views), $(DEMO)/pretrain (run)"
+	@echo "  label-fraction scan: $(DEMO)/scan/scan.png and summary.csv; Grad-CAM grid: $(DEMO)/gradcam.png"
 
 prep: install
 	$(PY) -m prep all --raw $(RAW) --out $(PACKED)
