@@ -40,6 +40,23 @@ def test_batches_have_the_contracted_shapes_and_align_with_labels(constant_data,
         assert batch.labels.tolist() == [data.metadata(int(i))["label"] for i in batch.indices]
 
 
+def test_a_row_subset_yields_exactly_those_rows_with_their_pixels(constant_data, backend):
+    data = PackedDataset(constant_data)
+    subset = data.indices("train")[[1, 4, 9, 16, 25, 36, 49]]
+    loader = build_loader(
+        constant_data, backend=backend, batch_size=3, recipe=PLAIN, size=16, drop_last=False, rows=subset
+    )
+    batches = list(loader)
+    assert len(loader) == len(batches) == 3
+    seen = torch.cat([b.indices for b in batches])
+    assert sorted(seen.tolist()) == sorted(subset.tolist())
+    for batch in batches:
+        expected = _values(data, batch.indices)[:, None, None, None] / 255
+        assert torch.allclose(batch.views[0], expected.expand_as(batch.views[0]), atol=1e-5)
+    with pytest.raises(ValueError, match="not in split 'train'"):
+        build_loader(constant_data, backend=backend, rows=[len(data) + 5])
+
+
 def test_real_views_are_in_range_and_differ(covid_packed, backend):
     loader = build_loader(covid_packed, backend=backend, batch_size=8, size=64, seed=0)
     batch = next(iter(loader))
