@@ -24,6 +24,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    return value
+
+
 def _add_pack_options(p: argparse.ArgumentParser, split_default: str | None, out_default: Path | None = None):
     if out_default is None:
         p.add_argument("--out", required=True, type=Path, help="output directory (one dataset)")
@@ -80,7 +90,13 @@ def cmd_sample(args) -> int:
     from prep import sample
 
     root = sample.generate(
-        args.out, n=args.n, seed=args.seed, workers=args.workers or 1, force=args.force, metadata=args.metadata
+        args.out,
+        n=args.n,
+        seed=args.seed,
+        workers=args.workers or 1,
+        force=args.force,
+        metadata=args.metadata,
+        strength=args.finding_strength,
     )
     print(f"sample ready: {root}")
     return 0
@@ -197,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=_positive_int, default=None, help="processes (1)")
     p.add_argument("--force", action="store_true", help="regenerate even if it exists")
+    p.add_argument("--finding-strength", type=_positive_float, default=1.0, help="scales each finding (1: subtle)")
     p.add_argument(
         "--no-metadata",
         dest="metadata",

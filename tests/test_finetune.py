@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,3 +228,37 @@ def test_gradcam_on_real_radiographs_side_by_side(tmp_path):
         text=True,
     )
     assert_one_line_error(bad, "not a finetune run")
+
+
+def test_a_barlow_initialised_linear_probe_beats_a_random_init_probe(tmp_path):
+    """What pretraining is for, end to end on the CPU: generate, pack, pretrain, probe both inits, compare.
+
+    960 generated train images with findings at strength 3: at the demo's subtle strength 1, a few CPU minutes of
+    pretraining learn nothing a probe can use (measured: both inits at the majority rate). Pretraining is 15 epochs of
+    the `base` recipe at 64 px (about 2 minutes here). Compared on macro one-vs-rest AUROC, which the majority class
+    cannot carry; measured on sample seed 0: Barlow 0.77 val / 0.72 test against random 0.73 / 0.62."""
+    from prep import sample
+    from prep.cli import main as prep_main
+    from tests.conftest import HAVE_OPENPYXL
+
+    raw = sample.generate(tmp_path / "raw", n=1200, seed=1, workers=2, metadata=HAVE_OPENPYXL, strength=3.0)
+    packed = tmp_path / "packed"
+    assert prep_main(["covid", "--src", str(raw), "--out", str(packed), "--workers", "2"]) == 0
+    run = tmp_path / "pretrain"
+    pretrain = subprocess.run(
+        [sys.executable, "train/pretrain.py", "--data", packed, "--out", run, "--epochs", "15", "--size", "64",
+         "--batch-size", "64", "--recipe", "base", "--wandb", "disabled", "--eval-every", "15"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert pretrain.returncode == 0, pretrain.stderr[-2000:]
+    scores = {}
+    for init in (run, "random"):
+        out = tmp_path / f"probe-{Path(init).name}"
+        probe = ["--mode", "linear", "--epochs", "30", "--batch-size", "64", "--lr", "0.01", "--size", "64"]
+        result = finetune("--data", packed, "--init", init, "--out", out, *probe)
+        assert result.returncode == 0, result.stderr[-2000:]
+        results = json.loads((out / "results.json").read_text())
+        scores[init == "random"] = (results["val"]["auroc"], results["test"]["auroc"])
+    print("probe AUROC (val, test): barlow", scores[False], "random", scores[True])
+    (barlow_val, barlow_test), (random_val, random_test) = scores[False], scores[True]
+    assert barlow_val > random_val + 0.02 and barlow_test > random_test + 0.02, scores

@@ -162,6 +162,7 @@ def _loader(args, split: str, rows=None, train: bool = False):
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, task: Task, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs (logits, or features for a backbone) and targets of every image the loader yields, in eval mode."""
     model.eval()
     logits, targets = [], []
     for batch in loader:
@@ -191,36 +192,60 @@ def run(args: argparse.Namespace) -> dict:
 
     split_rows = data.indices("train")
     rows = label_fraction(split_rows, data.labels(split_rows), args.fraction, args.seed)
-    train_loader = _loader(args, "train", rows, train=True)
     val_loader = _loader(args, "val")
+    if transfer.parse_mode(args.mode)[0] == "linear":
+        # The backbone is a fixed function here: its features (of unaugmented images) are computed once, and the
+        # head trains on them; a probe of the features themselves, and far cheaper than a forward pass per epoch.
+        train_x, train_y = predict(model.backbone, _loader(args, "train", rows), task, device)
+        val_x, val_y = predict(model.backbone, val_loader, task, device)
+        forward = model.head
+
+        def train_batches(epoch: int):
+            order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+            for k in range(0, len(order), args.batch_size):
+                take = order[k : k + args.batch_size]
+                if len(take) > 1:  # BatchNorm needs two samples
+                    yield train_x[take].to(device), train_y[take].to(device)
+
+        def val_outputs():
+            model.head.eval()
+            with torch.no_grad():
+                return model.head(val_x.to(device)).float().cpu(), val_y
+    else:
+        train_loader = _loader(args, "train", rows, train=True)
+        forward = model
+
+        def train_batches(epoch: int):
+            train_loader.set_epoch(epoch)
+            for batch in train_loader:
+                yield batch.views[0], task.targets(batch.labels)
+
+        def val_outputs():
+            return predict(model, val_loader, task, device)
+
     args.out.mkdir(parents=True, exist_ok=True)
     history, best = [], None
     for epoch in range(args.epochs):
-        train_loader.set_epoch(epoch)
         model.train()
         transfer.keep_frozen_in_eval(frozen)
         start, losses = time.perf_counter(), []
-        for batch in train_loader:
+        for inputs, targets in train_batches(epoch):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(batch.views[0])
-            loss = task.loss(logits, task.targets(batch.labels))
+                logits = forward(inputs)
+            loss = task.loss(logits, targets)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"epoch {epoch + 1}: the loss is {loss.item()}; try a lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        val = task.metrics(*predict(model, val_loader, task, device))
-        row = {"epoch": epoch + 1, "train_loss": round(sum(losses) / len(losses), 6), "val_score": task.score(val),
-               "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+        val = task.metrics(*val_outputs())
+        row = {"epoch": epoch + 1, "train_loss": round(sum(losses) / max(len(losses), 1), 6),
+               "val_score": task.score(val), "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
         history.append(row)
         if best is None or row["val_score"] > best["score"]:  # selection reads val only
-            best = {
-                "score": row["val_score"],
-                "epoch": epoch + 1,
-                "val": val,
-                "state": copy.deepcopy(model.state_dict()),
-            }
+            state = copy.deepcopy(model.state_dict())
+            best = {"score": row["val_score"], "epoch": epoch + 1, "val": val, "state": state}
         print(f"epoch {epoch + 1}/{args.epochs}  train_loss {row['train_loss']:.4f}  val {row['val_score']:.4f}")
 
     model.load_state_dict(best["state"])
