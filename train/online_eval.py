@@ -69,9 +69,13 @@ def knn_scores(train_feats, train_labels, query_feats, classes: int, multilabel:
 
 
 def knn_metrics(scores: torch.Tensor, labels: torch.Tensor, multilabel: bool) -> dict[str, float]:
+    from torchmetrics.functional.classification import binary_auroc, multiclass_recall
+
     if not multilabel:
-        return {"knn_acc": (scores.argmax(1) == labels.long()).float().mean().item()}
-    from torchmetrics.functional.classification import binary_auroc  # here: GPU images may lack torchmetrics
+        labels = labels.long()
+        # Balanced accuracy (mean recall per class) is 1/classes at chance, whatever the class frequencies.
+        balanced = multiclass_recall(scores.argmax(1), labels, scores.shape[1], average="macro").item()
+        return {"knn_acc": (scores.argmax(1) == labels).float().mean().item(), "knn_balanced_acc": balanced}
 
     target, mask = certain_targets(labels)
     aurocs = []
