@@ -14,7 +14,7 @@ PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 N=${N:-2000}  # generated images
 SKIP=${SKIP:-}  # stage names to leave out, e.g. SKIP="pipeline"
-BACKBONES=${BACKBONES:-resnet18,resnet50}  # of the resources grid
+BACKBONES=${BACKBONES:-resnet18}  # of the resources grid
 mkdir -p "$OUT"
 work=$(mktemp -d)
 res=$work/results
@@ -56,7 +56,7 @@ stage pipeline 60 bash -c "$PY bench/pipeline.py --data $work/jpeg --device $DEV
 stage train_speed 85 $PY bench/train_speed.py --device "$DEVICE" --data "$work/jpeg" --backends native \
   --configs a,d,c,b --batch-sizes 128 --steps 20 --warmup 5 --json "$res/train_speed.json"
 # The study's setting (fp32, eager) over a small grid, then --compare: the study's against twinray's at 224 px.
-stage resources 165 $PY bench/resources.py --device "$DEVICE" --resolutions 224,384 --batch-sizes 128,512 \
+stage resources 190 $PY bench/resources.py --device "$DEVICE" --resolutions 128,224 --batch-sizes 64,128,256 \
   --backbones "$BACKBONES" --channels 1 --steps 5 --warmup 2 --memory-cap 8GiB --timeout 80 --compare \
   --out "$res/resources"
 echo "results in $OUT/results.tar.gz"
