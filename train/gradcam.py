@@ -123,7 +123,9 @@ def run(args: argparse.Namespace) -> Path:
             predicted = [("yes" if logits[i, t] > 0 else "no") for i, t in enumerate(targets)]
         maps.append(cams(model, images, targets))
         titles.append([f"true: {classes[t]}\npred: {p}" for t, p in zip(targets, predicted)])
-        names.append(f"{Path(path).name}\n({Path(info['init']).name})")
+        init = Path(info["init"])  # a backbone file is named by its run directory
+        source = init.parent.name if init.suffix == ".safetensors" else info["init"]
+        names.append(f"{Path(path).parent.name}/{Path(path).name}\ninit: {source}")
     pictures = images[:, 0].numpy().clip(0, 1).astype(np.float32)
     return draw(pictures, maps, titles, names, Path(args.out))
 
