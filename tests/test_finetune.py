@@ -266,3 +266,18 @@ def test_a_barlow_initialised_linear_probe_beats_a_random_init_probe(tmp_path):
     print("probe AUROC (val, test): barlow", scores[False], "random", scores[True])
     (barlow_val, barlow_test), (random_val, random_test) = scores[False], scores[True]
     assert barlow_val > random_val + 0.02 and barlow_test > random_test + 0.02, scores
+
+
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_finetune_runs_on_the_other_backends(covid_packed, backend, tmp_path):
+    """The pretraining loaders serve fine-tuning too, label fraction included (FFCV reads the subset's positions)."""
+    data = tmp_path / "data"
+    shutil.copytree(covid_packed, data)  # FFCV writes its betons beside the data
+    out = tmp_path / "ft"
+    result = finetune(
+        "--data", data, "--init", "random", "--backend", backend, "--fraction", "0.5", "--out", out, *SMALL
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["backend"] == backend and results["train_samples"] < results["train_split_samples"]
+    assert 0 <= results["test"]["accuracy"] <= 1
