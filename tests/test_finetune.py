@@ -281,3 +281,11 @@ def test_finetune_runs_on_the_other_backends(covid_packed, backend, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["backend"] == backend and results["train_samples"] < results["train_split_samples"]
     assert 0 <= results["test"]["accuracy"] <= 1
+
+
+def test_a_three_channel_backbone_takes_grey_views():
+    from train.finetune import Classifier
+
+    model = Classifier(build_backbone("resnet18", 3), 4, in_chans=3).eval()
+    grey = torch.rand(2, 1, 32, 32)
+    assert torch.allclose(model(grey), model(grey.expand(-1, 3, -1, -1)))

@@ -48,14 +48,16 @@ class Classifier(nn.Module):
     """Backbone, then a linear head on standardised features (BatchNorm without affine): with zero-initialised
     residual branches, fresh features are tiny, and a plain head would sit at the majority class."""
 
-    def __init__(self, backbone: nn.Module, outputs: int):
+    def __init__(self, backbone: nn.Module, outputs: int, in_chans: int = 1):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.in_chans = backbone, in_chans
         self.head = nn.Sequential(
             nn.BatchNorm1d(backbone.num_features, affine=False), nn.Linear(backbone.num_features, outputs)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.in_chans:  # grey views are repeated for 3-channel stems, as in pretraining
+            x = x.expand(-1, self.in_chans, -1, -1)
         return self.head(self.backbone(x))
 
 
@@ -184,10 +186,8 @@ def run(args: argparse.Namespace) -> dict:
     task = Task(data, args.labels, args.uncertain)
     torch.manual_seed(args.seed)
     backbone, init = transfer.load_backbone(args.init, args.backbone, args.channels)
-    if init["in_chans"] != 1:
-        raise transfer.TransferError(f"--init {args.init}: {init['in_chans']}-channel backbone; the loaders give 1")
     frozen = transfer.freeze(backbone, args.mode)
-    model = Classifier(backbone, len(task.names)).to(device).to(memory_format=torch.channels_last)
+    model = Classifier(backbone, len(task.names), init["in_chans"]).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(transfer.trainable_parameters(model), lr=args.lr, weight_decay=args.weight_decay)
 
     split_rows = data.indices("train")

@@ -36,7 +36,7 @@ def load_model(run: Path) -> tuple[Classifier, dict]:
     if not (info_file.is_file() and weights.is_file()):
         raise PrepError(f"{run}: not a finetune run (needs model.json and model.safetensors)")
     info = json.loads(info_file.read_text())
-    model = Classifier(build_backbone(info["timm_name"], info["in_chans"]), len(info["classes"]))
+    model = Classifier(build_backbone(info["timm_name"], info["in_chans"]), len(info["classes"]), info["in_chans"])
     model.load_state_dict(load_file(weights))
     return model.eval(), info
 
