@@ -1,4 +1,4 @@
-"""What every benchmark script shares: naming the machine, and saving its JSON (to --json and bench/results/)."""
+"""What every benchmark script shares: naming the machine, and saving its JSON (to --json, else bench/results/)."""
 
 from __future__ import annotations
 
@@ -28,13 +28,13 @@ def device_name(device) -> str:
 
 
 def save(report: dict, name: str, extra: Path | None = None, quiet: bool = False) -> None:
-    """Writes bench/results/<name>.json, and `extra` too when given."""
-    text = json.dumps(report, indent=2) + "\n"
-    for path in filter(None, [extra, RESULTS / f"{name}.json"]):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        if not quiet:
-            print(f"wrote {path}")
+    """Writes `extra` when given, else bench/results/<name>.json: a run with --json elsewhere (a quick check, the GPU
+    script) leaves the committed results alone."""
+    path = extra or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def time_calls(call, warmup: int, count: int, device) -> float:

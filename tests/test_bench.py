@@ -1,0 +1,37 @@
+"""The benchmark scripts run end to end on the CPU and write their JSON where asked (timings are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def bench(script, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, f"bench/{script}", *map(str, args)], cwd=REPO, capture_output=True, text=True
+    )
+
+
+def test_pipeline_and_train_speed_write_their_json_where_asked(covid_packed, tmp_path):
+    results = REPO / "bench" / "results"
+    committed = {p: p.read_bytes() for p in results.glob("*.json")}
+    out = tmp_path / "pipeline.json"
+    result = bench("pipeline.py", "--data", covid_packed, "--device", "cpu", "--backends", "native,baseline",
+                   "--size", "32", "--batch-size", "8", "--batches", "2", "--warmup", "1", "--json", out)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"native", "baseline"} and report["results"]["baseline"]["vs_baseline"] == 1.0
+    out = tmp_path / "train_speed.json"
+    tiny = ["--size", "32", "--batch-sizes", "8", "--steps", "2", "--warmup", "1", "--json", out]
+    result = bench(
+        "train_speed.py", "--data", covid_packed, "--device", "cpu", "--backends", "native", "--configs", "a,b", *tiny
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    expected = {("a", "synthetic"), ("a", "baseline"), ("b", "synthetic"), ("b", "native")}
+    assert {(r["config"], r["source"]) for r in rows} == expected
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert committed == {p: p.read_bytes() for p in results.glob("*.json")}  # --json leaves them alone
