@@ -166,6 +166,14 @@ def test_bad_arguments_are_one_line(args, needles, covid_packed, tmp_path):
     assert_one_line_error(finetune("--data", covid_packed, "--out", tmp_path / "o", *args), *needles)
 
 
+def test_missing_data_and_a_diverging_loss_are_one_line(covid_packed, tmp_path):
+    missing = tmp_path / "nowhere"
+    assert_one_line_error(finetune("--data", missing, "--init", "random", "--out", tmp_path / "o"), str(missing))
+    result = finetune("--data", covid_packed, "--init", "random", "--out", tmp_path / "nan", *SMALL, "--lr", "1e12")
+    assert_one_line_error(result, "epoch 1", "the loss is nan", "--lr")
+    assert not (tmp_path / "nan" / "results.json").exists()
+
+
 def test_a_run_without_a_backbone_and_offline_imagenet_are_one_line(covid_packed, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
