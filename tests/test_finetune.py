@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -297,3 +298,32 @@ def test_a_three_channel_backbone_takes_grey_views():
     model = Classifier(build_backbone("resnet18", 3), 4, in_chans=3).eval()
     grey = torch.rand(2, 1, 32, 32)
     assert torch.allclose(model(grey), model(grey.expand(-1, 3, -1, -1)))
+
+
+def _start_and_kill(args: list, out) -> None:
+    """Starts a run and SIGKILLs it once its first checkpoint is on disk."""
+    proc = subprocess.Popen([sys.executable, "train/finetune.py", *map(str, args), "--out", str(out)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while not list(out.glob("ckpt-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert list(out.glob("ckpt-*")) and not (out / "results.json").exists(), "the run finished before the kill"
+
+
+def test_a_killed_run_resumes_after_its_last_epoch_and_ends_as_an_uninterrupted_one(covid_packed, tmp_path):
+    args = ["--data", covid_packed, "--init", "random", *SMALL, "--epochs", "4", "--batch-size", "8"]
+    whole = tmp_path / "whole"
+    assert finetune(*args, "--out", whole).returncode == 0
+    killed = tmp_path / "killed"
+    _start_and_kill(args, killed)
+    resumed = finetune(*args, "--out", killed)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout and not list(killed.glob("ckpt-*"))  # the finished run drops its checkpoint
+    a, b = (json.loads((run / "results.json").read_text()) for run in (whole, killed))
+    assert [h["train_loss"] for h in a["history"]] == pytest.approx([h["train_loss"] for h in b["history"]], rel=1e-5)
+    assert a["best_epoch"] == b["best_epoch"] and a["test"]["accuracy"] == b["test"]["accuracy"]
+    changed = tmp_path / "changed"
+    _start_and_kill(args, changed)
+    assert_one_line_error(finetune(*args, "--out", changed, "--fraction", "0.5"), "holds a run with fraction 1.0")

@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from pipelines import build_loader  # noqa: E402
 from pipelines.loader import BACKENDS  # noqa: E402
 from prep.errors import OneLineParser, PrepError  # noqa: E402
 from prep.format import PackedDataset  # noqa: E402
-from train import transfer  # noqa: E402
+from train import checkpoint, transfer  # noqa: E402
 from train.fractions import check_fraction, label_fraction  # noqa: E402
 from train.metrics import draw_confusion, multiclass_metrics, multilabel_metrics  # noqa: E402
 from train.model import BACKBONES  # noqa: E402
@@ -42,6 +43,9 @@ from train.online_eval import EVAL_RECIPE  # noqa: E402
 COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 TRAIN_RECIPE = EVAL_RECIPE.replace(name="finetune", hflip=0.5)  # the study's downstream augmentation
 UNCERTAIN = ("ones", "zeros", "ignore")
+# A run directory resumes only a run with the same settings; --epochs may grow, and the device or backend may change.
+RESUME_MUST_MATCH = ("data", "init", "mode", "fraction", "seed", "size", "batch_size", "lr", "weight_decay",
+                     "backbone", "channels", "labels", "uncertain")  # fmt: skip
 
 
 class Classifier(nn.Module):
@@ -224,8 +228,23 @@ def run(args: argparse.Namespace) -> dict:
             return predict(model, val_loader, task, device)
 
     args.out.mkdir(parents=True, exist_ok=True)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     history, best = [], None
-    for epoch in range(args.epochs):
+    saved = checkpoint.latest(args.out)
+    if saved is not None:  # a run killed part-way: go on after its last finished epoch
+        state = checkpoint.load(saved)
+        changed = [k for k in RESUME_MUST_MATCH if state["config"].get(k) != config[k]]
+        if changed:
+            key = changed[0]
+            raise transfer.TransferError(
+                f"--out {args.out} holds a run with {key} {state['config'].get(key)!r}, not {config[key]!r}; "
+                "use another --out"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, best = state["history"], state["best"]
+        print(f"resuming {args.out} after epoch {len(history)}")
+    for epoch in range(len(history), args.epochs):
         model.train()
         transfer.keep_frozen_in_eval(frozen)
         start, losses = time.perf_counter(), []
@@ -247,11 +266,13 @@ def run(args: argparse.Namespace) -> dict:
             state = copy.deepcopy(model.state_dict())
             best = {"score": row["val_score"], "epoch": epoch + 1, "val": val, "state": state}
         print(f"epoch {epoch + 1}/{args.epochs}  train_loss {row['train_loss']:.4f}  val {row['val_score']:.4f}")
+        state = {"config": config, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        checkpoint.save(args.out, epoch + 1, {**state, "history": history, "best": best}, keep=1)
 
     model.load_state_dict(best["state"])
     test = task.metrics(*predict(model, _loader(args, "test"), task, device))  # read once, after selection
     results = {
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "config": config,
         "init": init,
         "task": "multilabel" if task.multilabel else "multiclass",
         "classes": task.names,
@@ -268,7 +289,9 @@ def run(args: argparse.Namespace) -> dict:
     _atomic_json(args.out / "model.json", {**init, "classes": task.names, "size": args.size, "task": results["task"]})
     if not task.multilabel:
         draw_confusion(test["confusion"], args.out / "confusion.png", title=f"test, {init['init']}")
-    _atomic_json(args.out / "results.json", results)  # last: its presence means the run finished
+    _atomic_json(args.out / "results.json", results)  # its presence means the run finished
+    for done in args.out.glob(f"{checkpoint.PREFIX}*"):  # finished: the checkpoint has served (and is large)
+        shutil.rmtree(done, ignore_errors=True)
     summary = (
         f"accuracy {test['accuracy']:.4f}  macro_f1 {test['macro_f1']:.4f}"
         if not task.multilabel

@@ -7,6 +7,7 @@ Multilabel: per-label and mean AUROC over the certain targets (a target of -1 is
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +27,12 @@ def _round(x: torch.Tensor) -> float:
 
 
 def multiclass_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict:
+    with warnings.catch_warnings():  # a small split may lack a class: its scores are 0, as documented, not an error
+        warnings.simplefilter("ignore", UserWarning)
+        return _multiclass(logits, targets, classes)
+
+
+def _multiclass(logits: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict:
     logits, targets, c = logits.float().cpu(), targets.long().cpu(), len(classes)
     probs = logits.softmax(1)
     per = {
