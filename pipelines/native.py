@@ -1,9 +1,10 @@
 """The native backend: random access into memory-mapped shards, batched decode, augmentation on the device.
 
-A background thread reads and decodes the next batches while the device works on the current one:
+A background thread prepares whole batches (read, decode, augment) while the consumer trains on the current one:
 - CPU: images decode in a thread pool (OpenCV releases the GIL), into a padded uint8 batch.
 - CUDA: JPEG bytes go to `torchvision.io.decode_jpeg(device="cuda")` as one batch; npy needs no decode. Host
-  batches are pinned and copied without blocking.
+  batches are pinned and copied without blocking. Decode and augmentation run on a side CUDA stream, so they overlap
+  the training step on the default stream; the consumer's stream waits on an event before it reads a batch.
 """
 
 from __future__ import annotations
@@ -66,12 +67,30 @@ class NativeLoader(LoaderBase):
         batch, sizes = host
         return batch.to(self.device, non_blocking=True), sizes
 
-    def _producer(self, steps: list[np.ndarray], out: queue.Queue, stop: threading.Event) -> None:
+    def _prepare(self, step: int, rows: np.ndarray) -> Batch:
+        """One finished batch. The augmentation seed depends on (seed, epoch, step, rank) alone, so a resumed epoch
+        draws the same views as an uninterrupted one."""
+        images, sizes = self._to_device(self._host_batch(rows))
+        self.augment.generator.manual_seed(batch_seed(self.seed, self.epoch, step, self.rank))
+        views = tuple(self.augment(images, sizes) for _ in range(self.views))
+        labels = self.labels[rows].to(self.device, non_blocking=True)
+        return Batch(views, labels, torch.from_numpy(rows.astype(np.int64)))
+
+    def _producer(self, steps: list[tuple[int, np.ndarray]], out: queue.Queue, stop: threading.Event) -> None:
+        # Stream contexts are per thread: this thread's CUDA work goes to the side stream.
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         try:
-            for rows in steps:
+            for step, rows in steps:
                 if stop.is_set():
                     return
-                item = self._host_batch(rows)
+                if stream is None:
+                    item = (self._prepare(step, rows), None)
+                else:
+                    with torch.cuda.stream(stream):
+                        batch = self._prepare(step, rows)
+                        ready = torch.cuda.Event()
+                        ready.record(stream)
+                    item = (batch, ready)
                 while not stop.is_set():
                     try:
                         out.put(item, timeout=0.1)
@@ -89,19 +108,21 @@ class NativeLoader(LoaderBase):
         start = self._take_start()
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        thread = threading.Thread(target=self._producer, args=(steps[start:], q, stop), daemon=True)
+        todo = list(enumerate(steps))[start:]
+        thread = threading.Thread(target=self._producer, args=(todo, q, stop), daemon=True)
         thread.start()
         try:
-            for step in range(start, n_batches):
+            for _ in todo:
                 item = q.get()
                 if isinstance(item, BaseException):
                     raise item
-                images, sizes = self._to_device(item)
-                rows = steps[step]
-                self.augment.generator.manual_seed(batch_seed(self.seed, self.epoch, step, self.rank))
-                views = tuple(self.augment(images, sizes) for _ in range(self.views))
-                labels = self.labels[rows].to(self.device, non_blocking=True)
-                yield Batch(views, labels, torch.from_numpy(rows.astype(np.int64)))
+                batch, ready = item
+                if ready is not None:  # the consumer's stream waits for the side stream's work on this batch
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(ready)
+                    for tensor in (*batch.views, batch.labels):
+                        tensor.record_stream(current)  # freed memory is not reused while `current` may read it
+                yield batch
         finally:
             stop.set()
-            thread.join(timeout=5)
+            thread.join()  # it stops within a batch: two threads must never share self.augment
