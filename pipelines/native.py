@@ -77,6 +77,13 @@ class NativeLoader(LoaderBase):
         return Batch(views, labels, torch.from_numpy(rows.astype(np.int64)))
 
     def _producer(self, steps: list[tuple[int, np.ndarray]], out: queue.Queue, stop: threading.Event) -> None:
+        def put(item) -> None:  # gives up once the consumer has left, so the thread always ends
+            while not stop.is_set():
+                try:
+                    return out.put(item, timeout=0.1)
+                except queue.Full:
+                    continue
+
         # Stream contexts are per thread: this thread's CUDA work goes to the side stream.
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         try:
@@ -84,22 +91,16 @@ class NativeLoader(LoaderBase):
                 if stop.is_set():
                     return
                 if stream is None:
-                    item = (self._prepare(step, rows), None)
-                else:
-                    with torch.cuda.stream(stream):
-                        batch = self._prepare(step, rows)
-                        ready = torch.cuda.Event()
-                        ready.record(stream)
-                    item = (batch, ready)
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                    put((self._prepare(step, rows), None))
+                    continue
+                with torch.cuda.stream(stream):
+                    batch = self._prepare(step, rows)
+                    ready = torch.cuda.Event()
+                    ready.record(stream)
+                put((batch, ready))
         except BaseException as e:  # handed to the consumer, which raises it
-            out.put(e)
-        out.put(_DONE)
+            put(e)
+        put(_DONE)
 
     def __iter__(self):
         order = rank_order(self.rows, self.seed, self.epoch, self.rank, self.world_size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -55,6 +57,29 @@ def test_a_row_subset_yields_exactly_those_rows_with_their_pixels(constant_data,
         assert torch.allclose(batch.views[0], expected.expand_as(batch.views[0]), atol=1e-5)
     with pytest.raises(ValueError, match="not in split 'train'"):
         build_loader(constant_data, backend=backend, rows=[len(data) + 5])
+
+
+def test_leaving_an_epoch_early_ends_its_background_thread(constant_data):
+    """The native loader's producer may be blocked on a full queue when the consumer leaves; it must still end."""
+    import threading
+
+    # 4 batches, 3 prepared ahead: once the consumer has taken one, the producer ends its epoch on a full queue.
+    loader = build_loader(constant_data, batch_size=12, recipe=PLAIN, size=16, workers=1)
+    for _ in range(2):
+        epoch = iter(loader)
+        next(epoch)
+        time.sleep(1.0)  # lets the producer reach its last put
+        closer = threading.Thread(target=epoch.close, daemon=True)  # close() joins the producer
+        closer.start()
+        closer.join(timeout=20)
+        assert not closer.is_alive(), "the producer thread did not end"
+        assert loader_thread_count() == 0
+
+
+def loader_thread_count() -> int:
+    import threading
+
+    return sum("_producer" in repr(getattr(t, "_target", None)) for t in threading.enumerate())
 
 
 def test_real_views_are_in_range_and_differ(covid_packed, backend):
