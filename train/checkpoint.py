@@ -19,6 +19,25 @@ from safetensors.torch import load_file, save_file
 PREFIX = "ckpt-"
 
 
+def save_weights(path: str | Path, module: torch.nn.Module, metadata: dict[str, str] | None = None) -> Path:
+    """A module's state dict as one safetensors file, written atomically (the old file stays until the rename)."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Indented JSON, written atomically: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def _flatten(obj, path: str, tensors: dict[str, torch.Tensor]):
     if isinstance(obj, torch.Tensor):
         tensors[path] = obj.detach().cpu().contiguous()

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import shutil
 import sys
 import time
@@ -26,7 +24,6 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pipelines import build_loader  # noqa: E402
@@ -178,12 +175,6 @@ def predict(model: nn.Module, loader, task: Task, device: torch.device) -> tuple
     return torch.cat(logits), torch.cat(targets)
 
 
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     data = PackedDataset(args.data)
@@ -283,13 +274,12 @@ def run(args: argparse.Namespace) -> dict:
         "val": best["val"],
         "test": test,
     }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, args.out / ".model.safetensors.tmp")
-    os.replace(args.out / ".model.safetensors.tmp", args.out / "model.safetensors")
-    _atomic_json(args.out / "model.json", {**init, "classes": task.names, "size": args.size, "task": results["task"]})
+    checkpoint.save_weights(args.out / "model.safetensors", model)
+    model_info = {**init, "classes": task.names, "size": args.size, "task": results["task"]}
+    checkpoint.write_json(args.out / "model.json", model_info)
     if not task.multilabel:
         draw_confusion(test["confusion"], args.out / "confusion.png", title=f"test, {init['init']}")
-    _atomic_json(args.out / "results.json", results)  # its presence means the run finished
+    checkpoint.write_json(args.out / "results.json", results)  # its presence means the run finished
     for done in args.out.glob(f"{checkpoint.PREFIX}*"):  # finished: the checkpoint has served (and is large)
         shutil.rmtree(done, ignore_errors=True)
     summary = (

@@ -24,7 +24,6 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from pipelines import build_loader  # noqa: E402
@@ -121,10 +120,8 @@ def _peak_memory_mb(cuda: bool) -> float:
 
 def export_backbone(model, cfg: PretrainConfig, out: Path) -> None:
     backbone = model.backbone
-    tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    tmp = out / ".backbone.safetensors.tmp"
-    save_file(tensors, tmp, metadata={"timm_name": cfg.backbone, "in_chans": str(cfg.channels)})
-    os.replace(tmp, out / "backbone.safetensors")
+    metadata = {"timm_name": cfg.backbone, "in_chans": str(cfg.channels)}
+    checkpoint.save_weights(out / "backbone.safetensors", backbone, metadata)
     info = {
         "timm_name": cfg.backbone,
         "in_chans": cfg.channels,
@@ -132,7 +129,7 @@ def export_backbone(model, cfg: PretrainConfig, out: Path) -> None:
         "size": cfg.size,
         "pretrained_on": cfg.data,
     }
-    (out / "backbone.json").write_text(json.dumps(info, indent=2) + "\n")
+    checkpoint.write_json(out / "backbone.json", info)
 
 
 def train(cfg: PretrainConfig) -> dict:
@@ -217,7 +214,7 @@ def train(cfg: PretrainConfig) -> dict:
     compiled, optimizer = accelerator.prepare(compiled, optimizer)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "world_size": world}, indent=2) + "\n")
+        checkpoint.write_json(out / "config.json", {**cfg.to_dict(), "world_size": world})
         if accelerator.log_with:
             accelerator.init_trackers(
                 "twinray", config={**cfg.to_dict(), "world_size": world}, init_kwargs={"wandb": {"dir": str(out)}}
