@@ -34,7 +34,7 @@ from train import checkpoint, transfer  # noqa: E402
 from train.fractions import check_fraction, label_fraction  # noqa: E402
 from train.metrics import draw_confusion, multiclass_metrics, multilabel_metrics  # noqa: E402
 from train.model import BACKBONES  # noqa: E402
-from train.online_eval import EVAL_RECIPE  # noqa: E402
+from train.online_eval import EVAL_RECIPE, masked_bce  # noqa: E402
 
 # The CheXpert competition pathologies, used by default when the dataset has them all.
 COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
@@ -99,9 +99,7 @@ class Task:
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if not self.multilabel:
             return F.cross_entropy(logits.float(), targets)
-        mask = targets >= 0
-        loss = F.binary_cross_entropy_with_logits(logits.float(), targets.clamp(min=0).float(), reduction="none")
-        return (loss * mask).sum() / mask.sum().clamp(min=1)
+        return masked_bce(logits, targets.clamp(min=0), targets >= 0)
 
     def metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict:
         if self.multilabel:

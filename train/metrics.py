@@ -58,7 +58,8 @@ def _multiclass(logits: torch.Tensor, targets: torch.Tensor, classes: list[str])
 
 
 def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, labels: list[str]) -> dict:
-    """`targets`: 1, 0, or -1 for a masked (uncertain or unmentioned, per the policy) target."""
+    """`targets`: 1, 0, or -1 for a masked (uncertain or unmentioned, per the policy) target. `logits` may be any
+    scores that rank alike (kNN vote rates, say): AUROC depends on the ranking only."""
     logits, targets = logits.float().cpu(), targets.long().cpu()
     per = {}
     for j, name in enumerate(labels):

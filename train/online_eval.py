@@ -22,6 +22,12 @@ def certain_targets(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (codes == 1).float(), mask
 
 
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy averaged over the masked-in targets only (uncertain or blank ones count for nothing)."""
+    loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+    return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
 class LinearProbe(nn.Module):
     """Trained alongside pretraining on detached features; its loss never reaches the backbone."""
 
@@ -37,8 +43,7 @@ class LinearProbe(nn.Module):
         logits = self.head(features.detach().float())
         if self.multilabel:
             target, mask = certain_targets(labels)
-            loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-            loss = (loss * mask).sum() / mask.sum().clamp(min=1)
+            loss = masked_bce(logits, target, mask)
             score = ((logits > 0).float() == target)[mask].float().mean() if mask.any() else torch.tensor(0.0)
         else:
             loss = F.cross_entropy(logits, labels)
@@ -69,7 +74,9 @@ def knn_scores(train_feats, train_labels, query_feats, classes: int, multilabel:
 
 
 def knn_metrics(scores: torch.Tensor, labels: torch.Tensor, multilabel: bool) -> dict[str, float]:
-    from torchmetrics.functional.classification import binary_auroc, multiclass_recall
+    from torchmetrics.functional.classification import multiclass_recall
+
+    from train.metrics import multilabel_metrics
 
     if not multilabel:
         labels = labels.long()
@@ -78,9 +85,6 @@ def knn_metrics(scores: torch.Tensor, labels: torch.Tensor, multilabel: bool) ->
         return {"knn_acc": (scores.argmax(1) == labels).float().mean().item(), "knn_balanced_acc": balanced}
 
     target, mask = certain_targets(labels)
-    aurocs = []
-    for c in range(scores.shape[1]):
-        t = target[mask[:, c], c]
-        if len(t) and 0 < t.sum() < len(t):  # AUROC needs both classes
-            aurocs.append(binary_auroc(scores[mask[:, c], c], t.long()).item())
-    return {"knn_auroc": sum(aurocs) / len(aurocs) if aurocs else float("nan")}
+    masked = torch.where(mask, target.long(), -1)  # -1: left out, as the downstream metrics take it
+    mean = multilabel_metrics(scores, masked, [str(c) for c in range(scores.shape[1])])["mean_auroc"]
+    return {"knn_auroc": float("nan") if mean is None else mean}
