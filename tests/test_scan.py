@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, assert_one_line_error
-from train.scan import flags, t_interval
+from train.scan import flags, plan, t_interval
 
 FINETUNE = {"epochs": 1, "size": 32, "batch_size": 16, "workers": 1}
 
@@ -23,6 +23,20 @@ def test_flags_and_interval():
     assert flags({"batch_size": 8, "compile": False, "x": True}) == ["--batch-size", "8", "--no-compile", "--x"]
     assert t_interval([1.0]) == 0.0
     assert t_interval([1.0, 2.0, 3.0]) == pytest.approx(4.303 * 1.0 / 3**0.5, rel=1e-3)  # t(0.975, 2) = 4.303
+
+
+def test_a_sweep_pretrains_once_per_pretraining_cell_and_varies_finetune_keys_after_it():
+    cfg = {"data": "d", "out": "o", "seeds": [0], "pretrain": {"epochs": 1}, "finetune": {"epochs": 1},
+           "grid": {"lambd": [0.005, 0.01], "fraction": [0.1, 1.0]}, "then": ["linear"]}  # fmt: skip
+    runs = plan(cfg)
+    pretrains = [r for r in runs if r["kind"] == "pretrain"]
+    assert len(pretrains) == 2 and all("--fraction" not in r["args"] for r in pretrains)
+    tunes = [r for r in runs if r["kind"] == "finetune"]
+    assert len(tunes) == 4 and len({str(r["dir"]) for r in tunes}) == 4
+    for tune in tunes:
+        args = tune["args"]
+        assert args[args.index("--fraction") + 1] == str(tune["cell"]["fraction"]) and "--lambd" not in args
+        assert args[args.index("--init") + 1].endswith(f"lambd-{tune['cell']['lambd']}/seed-0/pretrain")
 
 
 def test_pretrain_sweep_then_fraction_grid_resumes(covid_packed, tmp_path):

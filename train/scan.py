@@ -13,8 +13,11 @@ A finetune grid (label fractions x inits, table 8 / figure 11; freeze depth, fig
 A pretraining sweep (recipe, projector, lambda: tables 4-7), each pretraining followed by finetunes:
 
     pretrain: {epochs: 50, size: 224}        # flags every pretraining run gets
-    grid: {recipe: [base, seed-final], projector: ["512", "512-512"]}
+    grid: {recipe: [base, seed-final], projector: ["512", "512-512"], fraction: [0.1, 1.0]}
     then: [linear, full]                     # finetune modes run on each pretrained backbone
+
+Grid keys that are pretraining fields make one pretraining per value; the others (here `fraction`) vary only the
+finetunes, which all start from the same pretraining.
 
 Every run has its own directory under `out`; a finished run (results.json, or backbone.safetensors for a
 pretraining) is skipped, so an interrupted scan resumes where it stopped. Writes runs.csv (one row per run),
@@ -89,30 +92,55 @@ def cell_name(cell: dict) -> str:
     return "_".join(parts)
 
 
+def pretrain_keys(cfg: dict) -> list[str]:
+    """In a pretraining sweep, the grid keys that are pretraining fields; the others (fraction, for example) vary
+    the finetunes, so one pretraining serves every finetune cell."""
+    if "pretrain" not in cfg:
+        return []
+    from dataclasses import fields
+
+    from train.config import PretrainConfig
+
+    known = {f.name for f in fields(PretrainConfig)}
+    return [k for k in cfg["grid"] if str(k).replace("-", "_") in known]
+
+
 def plan(cfg: dict) -> list[dict]:
-    """Every run, in order: {"kind", "cell", "seed", "dir", "args", ["after"]}; a pretraining comes before the
-    finetunes that use it."""
-    out, keys = Path(cfg["out"]), list(cfg["grid"])
-    runs = []
-    for values in itertools.product(*cfg["grid"].values()):
-        cell = dict(zip(keys, values))
-        for seed in cfg["seeds"]:
-            base = out / cell_name(cell) / f"seed-{seed}"
-            common = ["--data", str(cfg["data"]), "--seed", str(seed)]
-            if "pretrain" not in cfg:
-                args = [*common, *flags({**cfg.get("finetune", {}), **cell}), "--out", str(base)]
+    """Every run, in order: {"kind", "cell", "seed", "dir", "args"}; a pretraining comes before the finetunes that
+    use it."""
+    out, grid = Path(cfg["out"]), cfg["grid"]
+    if "pretrain" not in cfg:
+        runs = []
+        for cell in cells(grid):
+            for seed in cfg["seeds"]:
+                base = out / cell_name(cell) / f"seed-{seed}"
+                args = ["--data", str(cfg["data"]), "--seed", str(seed)]
+                args += [*flags({**cfg.get("finetune", {}), **cell}), "--out", str(base)]
                 runs.append({"kind": "finetune", "cell": cell, "seed": seed, "dir": base, "args": args})
-                continue
+        return runs
+    outer = pretrain_keys(cfg)
+    inner = {k: v for k, v in grid.items() if k not in outer}
+    runs = []
+    for cell in cells({k: grid[k] for k in outer}):
+        for seed in cfg["seeds"]:
+            base = out / (cell_name(cell) or "pretrain") / f"seed-{seed}"
+            common = ["--data", str(cfg["data"]), "--seed", str(seed)]
             pre = base / "pretrain"
             args = [*common, *flags({**cfg["pretrain"], **cell}), "--out", str(pre)]
             runs.append({"kind": "pretrain", "cell": cell, "seed": seed, "dir": pre, "args": args})
-            for mode in cfg["then"]:
-                tuned = base / f"finetune-{mode.replace(':', '')}"
-                options = {**cfg.get("finetune", {}), "init": str(pre), "mode": mode}
-                args = [*common, *flags(options), "--out", str(tuned)]
-                tuned_cell = {**cell, "mode": mode}
-                runs.append({"kind": "finetune", "cell": tuned_cell, "seed": seed, "dir": tuned, "args": args})
+            for tune in cells(inner):
+                for mode in cfg["then"]:
+                    name = "_".join(filter(None, [f"finetune-{mode.replace(':', '')}", cell_name(tune)]))
+                    options = {**cfg.get("finetune", {}), **tune, "init": str(pre), "mode": mode}
+                    args = [*common, *flags(options), "--out", str(base / name)]
+                    tuned = {**cell, **tune, "mode": mode}
+                    runs.append({"kind": "finetune", "cell": tuned, "seed": seed, "dir": base / name, "args": args})
     return runs
+
+
+def cells(grid: dict) -> list[dict]:
+    """Every combination of a grid's values, as {key: value} (one empty cell for an empty grid)."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
 def finished(run: dict) -> bool:
