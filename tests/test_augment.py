@@ -326,3 +326,23 @@ def test_real_radiograph_views_look_like_the_input():
     # A crop of the same radiograph: the mean stays near the image's range, and views differ from each other.
     assert views.std(dim=0).mean() > 0.05
     assert abs(views.mean().item() - image.mean() / 255) < 0.15
+
+
+@pytest.mark.gpu
+def test_cuda_augmentation_never_waits_for_the_gpu():
+    """Parameters are drawn on the CPU and copied without blocking, so a batch of any recipe queues its kernels
+    without one host-device sync (a sync would stall the loader's stream on every op)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x = _images(16, 120, 100).cuda()
+    sizes = torch.tensor([[120, 100]] * 8 + [[90, 80]] * 8)  # padded batch: replicate_edges runs too
+    every_op = load_recipe(SEED_FINAL).replace(rotation=0.5, brightness_contrast=0.5)
+    augment = Augment(every_op, device="cuda", seed=0)
+    augment(x, sizes)  # warm-up: first-call allocations and kernel loads
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = augment(x, sizes)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == (16, 1, 224, 224) and torch.isfinite(out).all()

@@ -46,3 +46,14 @@ def test_multilabel_auroc_masks_uncertain_and_blank():
 
     scores = knn_scores(train_f, codes(train_y), val_f, classes=4, multilabel=True)
     assert knn_metrics(scores, codes(val_y), multilabel=True)["knn_auroc"] > 0.9
+
+
+def test_multilabel_probe_scores_only_certain_labels_and_survives_none():
+    probe = LinearProbe(8, 3, multilabel=True)
+    feats = torch.randn(16, 8)
+    codes = torch.randint(0, 2, (16, 3), dtype=torch.int8)
+    codes[:, 2] = -1  # uncertain: neither trained on nor scored
+    stats = probe.step(feats, codes)
+    assert 0 <= float(stats["probe_acc"]) <= 1 and torch.isfinite(stats["probe_loss"])
+    stats = probe.step(feats, torch.full((16, 3), -128, dtype=torch.int8))  # all blank
+    assert float(stats["probe_acc"]) == 0.0 and float(stats["probe_loss"]) == 0.0

@@ -25,11 +25,14 @@ def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
         return dist_nn.all_reduce(x)
 
 
-def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3) -> tuple[torch.Tensor, dict[str, float]]:
+def barlow_twins_loss(
+    z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Barlow Twins loss of two N_local x D embeddings, standardised and correlated over the global batch.
 
     Returns (loss, stats): loss = sum_i (1 - c_ii)^2 + lambd * sum_{i != j} c_ij^2 (a float32 or float64 scalar,
-    the same value on every rank) and stats = {"on_diag", "off_diag"} (floats, off_diag before lambd).
+    the same value on every rank) and stats = {"on_diag", "off_diag"} (detached 0-dim tensors, off_diag before
+    lambd; `float()` them to log). Nothing here waits for the GPU, so a trainer can queue the next step at once.
 
     Under torch.distributed every rank returns the same global loss L, and the backward of each all_reduce sums
     every rank's gradient, so autograd differentiates world_size * L: the gradient reaching a rank's own rows is
@@ -45,9 +48,12 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3) -
     # Autocast would run the matmuls in half precision again, whatever the inputs' dtype.
     with torch.autocast(z1.device.type, enabled=False):
         z = torch.cat([z1, z2], dim=1).to(dtype)  # both views side by side: one collective per statistic
-        n = _sum_over_ranks(torch.tensor(z.shape[0], dtype=dtype, device=z.device))
-        if n < 2:  # every rank sees the same n, so all raise together
-            raise ValueError(f"the global batch must have at least 2 samples, got {int(n)}.")
+        # The batch size is known on the host, so checking it never waits for the GPU. Across processes every
+        # rank must hold a sample (drop_last shards always do), which makes the global batch at least 2.
+        world = _world_size()
+        if z.shape[0] < (1 if world > 1 else 2):
+            raise ValueError(f"the global batch must have at least 2 samples, got {z.shape[0]} on this rank.")
+        n = z.shape[0] if world == 1 else _sum_over_ranks(torch.full((), z.shape[0], dtype=dtype, device=z.device))
         # Two passes (mean, then centred squares) stay accurate for embeddings far from zero.
         mean = _sum_over_ranks(z.sum(dim=0)) / n
         var = _sum_over_ranks((z - mean).square().sum(dim=0)) / n  # biased, as BatchNorm normalises
@@ -56,5 +62,5 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3) -
         on_diag = (1 - c.diagonal()).square().sum()
         off_diag = c.square().masked_fill(torch.eye(d, dtype=torch.bool, device=c.device), 0).sum()
         loss = on_diag + lambd * off_diag
-    on, off = torch.stack([on_diag, off_diag]).tolist()  # one device sync for both (tolist detaches)
-    return loss, {"on_diag": on, "off_diag": off}
+    # Detached device scalars: reading them is a device sync, which a trainer does only when it logs.
+    return loss, {"on_diag": on_diag.detach(), "off_diag": off_diag.detach()}

@@ -39,19 +39,22 @@ class LinearProbe(nn.Module):
         self.multilabel = multilabel
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=lr)
 
-    def step(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def step(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One update; returns detached 0-dim tensors (probe_loss, probe_acc), read only when logged, so that no
+        step waits for the GPU."""
         logits = self.head(features.detach().float())
         if self.multilabel:
             target, mask = certain_targets(labels)
             loss = masked_bce(logits, target, mask)
-            score = ((logits > 0).float() == target)[mask].float().mean() if mask.any() else torch.tensor(0.0)
+            hits = ((logits > 0).float() == target) & mask
+            score = hits.sum() / mask.sum().clamp(min=1)  # 0 when no label is certain
         else:
             loss = F.cross_entropy(logits, labels)
             score = (logits.argmax(1) == labels).float().mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"probe_loss": loss.item(), "probe_acc": score.item()}
+        return {"probe_loss": loss.detach(), "probe_acc": score.detach().float()}
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ finished run. `--batch-size` is the global batch, split evenly over the processe
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -248,12 +249,33 @@ def train(cfg: PretrainConfig) -> dict:
             accelerator.log(row, step=row["step"])
 
     summary: dict = {}
-    last: dict = {}  # the latest step's loss and probe figures
+    last: dict = {}  # the latest settled step's loss and probe figures, as floats
+    sums: dict = {}  # this epoch's settled figures, summed over its steps, for the epoch line
+    pending: list = []  # the latest step's (step, epoch, figures), still on the device
+
+    def settle() -> None:
+        """Reads the pending step's figures in one device sync, stops on a non-finite loss, adds to the sums.
+        Each step is settled only after the next one is queued, so the GPU never idles while Python catches up;
+        everything that logs or saves settles first, so a checkpoint never holds weights after a bad loss."""
+        nonlocal last
+        if not pending:
+            return
+        at_step, at_epoch, figures = pending.pop()
+        values = dict(zip(figures, torch.stack([v.float() for v in figures.values()]).tolist()))
+        if not math.isfinite(values["loss"]):
+            raise RunError(
+                f"loss is {values['loss']} at step {at_step} (epoch {at_epoch}); "
+                f"the last good checkpoint is kept in {out}"
+            )
+        last = values
+        for key, value in {**values, "steps": 1}.items():
+            sums[key] = sums.get(key, 0.0) + value
+
     compiled.train()
     try:
         while epoch < cfg.epochs:
             loader.set_epoch(epoch, start_step=in_epoch)
-            sums: dict = {}  # this epoch's loss and probe figures, summed over its steps, for the epoch line
+            sums.clear()
             with tqdm(
                 total=steps_per_epoch,
                 initial=in_epoch,
@@ -269,11 +291,6 @@ def train(cfg: PretrainConfig) -> dict:
                         f1, z1 = compiled(batch.views[0])
                         _, z2 = compiled(batch.views[1])
                         loss, terms = barlow_twins_loss(z1, z2, cfg.lambd)
-                        if not torch.isfinite(loss):
-                            raise RunError(
-                                f"loss is {loss.item()} at step {step} (epoch {epoch}); "
-                                f"the last good checkpoint is kept in {out}"
-                            )
                         # Every process computes the same global loss, and its collectives' backward sums over ranks;
                         # DDP's averaging then gives exactly the single-process gradient (see train/loss.py).
                         accelerator.backward(loss)
@@ -281,37 +298,38 @@ def train(cfg: PretrainConfig) -> dict:
                         if accelerator.sync_gradients:
                             scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
-                    probe_stats = probe.step(f1, batch.labels)
-                    last = {"loss": loss.item(), **probe_stats}
-                    for key, value in {**last, "steps": 1}.items():
-                        sums[key] = sums.get(key, 0.0) + value
+                    figures = {"loss": loss.detach(), **terms, **probe.step(f1, batch.labels)}
+                    settle()  # the previous step, which the GPU has finished by now or nearly
+                    pending.append((step, epoch, figures))
                     step += 1
                     in_epoch += 1
                     window_images += batch.views[0].shape[0] * world
                     bar.update()
                     if step % cfg.log_every == 0 or in_epoch == steps_per_epoch:
+                        settle()
                         now = time.perf_counter()
                         row = {
                             "step": step,
                             "epoch": epoch,
-                            "loss": last["loss"],
-                            **terms,
+                            **last,
                             "lr": scheduler.get_last_lr()[0],
                             "images_per_s": window_images / (now - window_start),
                             "data_wait": waited / (now - window_start),
                             "peak_memory_mb": _peak_memory_mb(cuda),
-                            **probe_stats,
                         }
                         log(row)
                         bar.set_postfix(loss=f"{row['loss']:.2f}", img_s=f"{row['images_per_s']:.0f}")
                         waited, window_start, window_images = 0.0, now, 0
                     if flag.get("stop"):
+                        settle()
                         save(epoch, in_epoch)
                         raise StopRequested(flag["stop"])
                     if cfg.max_steps and step >= cfg.max_steps:
+                        settle()
                         save(epoch, in_epoch)
                         raise StopRequested("max_steps")
                     fetch_start = time.perf_counter()
+                settle()
             epoch, in_epoch = epoch + 1, 0
             means = {k: v / sums["steps"] for k, v in sums.items() if k != "steps"} if sums else {}
             row = {"step": step, "epoch": epoch - 1, "epoch_end": True, **means}

@@ -132,8 +132,10 @@ def replicate_edges(images: torch.Tensor, heights: torch.Tensor, widths: torch.T
     if bool((heights == h).all() and (widths == w).all()):
         return images
     device = images.device
-    rows = torch.minimum(torch.arange(h, device=device)[None], (heights.to(device) - 1)[:, None])  # B x H
-    cols = torch.minimum(torch.arange(w, device=device)[None], (widths.to(device) - 1)[:, None])  # B x W
+    last_row = heights.to(device, non_blocking=True) - 1
+    last_col = widths.to(device, non_blocking=True) - 1
+    rows = torch.minimum(torch.arange(h, device=device)[None], last_row[:, None])  # B x H
+    cols = torch.minimum(torch.arange(w, device=device)[None], last_col[:, None])  # B x W
     images = images.gather(2, rows[:, None, :, None].expand(-1, images.shape[1], -1, w))
     return images.gather(3, cols[:, None, None, :].expand(-1, images.shape[1], h, -1))
 
@@ -159,16 +161,16 @@ def warp(
     """
     b, _, h, w = images.shape
     device = images.device
-    matrices = matrices.to(device=device, dtype=torch.float32)  # exact enough: coordinates stay below ~10^4
-    x0, y0, x1, y1 = (v.to(device=device, dtype=torch.float32) for v in _box_bounds(boxes))
+    # Crop and flips only (no perspective, no rotation): x depends on u alone and y on v alone, and every point
+    # stays in the box. Building that grid costs O(B x S), not O(B x S^2). The split is decided where the
+    # parameters were drawn (the CPU), so it never waits for the GPU; copies to the device do not block either.
+    separable = (matrices[:, 0, 1] == 0) & (matrices[:, 1, 0] == 0) & (matrices[:, 2, :2] == 0).all(1)
+    flat = separable.nonzero().squeeze(1).to(device, non_blocking=True)
+    warped = (~separable).nonzero().squeeze(1).to(device, non_blocking=True)
+    matrices = matrices.to(device=device, dtype=torch.float32, non_blocking=True)  # exact: coordinates < ~10^4
+    x0, y0, x1, y1 = (v.to(device=device, dtype=torch.float32, non_blocking=True) for v in _box_bounds(boxes))
     centres = torch.arange(size, device=device, dtype=torch.float32) + 0.5
     grid = torch.empty(b, size, size, 2, device=device, dtype=torch.float32)
-
-    # Crop and flips only (no perspective, no rotation): x depends on u alone and y on v alone, and every point
-    # stays in the box. Building that grid costs O(B x S), not O(B x S^2).
-    separable = (matrices[:, 0, 1] == 0) & (matrices[:, 1, 0] == 0) & (matrices[:, 2, :2] == 0).all(1)
-    flat = separable.nonzero().squeeze(1)
-    warped = (~separable).nonzero().squeeze(1)
     if len(flat):
         m = matrices[flat]
         xs = m[:, 0, 0, None] * centres + m[:, 0, 2, None]  # B' x S

@@ -106,7 +106,7 @@ class Augment:
             x = x.clamp_(0, 1)  # cubic overshoot
 
         def subset(mask: torch.Tensor) -> torch.Tensor:
-            return mask.nonzero().squeeze(1).to(self.device)
+            return mask.nonzero().squeeze(1).to(self.device, non_blocking=True)  # masks live on the CPU: no sync
 
         if params.equalize.any():
             i = subset(params.equalize)
@@ -120,7 +120,7 @@ class Augment:
             x[i] = intensity.gaussian_blur(x[i], params.blur_sigma[params.blur], r.blur_kernel)
         if params.noise.any():
             i = subset(params.noise)
-            factor = params.noise_sigma_factor[params.noise].to(x)
+            factor = params.noise_sigma_factor[params.noise].to(x, non_blocking=True)
             sigma = factor if r.noise_sigma is not None else factor * x[i].mean(dim=(1, 2, 3))
             gen = torch.Generator(device=self.device).manual_seed(params.noise_seed)
             x[i] = intensity.gaussian_noise(x[i], sigma, gen)
