@@ -29,6 +29,9 @@ def pad_batch(images: list[torch.Tensor], pin: bool = False) -> tuple[torch.Tens
     """HxW (or 1xHxW) uint8 images -> a zero-padded B x 1 x Hmax x Wmax batch and the B x 2 sizes."""
     sizes = torch.tensor([im.shape[-2:] for im in images], dtype=torch.int64)
     h, w = (int(v) for v in sizes.max(0).values)
+    if bool((sizes == sizes[0]).all()):  # one size (COVID's 299 px): one copy kernel, not one per image
+        batch = torch.empty(len(images), 1, h, w, dtype=torch.uint8, device=images[0].device, pin_memory=pin)
+        return torch.stack([im.reshape(1, h, w) for im in images], out=batch), sizes
     batch = torch.zeros(len(images), 1, h, w, dtype=torch.uint8, device=images[0].device, pin_memory=pin)
     for k, im in enumerate(images):
         batch[k, 0, : im.shape[-2], : im.shape[-1]] = im.reshape(im.shape[-2:])
@@ -62,6 +65,10 @@ class NativeLoader(LoaderBase):
         if self.gpu_jpeg:
             from torchvision.io import ImageReadMode, decode_jpeg
 
+            # torchvision's decoder allocates its outputs on this stream but writes them from a private one that
+            # does not wait for this stream's queued work, so it may overwrite memory that the previous batch's
+            # augmentation still reads (pytorch/vision#9606). Let that work finish first; only this thread waits.
+            torch.cuda.current_stream(self.device).synchronize()
             decoded = decode_jpeg(host, mode=ImageReadMode.GRAY, device=self.device)
             return pad_batch(decoded)
         batch, sizes = host

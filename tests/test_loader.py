@@ -9,6 +9,7 @@ import torch
 
 from pipelines import build_loader
 from pipelines.augment import Recipe
+from pipelines.native import pad_batch
 from prep.format import PackedDataset
 
 PLAIN = Recipe(name="plain", hflip=0.0)  # crop only: a constant image stays constant
@@ -22,6 +23,18 @@ def backend(request):
 
 def _values(data: PackedDataset, indices: torch.Tensor) -> torch.Tensor:
     return torch.tensor([data.metadata(int(i))["value"] for i in indices], dtype=torch.float32)
+
+
+def test_pad_batch_stacks_one_size_and_zero_pads_mixed_sizes():
+    same = [torch.full((5, 7), k, dtype=torch.uint8) for k in range(3)]
+    batch, sizes = pad_batch(same)
+    assert batch.shape == (3, 1, 5, 7) and sizes.tolist() == [[5, 7]] * 3
+    assert all(torch.equal(batch[k, 0], same[k]) for k in range(3))
+    mixed = [torch.full((1, 4, 6), 9, dtype=torch.uint8), torch.full((6, 3), 8, dtype=torch.uint8)]
+    batch, sizes = pad_batch(mixed)
+    assert batch.shape == (2, 1, 6, 6) and sizes.tolist() == [[4, 6], [6, 3]]
+    assert (batch[0, 0, :4] == 9).all() and (batch[0, 0, 4:] == 0).all()
+    assert (batch[1, 0, :, :3] == 8).all() and (batch[1, 0, :, 3:] == 0).all()
 
 
 def test_batches_have_the_contracted_shapes_and_align_with_labels(constant_data, backend):
