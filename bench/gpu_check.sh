@@ -12,7 +12,7 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results/gpu}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
-N=${N:-2000}  # generated images
+N=${N:-4000}  # generated images: ~11 batches of 256 per epoch, so epoch restarts do not dominate
 SKIP=${SKIP:-}  # stage names to leave out, e.g. SKIP="pipeline"
 BACKBONES=${BACKBONES:-resnet18}  # of the resources grid
 mkdir -p "$OUT"
@@ -40,7 +40,7 @@ stage() {  # stage NAME SECONDS COMMAND...
   $PY -c "import torch, torchvision, timm, accelerate; print(torch.__version__, torchvision.__version__, \
   timm.__version__, accelerate.__version__)"; } > "$res/device.txt" 2>&1
 cat "$res/device.txt"
-stage data 25 bash -c "$PY -m prep sample --out $work/raw --n $N --workers 16 --no-metadata && \
+stage data 45 bash -c "$PY -m prep sample --out $work/raw --n $N --workers 16 --no-metadata && \
   $PY -m prep covid --src $work/raw/COVID-19_Radiography_Dataset --out $work/jpeg --workers 16 && \
   $PY -m prep covid --src $work/raw/COVID-19_Radiography_Dataset --out $work/npy --encoding npy --workers 16"
 # Every GPU-marked test. The files left out hold none and need what the machine lacks at import:
@@ -56,7 +56,7 @@ stage pipeline 60 bash -c "$PY bench/pipeline.py --data $work/jpeg --device $DEV
 stage train_speed 85 $PY bench/train_speed.py --device "$DEVICE" --data "$work/jpeg" --backends native \
   --configs a,d,c,b --batch-sizes 128 --steps 20 --warmup 5 --json "$res/train_speed.json"
 # The study's setting (fp32, eager) over a small grid, then --compare: the study's against twinray's at 224 px.
-stage resources 190 $PY bench/resources.py --device "$DEVICE" --resolutions 128,224 --batch-sizes 64,128,256 \
+stage resources 170 $PY bench/resources.py --device "$DEVICE" --resolutions 128,224 --batch-sizes 64,128,256 \
   --backbones "$BACKBONES" --channels 1 --steps 5 --warmup 2 --memory-cap 8GiB --timeout 80 --compare \
   --out "$res/resources"
 echo "results in $OUT/results.tar.gz"

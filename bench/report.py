@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
@@ -32,7 +31,9 @@ def save(report: dict, name: str, extra: Path | None = None, quiet: bool = False
     script) leaves the committed results alone."""
     path = extra or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    from train.checkpoint import write_json  # atomic: a run killed mid-write leaves the previous file whole
+
+    write_json(path, report)
     if not quiet:
         print(f"wrote {path}")
 
