@@ -47,16 +47,19 @@ stage data 45 bash -c "$PY -m prep sample --out $work/raw --n $N --workers 16 --
 # openpyxl (covid, sample) or ../shared (chexpert, folder, images). CI runs them.
 stage gpu_tests 115 $PY -m pytest -v -rs -m gpu tests -p no:cacheprovider --ignore=tests/test_covid.py \
   --ignore=tests/test_sample.py --ignore=tests/test_chexpert.py --ignore=tests/test_folder.py --ignore=tests/test_images.py
-stage pipeline 60 bash -c "$PY bench/pipeline.py --data $work/jpeg --device $DEVICE --backends native,baseline \
-  --batch-size 256 --batches 20 --json $res/pipeline.json && \
+# Native alone on JPEG and on npy first (seconds), then native beside the study's baseline, for the ratio.
+stage pipeline 75 bash -c "$PY bench/pipeline.py --data $work/jpeg --device $DEVICE --backends native \
+  --batch-size 256 --batches 40 --json $res/pipeline-native.json && \
   $PY bench/pipeline.py --data $work/npy --device $DEVICE --backends native \
-  --batch-size 256 --batches 20 --json $res/pipeline-npy.json"
+  --batch-size 256 --batches 40 --json $res/pipeline-npy.json && \
+  $PY bench/pipeline.py --data $work/jpeg --device $DEVICE --backends native,baseline \
+  --batch-size 256 --batches 10 --json $res/pipeline.json"
 # Both benchmarks below save after every row or cell: a stage cut short by its limit keeps what it measured.
 # The study's (a) and twinray's (d) settings first, so that a stage cut short still holds the ratio.
 stage train_speed 85 $PY bench/train_speed.py --device "$DEVICE" --data "$work/jpeg" --backends native \
   --configs a,d,c,b --batch-sizes 128 --steps 20 --warmup 5 --json "$res/train_speed.json"
 # The study's setting (fp32, eager) over a small grid, then --compare: the study's against twinray's at 224 px.
-stage resources 170 $PY bench/resources.py --device "$DEVICE" --resolutions 128,224 --batch-sizes 64,128,256 \
+stage resources 160 $PY bench/resources.py --device "$DEVICE" --resolutions 128,224 --batch-sizes 64,128,256 \
   --backbones "$BACKBONES" --channels 1 --steps 5 --warmup 2 --memory-cap 8GiB --timeout 80 --compare \
   --out "$res/resources"
 echo "results in $OUT/results.tar.gz"
