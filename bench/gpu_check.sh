@@ -40,12 +40,12 @@ stage() {  # stage NAME SECONDS COMMAND...
   $PY -c "import torch, torchvision, timm, accelerate; print(torch.__version__, torchvision.__version__, \
   timm.__version__, accelerate.__version__)"; } > "$res/device.txt" 2>&1
 cat "$res/device.txt"
-stage data 45 bash -c "$PY -m prep sample --out $work/raw --n $N --workers 16 --no-metadata && \
+stage data 35 bash -c "$PY -m prep sample --out $work/raw --n $N --workers 16 --no-metadata && \
   $PY -m prep covid --src $work/raw/COVID-19_Radiography_Dataset --out $work/jpeg --workers 16 && \
   $PY -m prep covid --src $work/raw/COVID-19_Radiography_Dataset --out $work/npy --encoding npy --workers 16"
 # Every GPU-marked test. The files left out hold none and need what the machine lacks at import:
 # openpyxl (covid, sample) or ../shared (chexpert, folder, images). CI runs them.
-stage gpu_tests 115 $PY -m pytest -v -rs -m gpu tests -p no:cacheprovider --ignore=tests/test_covid.py \
+stage gpu_tests 135 $PY -m pytest -v -rs -m gpu tests -p no:cacheprovider --ignore=tests/test_covid.py \
   --ignore=tests/test_sample.py --ignore=tests/test_chexpert.py --ignore=tests/test_folder.py --ignore=tests/test_images.py
 # Native alone on JPEG and on npy first (seconds), then native beside the study's baseline, for the ratio.
 stage pipeline 75 bash -c "$PY bench/pipeline.py --data $work/jpeg --device $DEVICE --backends native \
@@ -59,7 +59,7 @@ stage pipeline 75 bash -c "$PY bench/pipeline.py --data $work/jpeg --device $DEV
 stage train_speed 85 $PY bench/train_speed.py --device "$DEVICE" --data "$work/jpeg" --backends native \
   --configs a,d,c,b --batch-sizes 128 --steps 20 --warmup 5 --json "$res/train_speed.json"
 # The study's setting (fp32, eager) over a small grid, then --compare: the study's against twinray's at 224 px.
-stage resources 160 $PY bench/resources.py --device "$DEVICE" --resolutions 128,224 --batch-sizes 64,128,256 \
+stage resources 150 $PY bench/resources.py --device "$DEVICE" --resolutions 128,224 --batch-sizes 64,128,256 \
   --backbones "$BACKBONES" --channels 1 --steps 5 --warmup 2 --memory-cap 8GiB --timeout 80 --compare \
   --out "$res/resources"
 echo "results in $OUT/results.tar.gz"

@@ -292,6 +292,22 @@ def test_finetune_runs_on_the_other_backends(covid_packed, backend, tmp_path):
     assert 0 <= results["test"]["accuracy"] <= 1
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["freeze:1", "linear"])
+def test_finetune_on_cuda(covid_packed, mode, tmp_path):
+    """The CUDA path (nvJPEG decode, bf16 autocast, channels_last), through both the loader and the cached-feature
+    branches."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    out = tmp_path / "ft"
+    args = ["--init", "random", "--mode", mode, "--device", "cuda", "--out", out, *SMALL]
+    result = finetune("--data", covid_packed, *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["device"] == "cuda" and 0 <= results["test"]["accuracy"] <= 1
+    assert all(np.isfinite(h["train_loss"]) for h in results["history"])
+
+
 def test_a_three_channel_backbone_takes_grey_views():
     from train.finetune import Classifier
 
