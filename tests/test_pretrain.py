@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -74,10 +75,24 @@ def test_yaml_then_flags(tmp_path):
         (["--epochs", "many"], ["--epochs", "many"]),
         (["--projector", "512-x"], ["projector '512-x'"]),
         (["--backend", "tfrecord"], ["backend 'tfrecord'", "native, dali, ffcv"]),
+        (["--knn-bank", "0"], ["knn_bank must be at least 1, got 0"]),
     ],
 )
 def test_bad_values_are_one_line_with_choices(args, needles, tmp_path):
     assert_one_line_error(pretrain("--data", tmp_path, "--out", tmp_path / "run", *args), *needles)
+
+
+def test_the_knn_bank_is_a_fixed_subset_of_large_train_splits(covid_packed):
+    from prep.format import PackedDataset
+    from train.pretrain import knn_bank_rows
+
+    data = PackedDataset(covid_packed)
+    train = data.indices("train")
+    assert np.array_equal(knn_bank_rows(data, len(train), seed=0), train)
+    bank = knn_bank_rows(data, 25, seed=0)
+    assert len(bank) == 25 and np.isin(bank, train).all() and np.all(np.diff(bank) > 0)
+    assert np.array_equal(bank, knn_bank_rows(data, 25, seed=0))
+    assert not np.array_equal(bank, knn_bank_rows(data, 25, seed=1))
 
 
 def test_missing_data_is_one_line(tmp_path):
@@ -137,9 +152,10 @@ def test_schedules():
 
 def test_short_run_logs_checkpoints_and_exports_a_timm_backbone(covid_packed, tmp_path):
     out = tmp_path / "run"
-    result = pretrain("--data", covid_packed, "--out", out, "--epochs", "2", "--log-every", "1", *TINY)
+    args = ["--epochs", "2", "--log-every", "1", "--eval-every", "1", "--knn-bank", "40", *TINY]
+    result = pretrain("--data", covid_packed, "--out", out, *args)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "epoch 2/2" in result.stdout and "knn_acc" in result.stdout
+    assert "epoch 2/2" in result.stdout and result.stdout.count("knn_acc") == 2  # every epoch, as asked
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if not r.get("epoch_end")]
     for key in (

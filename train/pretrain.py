@@ -22,6 +22,7 @@ from pathlib import Path
 if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
@@ -29,6 +30,7 @@ from tqdm import tqdm  # noqa: E402
 
 from pipelines import build_loader  # noqa: E402
 from prep.errors import PrepError  # noqa: E402
+from prep.format import PackedDataset  # noqa: E402
 from train import checkpoint  # noqa: E402
 from train.config import ConfigError, PretrainConfig, from_args  # noqa: E402
 from train.loss import barlow_twins_loss  # noqa: E402
@@ -86,7 +88,16 @@ def _features(model, loader, accelerator):
     return accelerator.gather_for_metrics(feats), accelerator.gather_for_metrics(labels)
 
 
-def evaluate_knn(model, cfg, accelerator, classes: int, multilabel: bool) -> dict[str, float]:
+def knn_bank_rows(data: PackedDataset, limit: int, seed: int) -> np.ndarray:
+    """The train rows kNN compares against: all of them, or a fixed random subset of `limit` rows, the same at
+    every evaluation, so that the curve follows the model and not the sample."""
+    rows = data.indices("train")
+    if len(rows) <= limit:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
+
+
+def evaluate_knn(model, cfg, accelerator, classes: int, multilabel: bool, bank: np.ndarray) -> dict[str, float]:
     kw = dict(
         batch_size=max(1, cfg.batch_size // accelerator.num_processes),
         device=accelerator.device,
@@ -100,7 +111,7 @@ def evaluate_knn(model, cfg, accelerator, classes: int, multilabel: bool) -> dic
         workers=cfg.workers,
     )
     model.eval()
-    train_f, train_y = _features(model, build_loader(cfg.data, "train", **kw), accelerator)
+    train_f, train_y = _features(model, build_loader(cfg.data, "train", rows=bank, **kw), accelerator)
     try:
         val_f, val_y = _features(model, build_loader(cfg.data, "val", **kw), accelerator)
     except ValueError:  # an empty val split
@@ -168,6 +179,7 @@ def train(cfg: PretrainConfig) -> dict:
     )
     data = loader.data
     multilabel = data.task == "multilabel"
+    bank = knn_bank_rows(data, cfg.knn_bank, cfg.seed)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the train split ({len(loader.rows)} images)")
@@ -334,7 +346,7 @@ def train(cfg: PretrainConfig) -> dict:
             means = {k: v / sums["steps"] for k, v in sums.items() if k != "steps"} if sums else {}
             row = {"step": step, "epoch": epoch - 1, "epoch_end": True, **means}
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-                row.update(evaluate_knn(compiled, cfg, accelerator, len(data.classes), multilabel))
+                row.update(evaluate_knn(compiled, cfg, accelerator, len(data.classes), multilabel, bank))
             log(row)
             summary = row
             score = " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("probe_acc", "knn")))
