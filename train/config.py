@@ -59,8 +59,8 @@ class PretrainConfig:
     wandb: str = "offline"
     seed: int = 0
     workers: int | None = None
-    # kNN re-extracts its bank's features: every epoch that would cost about a third of a training epoch on a GPU.
-    # The linear probe reports every step anyway. The last epoch is always evaluated.
+    # Each kNN evaluation re-extracts its bank's features (a forward pass over up to knn_bank train images, plus
+    # their loading), so not every epoch; the linear probe reports every step anyway. The last epoch always is.
     eval_every: int = 10  # epochs between kNN evaluations
     knn_k: int = 20
     knn_bank: int = 20000  # train images kNN compares against: a fixed random subset of larger splits (CheXpert)
