@@ -28,8 +28,11 @@ def test_sweep_rises_exponentially_and_stops_when_the_loss_explodes():
     assert min(losses) < losses[0]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("task", ["pretrain", "finetune"])
-def test_cli_writes_plot_and_json(covid_packed, tmp_path, task):
+def test_cli_writes_plot_and_json(covid_packed, tmp_path, task, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     out = tmp_path / f"{task}.png"
     args = [
         "--data",
@@ -45,7 +48,7 @@ def test_cli_writes_plot_and_json(covid_packed, tmp_path, task):
         "--size",
         "32",
         "--device",
-        "cpu",
+        device,
     ]
     assert main(args) == 0
     result = json.loads(out.with_suffix(".json").read_text())
