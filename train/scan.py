@@ -95,8 +95,6 @@ def cell_name(cell: dict) -> str:
 def pretrain_keys(cfg: dict) -> list[str]:
     """In a pretraining sweep, the grid keys that are pretraining fields; the others (fraction, for example) vary
     the finetunes, so one pretraining serves every finetune cell."""
-    if "pretrain" not in cfg:
-        return []
     from dataclasses import fields
 
     from train.config import PretrainConfig
