@@ -241,14 +241,16 @@ def run(args: argparse.Namespace) -> dict:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = forward(inputs)
             loss = task.loss(logits, targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch + 1}: the loss is {loss.item()}; try a lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())  # read once per epoch: a per-step read would make each step wait
+        losses = torch.stack(losses).float().cpu() if losses else torch.zeros(0)
+        if not torch.isfinite(losses).all():  # checked before the epoch is scored or saved
+            bad = losses[~torch.isfinite(losses)][0].item()
+            raise FloatingPointError(f"epoch {epoch + 1}: the loss is {bad}; try a lower --lr")
         val = task.metrics(*val_outputs())
-        row = {"epoch": epoch + 1, "train_loss": round(sum(losses) / max(len(losses), 1), 6),
+        row = {"epoch": epoch + 1, "train_loss": round(losses.mean().item() if len(losses) else 0.0, 6),
                "val_score": task.score(val), "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
         history.append(row)
         if best is None or row["val_score"] > best["score"]:  # selection reads val only
