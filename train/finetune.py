@@ -245,12 +245,12 @@ def run(args: argparse.Namespace) -> dict:
             loss.backward()
             optimizer.step()
             losses.append(loss.detach())  # read once per epoch: a per-step read would make each step wait
-        losses = torch.stack(losses).float().cpu() if losses else torch.zeros(0)
-        if not torch.isfinite(losses).all():  # checked before the epoch is scored or saved
-            bad = losses[~torch.isfinite(losses)][0].item()
+        step_losses = torch.stack(losses).float().cpu() if losses else torch.zeros(1)
+        if not torch.isfinite(step_losses).all():  # checked before the epoch is scored or saved
+            bad = step_losses[~torch.isfinite(step_losses)][0].item()
             raise FloatingPointError(f"epoch {epoch + 1}: the loss is {bad}; try a lower --lr")
         val = task.metrics(*val_outputs())
-        row = {"epoch": epoch + 1, "train_loss": round(losses.mean().item() if len(losses) else 0.0, 6),
+        row = {"epoch": epoch + 1, "train_loss": round(step_losses.mean().item(), 6),
                "val_score": task.score(val), "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
         history.append(row)
         if best is None or row["val_score"] > best["score"]:  # selection reads val only
