@@ -45,8 +45,18 @@ stage data 35 bash -c "$PY -m prep sample --out $work/raw --n $N --workers 16 --
   $PY -m prep covid --src $work/raw/COVID-19_Radiography_Dataset --out $work/npy --encoding npy --workers 16"
 # Every GPU-marked test. The files left out hold none and need what the machine lacks at import:
 # openpyxl (covid, sample) or ../shared (chexpert, folder, images). CI runs them.
-stage gpu_tests 135 $PY -m pytest -v -rs -m gpu tests -p no:cacheprovider --ignore=tests/test_covid.py \
-  --ignore=tests/test_sample.py --ignore=tests/test_chexpert.py --ignore=tests/test_folder.py --ignore=tests/test_images.py
+# The longest one (pretrain.py compiled on CUDA) first, so that a stage cut short loses only quick ones.
+gpu_tests() {
+  $PY -m pytest -v -rs -m gpu -p no:cacheprovider tests/test_pretrain.py
+  local first=$?
+  $PY -m pytest -v -rs -m gpu -p no:cacheprovider tests --ignore=tests/test_pretrain.py --ignore=tests/test_covid.py \
+    --ignore=tests/test_sample.py --ignore=tests/test_chexpert.py --ignore=tests/test_folder.py \
+    --ignore=tests/test_images.py
+  return $((first | $?))
+}
+export -f gpu_tests
+export PY
+stage gpu_tests 135 bash -c gpu_tests
 # Native alone on JPEG and on npy first (seconds), then native beside the study's baseline, for the ratio.
 stage pipeline 75 bash -c "$PY bench/pipeline.py --data $work/jpeg --device $DEVICE --backends native \
   --batch-size 256 --batches 40 --json $res/pipeline-native.json && \
