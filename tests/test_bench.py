@@ -35,3 +35,17 @@ def test_pipeline_and_train_speed_write_their_json_where_asked(covid_packed, tmp
     assert {(r["config"], r["source"]) for r in rows} == expected
     assert all(r["images_per_s"] > 0 for r in rows)
     assert committed == {p: p.read_bytes() for p in results.glob("*.json")}  # --json leaves them alone
+
+
+def test_ffcv_fields_compares_the_three_layouts(covid_packed, constant_data, tmp_path):
+    out = tmp_path / "fields.json"
+    result = bench("ffcv_fields.py", "--data", covid_packed, "--batch-size", "8", "--json", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert list(rows) == ["grey-ndarray (the ffcv backend's)", "rgb-jpg (q90)", "rgb-raw"]
+    assert rows["grey-ndarray (the ffcv backend's)"]["mean_abs_pixel_error"] == 0.0  # lossless, one channel
+    assert rows["rgb-raw"]["mean_abs_pixel_error"] == 0.0 and rows["rgb-jpg (q90)"]["mean_abs_pixel_error"] > 0
+    assert rows["rgb-raw"]["megabytes"] > rows["grey-ndarray (the ffcv backend's)"]["megabytes"]  # 3 channels
+    assert all(r["images_per_s_read"] > 0 for r in rows.values())
+    result = bench("ffcv_fields.py", "--data", constant_data, "--json", tmp_path / "mixed.json")
+    assert result.returncode == 1 and "sizes" in result.stderr and "Traceback" not in result.stderr
