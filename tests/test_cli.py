@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
-from tests.conftest import assert_one_line_error, run_prep
+from tests.conftest import REPO, assert_one_line_error, run_prep
 
 
 def test_all_packs_what_is_there_and_skips_the_rest(covid_sample, tmp_path):
@@ -74,3 +76,16 @@ def test_ffcv_writes_one_beton_per_split(covid_packed, tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (data / "ffcv").iterdir()) == ["train.beton", "val.beton"]
     assert_one_line_error(run_prep("ffcv", data, "--splits", "dev"), "split 'dev'")
+
+
+def test_info_into_a_closed_pipe_prints_no_traceback(covid_packed):
+    """`python -m prep info DIR | head -0`: the reader is gone before prep writes."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prep", "info", str(covid_packed)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait() == 141 and stderr == ""
