@@ -5,8 +5,8 @@ whose images must have 3 channels (the grey image repeated, one channel taken ba
 
 For the train split, each layout is written once, then read through FFCV's Loader on the CPU (decode, to tensor,
 one channel), after warm-up. Reported per layout: file size, write seconds, images/s read, and the mean absolute
-pixel error against the packed images (RGBImageField's JPEG is a second lossy generation). The JSON goes to --json,
-else to bench/results/ffcv-fields-cpu.json.
+pixel error against the packed images (RGBImageField's JPEG is a second lossy generation). The JSON goes to
+bench/results/ffcv-fields-cpu.json, and to --json too when given.
 """
 
 from __future__ import annotations

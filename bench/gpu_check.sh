@@ -19,6 +19,7 @@ mkdir -p "$OUT"
 work=$(mktemp -d)
 res=$work/results
 mkdir -p "$res"
+export TWINRAY_BENCH_RESULTS=$work/record  # each --json below is what comes back; the record copies stay out
 pack() {
   tar -czf "$OUT/results.tar.gz" -C "$res" .
   cp "$res/status.txt" "$OUT/status.txt" 2>/dev/null || true

@@ -5,7 +5,7 @@
 `baseline` is the study's way: a Dataset that opens PNG files with PIL and runs torchvision transforms on each
 image for both views, in a DataLoader with every core as a worker. The PNGs are the packed images written out once.
 Each backend runs `--warmup` batches, then is timed over `--batches` batches (CUDA is synchronised before the clock
-stops). The JSON goes to --json, else to bench/results/pipeline-<device>.json.
+stops). The JSON goes to bench/results/pipeline-<device>.json, and to --json too when given.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
-        "--json", type=Path, default=None, help="the JSON to write (default bench/results/pipeline-<device>.json)"
+        "--json", type=Path, default=None, help="also write the JSON here (it always goes to bench/results/)"
     )
     args = parser.parse_args()
 

@@ -1,12 +1,15 @@
-"""What every benchmark script shares: naming the machine, and saving its JSON (to --json, else bench/results/)."""
+"""What every benchmark script shares: naming the machine, and saving its JSON (in bench/results/, and to --json)."""
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# The record of each benchmark's latest run. Tests and dry runs point TWINRAY_BENCH_RESULTS elsewhere, so that they
+# leave the committed results alone.
+RESULTS = Path(os.environ.get("TWINRAY_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def cpu_name() -> str:
@@ -27,15 +30,16 @@ def device_name(device) -> str:
 
 
 def save(report: dict, name: str, extra: Path | None = None, quiet: bool = False) -> None:
-    """Writes `extra` when given, else bench/results/<name>.json: a run with --json elsewhere (a quick check, the GPU
-    script) leaves the committed results alone."""
-    path = extra or RESULTS / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from train.checkpoint import write_json  # atomic: a run killed mid-write leaves the previous file whole
+    """Writes RESULTS/<name>.json and, when given (--json), `extra` too; atomically, so that a run killed mid-write
+    leaves the previous file whole."""
+    from train.checkpoint import write_json
 
-    write_json(path, report)
+    paths = [RESULTS / f"{name}.json", *([Path(extra)] if extra else [])]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, report)
     if not quiet:
-        print(f"wrote {path}")
+        print("wrote " + ", ".join(map(str, paths)))
 
 
 def time_calls(call, warmup: int, count: int, device) -> float:

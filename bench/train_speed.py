@@ -10,7 +10,7 @@ Configurations, each adding one thing to the one before:
     d  c + torch.compile
 Each runs on synthetic batches kept on the device (the compute ceiling), and end to end with every loader backend
 given in --backends (a uses the baseline loader). Images/s counts images, not pairs (two views each). The JSON goes to
---json, else to bench/results/train_speed-<device>.json.
+bench/results/train_speed-<device>.json, and to --json too when given.
 """
 
 from __future__ import annotations
