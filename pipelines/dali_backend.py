@@ -6,8 +6,9 @@ Decoding runs with device='mixed' (nvJPEG) on a GPU and 'cpu' without one (`devi
 sample: a coin picks between the op's output and its input. Perspective matrices are drawn by twinray's own
 `geometry` code, with torchvision's meaning, and applied by `fn.experimental.warp_perspective`.
 
-DALI's random state cannot be set per batch, so a resumed epoch gets the same samples in the same order but not
-bit-identical views; the native backend is the one to use when that matters.
+DALI's random state cannot be set per batch, but a pipeline built with the same seed draws the same sequence. So a
+resumed epoch replays the batches before its start point and drops them: its views are bit-identical to an
+uninterrupted epoch's, at the cost of loading those batches once more.
 """
 
 from __future__ import annotations
@@ -42,8 +43,7 @@ class _EpochSource:
         order = rank_order(ld.rows, ld.seed, ld.epoch, ld.rank, ld.world_size)
         steps = [order[k * ld.batch_size : (k + 1) * ld.batch_size] for k in range(len(ld))]
         rng = torch.Generator().manual_seed(int(np.random.default_rng([ld.seed, ld.epoch, ld.rank]).integers(2**62)))
-        start = ld._take_start()
-        for rows in steps[start:]:
+        for rows in steps:  # from the epoch's start, even when resuming (see DALILoader.__iter__)
             if ld.data.encoding == "npy":
                 images = [decode_image(ld.data.image_bytes(i), "npy")[..., None] for i in rows]
             else:
@@ -189,13 +189,16 @@ class DALILoader(LoaderBase):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         output_map = [f"view{v}" for v in range(self.views)] + ["labels", "rows"]
+        skip = self._take_start()  # batches replayed and dropped, so that DALI's random draws line up
         pipeline = _build_pipeline(self, self.device_id, self.threads)
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         iterator = DALIGenericIterator(
             pipeline, output_map, last_batch_policy=policy, auto_reset=False, prepare_first_batch=False
         )
         try:
-            for out in iterator:
+            for step, out in enumerate(iterator):
+                if step < skip:
+                    continue
                 batch = out[0]
                 views = tuple(
                     batch[f"view{v}"].to(self.device).contiguous(memory_format=torch.channels_last)
