@@ -122,9 +122,22 @@ def main() -> None:
     data = PackedDataset(args.data)
     cores = len(os.sched_getaffinity(0))
     results = {}
+    report = {
+        "benchmark": "pipeline",
+        "date": date.today().isoformat(),
+        "device": device_name(device) + ("" if device.type == "cuda" else f" ({cores} cores)"),
+        "data": str(args.data),
+        "images": len(data.indices("train")),
+        "recipe": recipe.name,
+        "size": args.size,
+        "batch_size": args.batch_size,
+        "encoding": data.encoding,
+        "results": results,
+    }
     # The baseline first: its workers fork before any loader has started a thread (forking beside a busy thread
     # can leave a child holding a lock forever).
-    for backend in sorted(args.backends.split(","), key=lambda b: b != "baseline"):
+    backends = sorted(args.backends.split(","), key=lambda b: b != "baseline")
+    for k, backend in enumerate(backends):
         if backend == "baseline":
             work = Path(tempfile.mkdtemp(prefix="twinray-bench-pipeline-"))
             files = export_pngs(data, data.indices("train"), work)
@@ -157,22 +170,8 @@ def main() -> None:
         if "baseline" in results:
             for row in results.values():
                 row["vs_baseline"] = round(row["pairs_per_s"] / results["baseline"]["pairs_per_s"], 2)
-        name = device_name(device) + ("" if device.type == "cuda" else f" ({cores} cores)")
-        report = {
-            "benchmark": "pipeline",
-            "date": date.today().isoformat(),
-            "device": name,
-            "data": str(args.data),
-            "images": len(data.indices("train")),
-            "recipe": recipe.name,
-            "size": args.size,
-            "batch_size": args.batch_size,
-            "encoding": data.encoding,
-            "results": results,
-        }
         # Saved after each backend, so a run cut short keeps what it measured.
-        report_save(report, f"pipeline-{device.type}", args.json, quiet=True)
-    report_save(report, f"pipeline-{device.type}", args.json)
+        report_save(report, f"pipeline-{device.type}", args.json, quiet=k < len(backends) - 1)
 
 
 if __name__ == "__main__":
