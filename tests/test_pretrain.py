@@ -99,6 +99,15 @@ def test_missing_data_is_one_line(tmp_path):
     assert_one_line_error(pretrain("--data", tmp_path / "nope", "--out", tmp_path / "run", *TINY), "nope")
 
 
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_leftover(tmp_path):
+    path = checkpoint.write_json(tmp_path / "r.json", {"a": 1})
+    with pytest.raises(RuntimeError):
+        with checkpoint.atomic(path) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert json.loads(path.read_text()) == {"a": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
 def test_checkpoint_round_trip_without_pickle(tmp_path):
     model = BarlowTwins(projector="32-16")
     optimizer = build_optimizer(model, "adamw", 1e-3, 1e-4, exclude_bias_norm=True)

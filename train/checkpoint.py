@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,23 +20,32 @@ from safetensors.torch import load_file, save_file
 PREFIX = "ckpt-"
 
 
-def save_weights(path: str | Path, module: torch.nn.Module, metadata: dict[str, str] | None = None) -> Path:
-    """A module's state dict as one safetensors file, written atomically (the old file stays until the rename)."""
+@contextmanager
+def atomic(path: str | Path):
+    """Yields a temporary path beside `path` to write; it replaces `path` only once the block succeeds, so a reader
+    never sees half a file and a failed write leaves the old one."""
     path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_weights(path: str | Path, module: torch.nn.Module, metadata: dict[str, str] | None = None) -> Path:
+    """A module's state dict as one safetensors file, written atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    return Path(path)
 
 
 def write_json(path: str | Path, obj) -> Path:
-    """Indented JSON, written atomically: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Indented JSON, written atomically."""
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    return Path(path)
 
 
 def _flatten(obj, path: str, tensors: dict[str, torch.Tensor]):

@@ -194,13 +194,13 @@ def summarise(rows: list[dict], keys: list[str]) -> list[dict]:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
+    from train.checkpoint import atomic
+
     fields = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)
 
 
 def draw(rows: list[dict], summary: list[dict], keys: list[str], metric: str, out: Path) -> Path:
