@@ -18,6 +18,7 @@ import contextlib
 import math
 import multiprocessing
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,40 @@ def _ffcv():
             import ffcv  # noqa: F401
     except ImportError:
         raise ValueError(MISSING) from None
+    _drop_numba_finalizer_keyerrors()
+
+
+def _is_numba_finalizer_keyerror(unraisable) -> bool:
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code if tb is not None else None
+    return (
+        unraisable.exc_type is KeyError
+        and code is not None
+        and code.co_name == "finalizer"
+        and code.co_filename.endswith(os.path.join("numba", "core", "dispatcher.py"))
+    )
+
+
+def _drop_numba_finalizer_keyerrors():
+    """Keeps one known, harmless ffcv 1.0.2 error out of sys.unraisablehook; every other one passes on.
+
+    ffcv's OS cache sets `.mutable = False` on numba's shared `uint8[::1]` type after numba has hashed it into a
+    compiled function's table. When a discarded Loader's functions are collected, numba's finalizer then misses that
+    key and raises KeyError (it only skips unregistering them). Python would print a traceback for each. Worse,
+    pytest formats it with `ast`, and if the collection happened inside another `ast` call, CPython 3.11.7 fails
+    that call with "AST constructor recursion depth mismatch" (gh-106905): it once failed CI in DALI's import."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_numba_finalizer_keyerrors", False):
+        return
+
+    def hook(unraisable):
+        if not _is_numba_finalizer_keyerror(unraisable):
+            previous(unraisable)
+
+    hook.drops_numba_finalizer_keyerrors = True
+    sys.unraisablehook = hook
 
 
 def beton_path(data_dir, split: str) -> Path:

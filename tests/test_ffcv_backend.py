@@ -15,10 +15,6 @@ from prep.format import LABEL_MISSING, PackedDataset, PackWriter, encode_image
 
 PLAIN = Recipe(name="plain", hflip=0.0)  # crop only: a constant image stays constant
 
-# ffcv 1.0.2 sets `.mutable = False` on numba array types after they are hashed into numba's tables; when a Loader's
-# compiled functions are freed, numba's finalizer then misses them: a KeyError that Python ignores and prints.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
 
 @pytest.fixture(scope="module")
 def multilabel_data(tmp_path_factory):
@@ -150,3 +146,32 @@ def test_cuda_matches_cpu(covid_packed):
     assert gpu.views[0].is_cuda and gpu.labels.is_cuda and gpu.views[0].shape == (8, 1, 64, 64)
     assert torch.equal(gpu.indices, cpu.indices) and torch.equal(gpu.labels.cpu(), cpu.labels)
     assert torch.allclose(gpu.views[0].cpu(), cpu.views[0], atol=1e-4)
+
+
+def test_discarded_loaders_print_nothing_but_other_finalizer_errors_still_do(constant_data, monkeypatch):
+    """ffcv 1.0.2 makes numba's finalizer raise KeyError for each discarded Loader (see
+    _drop_numba_finalizer_keyerrors); the backend drops exactly those and passes any other one on."""
+    import gc
+    import weakref
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_type))
+    for rank in range(3):  # the second Loader's collection is the first to raise
+        loader = FFCVLoader(constant_data, batch_size=10, recipe=PLAIN, size=16, rank=rank, world_size=3)
+        assert sum(len(b.indices) for b in loader) == 10
+    del loader
+    gc.collect()
+    assert seen == []
+
+    class Litter:
+        pass
+
+    def fail():
+        raise ValueError("a finalizer's own error")
+
+    litter = Litter()
+    litter.cycle = litter
+    weakref.finalize(litter, fail)
+    del litter
+    gc.collect()
+    assert seen == [ValueError]
