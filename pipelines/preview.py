@@ -15,7 +15,7 @@ import torch
 
 from pipelines.augment import Augment, load_recipe
 from pipelines.native import pad_batch
-from prep.errors import PrepError
+from prep.errors import PrepError, run_cli
 from prep.format import PackedDataset
 
 HEADER = 28
@@ -81,4 +81,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -1,5 +1,4 @@
-import sys
-
 from prep.cli import main
+from prep.errors import run_cli
 
-sys.exit(main())
+run_cli(main)

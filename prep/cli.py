@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -246,15 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        code = args.func(args)
-        sys.stdout.flush()  # a closed pipe shows up here, where it is handled, rather than at exit
-        return code
+        return args.func(args)
     except (PrepError, ValueError) as e:  # ValueError: a missing extra, named in the message
         print(f"prep: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prep: interrupted; nothing was published", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `prep info DIR | head`: the reader left; say nothing more, on closed stdout too
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # what a shell reports for SIGPIPE

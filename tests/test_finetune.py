@@ -343,3 +343,16 @@ def test_a_killed_run_resumes_after_its_last_epoch_and_ends_as_an_uninterrupted_
     changed = tmp_path / "changed"
     _start_and_kill(args, changed)
     assert_one_line_error(finetune(*args, "--out", changed, "--fraction", "0.5"), "holds a run with fraction 1.0")
+
+
+def test_a_reader_that_leaves_stops_the_run_quietly_after_saving_its_epoch(covid_packed, tmp_path):
+    """`finetune.py ... | head -0`: the epoch is saved before its line, then the run exits 141 without a traceback."""
+    out = tmp_path / "ft"
+    args = ["--data", covid_packed, "--init", "random", *SMALL, "--out", out]
+    proc = subprocess.Popen([sys.executable, "train/finetune.py", *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait() == 141, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert [p.name for p in out.glob("ckpt-*")] == ["ckpt-000000001"]

@@ -367,3 +367,22 @@ def test_cuda_run_compiles_in_bf16_and_resumes(demo_packed, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     numbers = [r["step"] for r in rows if not r.get("epoch_end")]
     assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) == 20  # 320 train / 32, two epochs
+
+
+def test_a_reader_that_leaves_stops_the_run_quietly_after_saving_its_epoch(covid_packed, tmp_path):
+    """`pretrain.py ... | head -0`: the first epoch line finds no reader. The epoch is saved before that line, the
+    run exits as a shell expects for SIGPIPE (141) without a traceback, and a re-run finishes from there."""
+    out = tmp_path / "run"
+    args = ["--data", covid_packed, "--out", out, "--epochs", "2", *TINY]
+    proc = subprocess.Popen([sys.executable, "train/pretrain.py", *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait() == 141, stderr[-2000:]
+    assert "Traceback" not in stderr and "Error" not in stderr
+    position = checkpoint.load(checkpoint.latest(out))["position"]
+    assert (position["epoch"], position["in_epoch"]) == (1, 0)
+    resumed = pretrain(*args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from ckpt-" in resumed.stdout and "epoch 1/2" not in resumed.stdout
+    assert (out / "backbone.safetensors").exists()

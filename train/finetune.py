@@ -28,7 +28,7 @@ from torch import nn  # noqa: E402
 
 from pipelines import build_loader  # noqa: E402
 from pipelines.loader import BACKENDS  # noqa: E402
-from prep.errors import OneLineParser, PrepError  # noqa: E402
+from prep.errors import OneLineParser, PrepError, run_cli  # noqa: E402
 from prep.format import PackedDataset  # noqa: E402
 from train import checkpoint, transfer  # noqa: E402
 from train.fractions import check_fraction, label_fraction  # noqa: E402
@@ -256,9 +256,9 @@ def run(args: argparse.Namespace) -> dict:
         if best is None or row["val_score"] > best["score"]:  # selection reads val only
             state = copy.deepcopy(model.state_dict())
             best = {"score": row["val_score"], "epoch": epoch + 1, "val": val, "state": state}
-        print(f"epoch {epoch + 1}/{args.epochs}  train_loss {row['train_loss']:.4f}  val {row['val_score']:.4f}")
         state = {"config": config, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
         checkpoint.save(args.out, epoch + 1, {**state, "history": history, "best": best}, keep=1)
+        print(f"epoch {epoch + 1}/{args.epochs}  train_loss {row['train_loss']:.4f}  val {row['val_score']:.4f}")
 
     model.load_state_dict(best["state"])
     test = task.metrics(*predict(model, _loader(args, "test"), task, device))  # read once, after selection
@@ -302,4 +302,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

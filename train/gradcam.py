@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from pipelines import build_loader  # noqa: E402
-from prep.errors import OneLineParser, PrepError  # noqa: E402
+from prep.errors import OneLineParser, PrepError, run_cli  # noqa: E402
 from prep.format import PackedDataset  # noqa: E402
 from train.finetune import Classifier  # noqa: E402
 from train.model import build_backbone  # noqa: E402
@@ -150,4 +150,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pipelines import build_loader  # noqa: E402
-from prep.errors import OneLineParser, PrepError  # noqa: E402
+from prep.errors import OneLineParser, PrepError, run_cli  # noqa: E402
 from train.loss import barlow_twins_loss  # noqa: E402
 from train.model import BarlowTwins  # noqa: E402
 from train.online_eval import certain_targets  # noqa: E402
@@ -148,4 +148,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -29,7 +29,7 @@ from accelerate.utils import set_seed  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from pipelines import build_loader  # noqa: E402
-from prep.errors import PrepError  # noqa: E402
+from prep.errors import PrepError, run_cli  # noqa: E402
 from prep.format import PackedDataset  # noqa: E402
 from train import checkpoint  # noqa: E402
 from train.config import ConfigError, PretrainConfig, from_args  # noqa: E402
@@ -349,9 +349,9 @@ def train(cfg: PretrainConfig) -> dict:
                 row.update(evaluate_knn(compiled, cfg, accelerator, len(data.classes), multilabel, bank))
             log(row)
             summary = row
+            save(epoch, 0)  # before the epoch line: a reader that has left (`| head`) costs no work
             score = " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("probe_acc", "knn")))
             accelerator.print(f"epoch {epoch}/{cfg.epochs}  mean loss {row.get('loss', float('nan')):.2f}  {score}")
-            save(epoch, 0)
     except StopRequested as why:
         accelerator.print(f"stopped ({why}) at step {step}; checkpoint saved, re-run to continue")
         accelerator.end_training()
@@ -376,4 +376,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

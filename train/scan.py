@@ -40,7 +40,7 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import yaml  # noqa: E402
 
-from prep.errors import OneLineParser, PrepError  # noqa: E402
+from prep.errors import OneLineParser, PrepError, run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"data", "out", "seeds", "finetune", "pretrain", "grid", "then", "metric"}
@@ -283,4 +283,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)
