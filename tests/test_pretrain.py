@@ -129,6 +129,30 @@ def test_checkpoint_round_trip_without_pickle(tmp_path):
     assert set(fresh.state_dict()["state"]) == set(optimizer.state_dict()["state"])
 
 
+@pytest.mark.parametrize("damage", ["truncated tensors", "mangled state", "missing tensor"])
+def test_a_damaged_checkpoint_is_one_line_naming_it(damage, tmp_path):
+    path = checkpoint.save(tmp_path, 7, {"w": torch.ones(3), "step": 7})
+    tensors, state = path / "tensors.safetensors", path / "state.json"
+    if damage == "truncated tensors":
+        tensors.write_bytes(tensors.read_bytes()[:20])
+    elif damage == "mangled state":
+        state.write_text(state.read_text()[:-3])
+    else:
+        state.write_text(state.read_text().replace('"/w"', '"/gone"'))
+    with pytest.raises(ValueError, match=r"ckpt-000000007: unreadable checkpoint \(.+\); delete it") as caught:
+        checkpoint.load(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_run_whose_checkpoint_is_damaged_stops_with_one_line(covid_packed, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain("--data", covid_packed, "--out", out, "--epochs", "1", *TINY).returncode == 0
+    saved = checkpoint.latest(out)
+    (saved / "tensors.safetensors").write_bytes(b"\0" * 10)
+    result = pretrain("--data", covid_packed, "--out", out, "--epochs", "2", *TINY)
+    assert_one_line_error(result, f"{saved}: unreadable checkpoint", "delete it")
+
+
 def test_projector_specs_and_zero_initialised_blocks():
     proj = build_projector(512, "8192-8192-8192")
     kinds = [type(m).__name__ for m in proj]

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 PREFIX = "ckpt-"
@@ -102,6 +103,11 @@ def latest(run_dir: str | Path) -> Path | None:
 
 
 def load(path: str | Path) -> dict:
+    """The state `save` stored; a damaged checkpoint (a bad copy, a full disk) is a ValueError naming it."""
     path = Path(path)
-    tensors = load_file(path / "tensors.safetensors")
-    return _unflatten(json.loads((path / "state.json").read_text()), tensors)
+    try:
+        tensors = load_file(path / "tensors.safetensors")
+        return _unflatten(json.loads((path / "state.json").read_text()), tensors)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:  # missing, cut short, or mangled
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: unreadable checkpoint ({why}); delete it to resume from the one before") from None
