@@ -20,7 +20,6 @@ import torch
 
 from pipelines.augment import Augment
 from pipelines.loader import Batch, LoaderBase, batch_seed, rank_order
-from prep.format import decode_image
 
 _DONE = object()
 
@@ -56,9 +55,7 @@ class NativeLoader(LoaderBase):
             with warnings.catch_warnings():  # the mmap is read-only; decode_jpeg only reads it
                 warnings.simplefilter("ignore", UserWarning)
                 return [torch.frombuffer(self.data.image_bytes(i), dtype=torch.uint8) for i in rows]
-        images = self.pool.map(
-            lambda i: torch.from_numpy(decode_image(self.data.image_bytes(i), self.data.encoding)), rows
-        )
+        images = self.pool.map(lambda i: torch.from_numpy(self.data.image(i)), rows)
         return pad_batch(list(images), pin=self.device.type == "cuda")
 
     def _to_device(self, host) -> tuple[torch.Tensor, torch.Tensor]:

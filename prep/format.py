@@ -243,7 +243,10 @@ def decode_image(data, encoding: str) -> np.ndarray:
         if array.dtype != np.uint8 or array.ndim != 2:
             raise ValueError(f"npy member holds {array.dtype} {array.shape}, not uint8 HxW")
         return array
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:  # empty bytes, for one
+        image = None
     if image is None or image.ndim != 2:
         raise ValueError(f"{encoding} member does not decode to a grey image")
     return image
@@ -295,11 +298,21 @@ class PackedDataset:
 
     def image_bytes(self, i: int) -> memoryview:
         row = self.index[i]
-        start = int(row["offset"])
-        return memoryview(self._shard(int(row["shard"])))[start : start + int(row["length"])]
+        start, end = int(row["offset"]), int(row["offset"]) + int(row["length"])
+        shard = self._shard(int(row["shard"]))
+        if end > len(shard):  # a shard cut short (a partial copy, a full disk): the index points past its end
+            raise PrepError(
+                f"{self.root / self.shard_names[int(row['shard'])]}: row {i} ends at byte {end}, past the shard's "
+                f"{len(shard)}; the shard is cut short (`python -m prep verify {self.root}` checks them all)"
+            )
+        return memoryview(shard)[start:end]
 
     def image(self, i: int) -> np.ndarray:
-        return decode_image(self.image_bytes(i), self.encoding)
+        try:
+            return decode_image(self.image_bytes(i), self.encoding)
+        except ValueError as e:
+            shard = self.shard_names[int(self.index[i]["shard"])]
+            raise PrepError(f"{self.root / shard}: row {i}: {e} (`python -m prep verify {self.root}`)") from None
 
     def metadata(self, i: int) -> dict:
         row = self.index[i]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipelines.native import NativeLoader
 from prep.errors import PrepError
 from prep.format import (
     INDEX,
@@ -170,3 +171,30 @@ def test_verify_names_a_corrupt_shard(tmp_path):
     shard.write_bytes(bytes(raw))
     with pytest.raises(PrepError, match="train-00001.tar: sha256"):
         list(verify(tmp_path))
+
+
+def test_a_shard_cut_short_names_the_shard_and_row(tmp_path):
+    _write(tmp_path, "png", _images(4), ["train"] * 4, shard_samples=2)
+    shard = tmp_path / "train-00001.tar"
+    shard.write_bytes(shard.read_bytes()[:600])  # a partial copy: rows 2 and 3 lie past the end
+    data = PackedDataset(tmp_path)
+    assert data.image(1).shape == _images(4)[1].shape  # the other shard still reads
+    with pytest.raises(PrepError, match=r"train-00001.tar: row 3 ends at byte \d+, past the shard's 600; .*verify"):
+        data.image(3)
+    loader = NativeLoader(tmp_path, batch_size=4, size=16, recipe="base", workers=1)
+    with pytest.raises(PrepError, match="train-00001.tar: row [23] ends at byte"):
+        list(loader)
+
+
+@pytest.mark.parametrize("encoding", ["png", "jpeg"])
+def test_a_member_that_does_not_decode_names_the_shard_and_row(encoding, tmp_path):
+    _write(tmp_path, encoding, _images(3), ["train"] * 3)
+    data = PackedDataset(tmp_path)
+    start = int(data.index[1]["offset"])
+    data.close()
+    shard = tmp_path / "train-00000.tar"
+    raw = bytearray(shard.read_bytes())
+    raw[start : start + 16] = bytes(16)  # the image's signature and header gone
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(PrepError, match=f"train-00000.tar: row 1: {encoding} member does not decode"):
+        PackedDataset(tmp_path).image(1)

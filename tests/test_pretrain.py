@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -151,6 +152,19 @@ def test_a_run_whose_checkpoint_is_damaged_stops_with_one_line(covid_packed, tmp
     (saved / "tensors.safetensors").write_bytes(b"\0" * 10)
     result = pretrain("--data", covid_packed, "--out", out, "--epochs", "2", *TINY)
     assert_one_line_error(result, f"{saved}: unreadable checkpoint", "delete it")
+
+
+def test_a_shard_cut_short_stops_the_run_with_one_line_naming_it(covid_packed, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(covid_packed, data)
+    shard = sorted(data.glob("train-*.tar"))[-1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    result = pretrain("--data", data, "--out", tmp_path / "run", "--epochs", "1", *TINY)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert re.fullmatch(
+        rf"pretrain: error: {shard}: row \d+ ends at byte \d+, past the shard's 1000; .*",
+        result.stderr.splitlines()[-1],
+    )
 
 
 def test_projector_specs_and_zero_initialised_blocks():
