@@ -20,9 +20,11 @@ import torch
 
 from pipelines.augment import geometry
 from pipelines.loader import Batch, LoaderBase, rank_order
+from prep.errors import PrepError
 from prep.format import decode_image
 
 MISSING_EXTRA = "backend 'dali' needs the dali extra: pip install 'twinray[dali]'"
+PREFETCH = 2  # batches DALI prepares ahead of the one handed out
 
 
 def _import_dali():
@@ -40,7 +42,7 @@ class _EpochSource:
 
     def __iter__(self):
         ld = self.loader
-        order = rank_order(ld.rows, ld.seed, ld.epoch, ld.rank, ld.world_size)
+        order = ld.epoch_order()
         steps = [order[k * ld.batch_size : (k + 1) * ld.batch_size] for k in range(len(ld))]
         rng = torch.Generator().manual_seed(int(np.random.default_rng([ld.seed, ld.epoch, ld.rank]).integers(2**62)))
         for rows in steps:  # from the epoch's start, even when resuming (see DALILoader.__iter__)
@@ -95,7 +97,7 @@ def _build_pipeline(loader: DALILoader, device_id: int | None, threads: int):
         num_threads=threads,
         device_id=device_id,
         seed=seed,
-        prefetch_queue_depth=2,
+        prefetch_queue_depth=PREFETCH,
         exec_dynamic=True,
     )
     def pipeline():
@@ -185,6 +187,20 @@ class DALILoader(LoaderBase):
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.threads = workers or len(os.sched_getaffinity(0))
 
+    def epoch_order(self) -> np.ndarray:
+        return rank_order(self.rows, self.seed, self.epoch, self.rank, self.world_size)
+
+    def _name_undecodable(self, step: int, error: RuntimeError) -> Exception:
+        """DALI's decoder names no sample when an image fails. Decoding the batches it may have been working on
+        (this one and the few it prefetches) with cv2 names the shard and row; otherwise DALI's error stands."""
+        order = self.epoch_order()[step * self.batch_size :][: (PREFETCH + 2) * self.batch_size]  # + margin
+        for row in order:
+            try:
+                self.data.image(int(row))
+            except PrepError as named:
+                return named
+        return error
+
     def __iter__(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -195,6 +211,7 @@ class DALILoader(LoaderBase):
         iterator = DALIGenericIterator(
             pipeline, output_map, last_batch_policy=policy, auto_reset=False, prepare_first_batch=False
         )
+        step = 0
         try:
             for step, out in enumerate(iterator):
                 if step < skip:
@@ -207,5 +224,7 @@ class DALILoader(LoaderBase):
                 labels = batch["labels"].to(self.device)
                 labels = labels.long() if self.data.task == "multiclass" else labels
                 yield Batch(views, labels, batch["rows"].cpu().long())
+        except RuntimeError as e:  # DALI reports a bad image as a "Critical error in pipeline"
+            raise self._name_undecodable(step, e) from None
         finally:
             del iterator, pipeline

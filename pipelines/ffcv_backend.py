@@ -150,9 +150,8 @@ def write_beton(data_dir, split: str, out_path=None) -> Path:
         writer = DatasetWriter(str(tmp), fields, page_size=page, num_workers=1)  # one worker keeps it simple
         writer.from_indexed_dataset(_Samples(data.root, rows, height, width, failed))
         if failed.value >= 0:
-            raise ValueError(
-                f"{data.root}: row {failed.value} does not decode; `python -m prep verify DIR` checks them all"
-            )
+            data.image(failed.value)  # the writer's process only passes the row on: this names shard and fault
+            raise ValueError(f"{data.root}: row {failed.value} failed to load (`python -m prep verify DIR`)")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

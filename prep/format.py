@@ -31,6 +31,8 @@ SPLITS = ("train", "val", "test")
 TASKS = ("multiclass", "multilabel")
 # prep encoding name -> member extension (the extensions DALI and webdataset key on)
 ENCODINGS = {"jpeg": "jpg", "png": "png", "npy": "npy"}
+# How each encoding's bytes begin. Checked on every read: GPU decoders (nvJPEG, DALI) fail badly on damaged bytes.
+SIGNATURES = {"jpeg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n", "npy": b"\x93NUMPY"}
 JPEG_QUALITY = 95
 # index.npy code for a multilabel label that is blank in the source (JSON null)
 LABEL_MISSING = -128
@@ -300,11 +302,13 @@ class PackedDataset:
         row = self.index[i]
         start, end = int(row["offset"]), int(row["offset"]) + int(row["length"])
         shard = self._shard(int(row["shard"]))
+        where = f"{self.root / self.shard_names[int(row['shard'])]}: row {i}"
+        verify = f"`python -m prep verify {self.root}` checks them all"
         if end > len(shard):  # a shard cut short (a partial copy, a full disk): the index points past its end
-            raise PrepError(
-                f"{self.root / self.shard_names[int(row['shard'])]}: row {i} ends at byte {end}, past the shard's "
-                f"{len(shard)}; the shard is cut short (`python -m prep verify {self.root}` checks them all)"
-            )
+            raise PrepError(f"{where} ends at byte {end}, past the shard's {len(shard)}; it is cut short ({verify})")
+        signature = SIGNATURES[self.encoding]
+        if shard[start : start + len(signature)] != signature:  # DALI's decoder crashes the process on such bytes
+            raise PrepError(f"{where} does not start as {self.encoding} bytes do; the shard is damaged ({verify})")
         return memoryview(shard)[start:end]
 
     def image(self, i: int) -> np.ndarray:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from pipelines import build_loader
 from pipelines.augment import Recipe
 from pipelines.native import pad_batch
+from prep.errors import PrepError
 from prep.format import PackedDataset
 
 PLAIN = Recipe(name="plain", hflip=0.0)  # crop only: a constant image stays constant
@@ -194,3 +198,40 @@ def test_dali_noise_and_jitter_follow_the_recipe(constant_data):
     factor = batch.views[0].flatten(1).mean(1) / (_values(data, batch.indices) / 255)
     unclipped = _values(data, batch.indices) < 150
     assert ((factor[unclipped] > 0.59) & (factor[unclipped] < 1.41)).all() and factor.std() > 0.05
+
+
+def _damaged_copy(packed, tmp_path, start: int, stop: int) -> tuple[Path, int]:
+    """A copy of `packed` with bytes [start, stop) of one train image zeroed; returns it and the row."""
+    root = tmp_path / "damaged"
+    shutil.copytree(packed, root, ignore=shutil.ignore_patterns("ffcv"))
+    data = PackedDataset(root)
+    row = int(data.indices("train")[3])
+    offset, shard = int(data.index[row]["offset"]), root / data.shard_names[int(data.index[row]["shard"])]
+    data.close()
+    raw = bytearray(shard.read_bytes())
+    raw[offset + start : offset + stop] = bytes(stop - start)
+    shard.write_bytes(bytes(raw))
+    return root, row
+
+
+def test_a_damaged_image_stops_every_backend_with_its_shard_and_row(covid_packed, backend, tmp_path):
+    root, row = _damaged_copy(covid_packed, tmp_path, 0, 16)
+    with pytest.raises(PrepError, match=rf"train-\d+\.tar: row {row} does not start as jpeg bytes do; .*verify"):
+        for _ in build_loader(root, backend=backend, batch_size=8, recipe=PLAIN, size=16, seed=0, drop_last=False):
+            pass  # the FFCV backend fails while writing its beton, the others while loading
+
+
+def test_dali_names_the_image_its_decoder_failed_on(covid_packed, tmp_path):
+    """DALI's decode error names no sample (and DALI may crash instead of raising, so this is not run through it):
+    the loader decodes the batches DALI was working on with cv2 to name it."""
+    from pipelines.dali_backend import DALILoader
+
+    root, row = _damaged_copy(covid_packed, tmp_path, 8, 300)  # the JPEG signature stays
+    loader = DALILoader(root, batch_size=8, recipe=PLAIN, size=16, seed=0)
+    position = int(np.flatnonzero(loader.epoch_order() == row)[0])
+    dali_error = RuntimeError("Critical error in pipeline")
+    named = loader._name_undecodable(position // 8, dali_error)
+    assert isinstance(named, PrepError) and f"row {row}: jpeg member does not decode" in str(named)
+    assert loader._name_undecodable(position // 8 + 5, dali_error) is dali_error  # not among those batches
+    clean = DALILoader(covid_packed, batch_size=8, recipe=PLAIN, size=16, seed=0)
+    assert clean._name_undecodable(0, dali_error) is dali_error
