@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from pipelines.augment import geometry
-from pipelines.loader import Batch, LoaderBase, rank_order
-from prep.errors import PrepError
+from pipelines.loader import Batch, LoaderBase
 from prep.format import decode_image
 
 MISSING_EXTRA = "backend 'dali' needs the dali extra: pip install 'twinray[dali]'"
@@ -187,20 +186,6 @@ class DALILoader(LoaderBase):
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.threads = workers or len(os.sched_getaffinity(0))
 
-    def epoch_order(self) -> np.ndarray:
-        return rank_order(self.rows, self.seed, self.epoch, self.rank, self.world_size)
-
-    def _name_undecodable(self, step: int, error: RuntimeError) -> Exception:
-        """DALI's decoder names no sample when an image fails. Decoding the batches it may have been working on
-        (this one and the few it prefetches) with cv2 names the shard and row; otherwise DALI's error stands."""
-        order = self.epoch_order()[step * self.batch_size :][: (PREFETCH + 2) * self.batch_size]  # + margin
-        for row in order:
-            try:
-                self.data.image(int(row))
-            except PrepError as named:
-                return named
-        return error
-
     def __iter__(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -224,7 +209,8 @@ class DALILoader(LoaderBase):
                 labels = batch["labels"].to(self.device)
                 labels = labels.long() if self.data.task == "multiclass" else labels
                 yield Batch(views, labels, batch["rows"].cpu().long())
-        except RuntimeError as e:  # DALI reports a bad image as a "Critical error in pipeline"
-            raise self._name_undecodable(step, e) from None
+        except RuntimeError as e:  # DALI reports a bad image as a "Critical error in pipeline", naming none
+            working_on = self.epoch_order()[step * self.batch_size :][: (PREFETCH + 2) * self.batch_size]  # + margin
+            raise self.name_undecodable(working_on, e) from None
         finally:
             del iterator, pipeline

@@ -72,6 +72,22 @@ class LoaderBase:
         start, self.start_step = self.start_step, 0
         return start
 
+    def epoch_order(self) -> np.ndarray:
+        """This rank's rows for the current epoch, in order."""
+        return rank_order(self.rows, self.seed, self.epoch, self.rank, self.world_size)
+
+    def name_undecodable(self, rows, error: Exception) -> Exception:
+        """GPU decoders (nvJPEG, DALI) fail without naming the image. Decoding `rows` with cv2 names its shard and
+        row (a PrepError); where they all decode, the decoder's own error stands."""
+        from prep.errors import PrepError
+
+        for row in rows:
+            try:
+                self.data.image(int(row))
+            except PrepError as named:
+                return named
+        return error
+
 
 def rank_order(rows: np.ndarray, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
     """This rank's rows for one epoch: one permutation shared by all ranks (seeded by seed and epoch), cut to a

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipelines.augment import Augment
-from pipelines.loader import Batch, LoaderBase, batch_seed, rank_order
+from pipelines.loader import Batch, LoaderBase, batch_seed
 
 _DONE = object()
 
@@ -58,7 +58,7 @@ class NativeLoader(LoaderBase):
         images = self.pool.map(lambda i: torch.from_numpy(self.data.image(i)), rows)
         return pad_batch(list(images), pin=self.device.type == "cuda")
 
-    def _to_device(self, host) -> tuple[torch.Tensor, torch.Tensor]:
+    def _to_device(self, host, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if self.gpu_jpeg:
             from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -66,7 +66,10 @@ class NativeLoader(LoaderBase):
             # does not wait for this stream's queued work, so it may overwrite memory that the previous batch's
             # augmentation still reads (pytorch/vision#9606). Let that work finish first; only this thread waits.
             torch.cuda.current_stream(self.device).synchronize()
-            decoded = decode_jpeg(host, mode=ImageReadMode.GRAY, device=self.device)
+            try:
+                decoded = decode_jpeg(host, mode=ImageReadMode.GRAY, device=self.device)
+            except RuntimeError as e:  # nvJPEG's error names no image
+                raise self.name_undecodable(rows, e) from None
             return pad_batch(decoded)
         batch, sizes = host
         return batch.to(self.device, non_blocking=True), sizes
@@ -74,7 +77,7 @@ class NativeLoader(LoaderBase):
     def _prepare(self, step: int, rows: np.ndarray) -> Batch:
         """One finished batch. The augmentation seed depends on (seed, epoch, step, rank) alone, so a resumed epoch
         draws the same views as an uninterrupted one."""
-        images, sizes = self._to_device(self._host_batch(rows))
+        images, sizes = self._to_device(self._host_batch(rows), rows)
         self.augment.generator.manual_seed(batch_seed(self.seed, self.epoch, step, self.rank))
         views = tuple(self.augment(images, sizes) for _ in range(self.views))
         labels = self.labels[rows].to(self.device, non_blocking=True)
@@ -107,7 +110,7 @@ class NativeLoader(LoaderBase):
         put(_DONE)
 
     def __iter__(self):
-        order = rank_order(self.rows, self.seed, self.epoch, self.rank, self.world_size)
+        order = self.epoch_order()
         n_batches = len(self)
         steps = [order[k * self.batch_size : (k + 1) * self.batch_size] for k in range(n_batches)]
         start = self._take_start()

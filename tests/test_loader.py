@@ -6,7 +6,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -221,17 +220,24 @@ def test_a_damaged_image_stops_every_backend_with_its_shard_and_row(covid_packed
             pass  # the FFCV backend fails while writing its beton, the others while loading
 
 
-def test_dali_names_the_image_its_decoder_failed_on(covid_packed, tmp_path):
-    """DALI's decode error names no sample (and DALI may crash instead of raising, so this is not run through it):
-    the loader decodes the batches DALI was working on with cv2 to name it."""
-    from pipelines.dali_backend import DALILoader
-
+@pytest.mark.parametrize("backend", ["native", "dali"])  # FFCV decodes nothing: its beton holds raw pixels
+def test_a_gpu_decoders_error_is_named_by_decoding_its_rows_on_the_cpu(covid_packed, backend, tmp_path):
+    """nvJPEG's and DALI's errors name no image, and DALI may crash instead of raising, so this is not run through
+    them: the loaders hand the rows the decoder was working on to `name_undecodable`."""
     root, row = _damaged_copy(covid_packed, tmp_path, 8, 300)  # the JPEG signature stays
-    loader = DALILoader(root, batch_size=8, recipe=PLAIN, size=16, seed=0)
-    position = int(np.flatnonzero(loader.epoch_order() == row)[0])
-    dali_error = RuntimeError("Critical error in pipeline")
-    named = loader._name_undecodable(position // 8, dali_error)
+    loader = build_loader(root, backend=backend, batch_size=8, recipe=PLAIN, size=16, seed=0)
+    order = loader.epoch_order()
+    decoder_error = RuntimeError("nvjpeg: decode failed")
+    named = loader.name_undecodable(order, decoder_error)
     assert isinstance(named, PrepError) and f"row {row}: jpeg member does not decode" in str(named)
-    assert loader._name_undecodable(position // 8 + 5, dali_error) is dali_error  # not among those batches
-    clean = DALILoader(covid_packed, batch_size=8, recipe=PLAIN, size=16, seed=0)
-    assert clean._name_undecodable(0, dali_error) is dali_error
+    assert loader.name_undecodable(order[order != row], decoder_error) is decoder_error
+
+
+@pytest.mark.gpu
+def test_cuda_names_a_jpeg_that_nvjpeg_cannot_decode(covid_packed, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    root, row = _damaged_copy(covid_packed, tmp_path, 8, 300)
+    with pytest.raises(PrepError, match=rf"row {row}: jpeg member does not decode"):
+        for _ in build_loader(root, batch_size=8, size=16, device="cuda", seed=0, drop_last=False):
+            pass
