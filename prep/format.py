@@ -302,21 +302,24 @@ class PackedDataset:
         row = self.index[i]
         start, end = int(row["offset"]), int(row["offset"]) + int(row["length"])
         shard = self._shard(int(row["shard"]))
-        where = f"{self.root / self.shard_names[int(row['shard'])]}: row {i}"
-        verify = f"`python -m prep verify {self.root}` checks them all"
         if end > len(shard):  # a shard cut short (a partial copy, a full disk): the index points past its end
-            raise PrepError(f"{where} ends at byte {end}, past the shard's {len(shard)}; it is cut short ({verify})")
+            raise self._damaged(i, f" ends at byte {end}, past the shard's {len(shard)}; it is cut short")
         signature = SIGNATURES[self.encoding]
         if shard[start : start + len(signature)] != signature:  # DALI's decoder crashes the process on such bytes
-            raise PrepError(f"{where} does not start as {self.encoding} bytes do; the shard is damaged ({verify})")
+            raise self._damaged(i, f" does not start as {self.encoding} bytes do; the shard is damaged")
         return memoryview(shard)[start:end]
 
     def image(self, i: int) -> np.ndarray:
         try:
             return decode_image(self.image_bytes(i), self.encoding)
         except ValueError as e:
-            shard = self.shard_names[int(self.index[i]["shard"])]
-            raise PrepError(f"{self.root / shard}: row {i}: {e} (`python -m prep verify {self.root}`)") from None
+            raise self._damaged(i, f": {e}") from None
+
+    def _damaged(self, i: int, what: str) -> PrepError:
+        """One line naming row i's shard and what is wrong (`what` follows "row i"); built only on failure, as reads
+        are a hot path."""
+        shard = self.root / self.shard_names[int(self.index[i]["shard"])]
+        return PrepError(f"{shard}: row {i}{what} (`python -m prep verify {self.root}` checks them all)")
 
     def metadata(self, i: int) -> dict:
         row = self.index[i]
