@@ -39,7 +39,7 @@ demo: install
 	$(PY) -m prep covid --src $(DEMO)/raw/COVID-19_Radiography_Dataset --out $(DEMO)/packed
 	$(PY) -m prep verify $(DEMO)/packed
 	$(PY) -m prep info $(DEMO)/packed
-	$(PY) -m pipelines.preview --data $(DEMO)/packed --recipe seed-final --out $(DEMO)/preview-seed-final.png
+	$(PY) -m twinray.pipelines.preview --data $(DEMO)/packed --recipe seed-final --out $(DEMO)/preview-seed-final.png
 	$(PY) train/pretrain.py --data $(DEMO)/packed --out $(DEMO)/pretrain --epochs 4 --size 64 --batch-size 64 \
 	    --wandb offline --log-every 1
 	$(PY) train/scan.py configs/demo-scan.yaml --out $(DEMO)/scan

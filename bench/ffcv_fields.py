@@ -19,17 +19,13 @@ import time
 from datetime import date
 from pathlib import Path
 
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
-
-from bench.report import device_name  # noqa: E402
-from bench.report import save as report_save  # noqa: E402
-from pipelines.ffcv_backend import _ffcv, _torch_threads_kept, write_beton  # noqa: E402
-from prep.format import PackedDataset  # noqa: E402
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from twinray.bench.report import device_name
+from twinray.bench.report import save as report_save
+from twinray.pipelines.ffcv_backend import _ffcv, _torch_threads_kept, write_beton
+from twinray.prep.format import PackedDataset
 
 PASSES = 7  # a pass over a small split takes milliseconds: one pass is noise
 

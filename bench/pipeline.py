@@ -13,29 +13,23 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 from datetime import date
 from functools import partial
 from pathlib import Path
 
-# Run as a script, this folder heads sys.path; the repository root must come first.
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import cv2  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision.transforms import v2  # noqa: E402
-
-from bench.report import (
-    device_name,  # noqa: E402
-    time_calls,  # noqa: E402
+import cv2
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+from twinray.bench.report import (
+    device_name,
+    time_calls,
 )
-from bench.report import save as report_save  # noqa: E402
-from pipelines import build_loader  # noqa: E402
-from pipelines.augment import load_recipe  # noqa: E402
-from prep.format import PackedDataset  # noqa: E402
+from twinray.bench.report import save as report_save
+from twinray.pipelines import build_loader
+from twinray.pipelines.augment import load_recipe
+from twinray.prep.format import PackedDataset
 
 
 class StudyNoise:

@@ -32,7 +32,7 @@ def device_name(device) -> str:
 def save(report: dict, name: str, extra: Path | None = None, quiet: bool = False) -> None:
     """Writes RESULTS/<name>.json and, when given (--json), `extra` too; atomically, so that a run killed mid-write
     leaves the previous file whole."""
-    from train.checkpoint import write_json
+    from twinray.atomic import write_json
 
     paths = [RESULTS / f"{name}.json", *([Path(extra)] if extra else [])]
     for path in paths:

@@ -25,9 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 FIELDS = [
     "backbone",
     "channels",
@@ -53,9 +50,8 @@ def parse_bytes(text: str) -> int:
 def run_cell(cell: dict) -> dict:
     """One grid cell, in this process: returns the row (status ok, oom or error)."""
     import torch
-
-    from train.loss import barlow_twins_loss
-    from train.model import BarlowTwins
+    from twinray.train.loss import barlow_twins_loss
+    from twinray.train.model import BarlowTwins
 
     device = torch.device(cell["device"])
     if device.type == "cuda" and device.index is None:  # set_per_process_memory_fraction wants an index
@@ -290,7 +286,7 @@ def compare(args, base: dict) -> dict:
 
 def save_tables(rows: list[dict], args, base: dict) -> dict:
     """cells.csv and cells.json, rewritten after every cell so that a grid cut short keeps what it measured."""
-    from bench.report import device_name
+    from twinray.bench.report import device_name
 
     with open(args.out / "cells.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")

@@ -18,26 +18,21 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 from datetime import date
 from pathlib import Path
 
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import torch  # noqa: E402
-
-from bench.pipeline import PngPairs, cycle, export_pngs, study_transform  # noqa: E402
-from bench.report import (
-    device_name,  # noqa: E402
-    time_calls,  # noqa: E402
+import torch
+from twinray.bench.pipeline import PngPairs, cycle, export_pngs, study_transform
+from twinray.bench.report import (
+    device_name,
+    time_calls,
 )
-from bench.report import save as report_save  # noqa: E402
-from pipelines import build_loader  # noqa: E402
-from pipelines.augment import load_recipe  # noqa: E402
-from prep.format import PackedDataset  # noqa: E402
-from train.loss import barlow_twins_loss  # noqa: E402
-from train.model import BarlowTwins  # noqa: E402
+from twinray.bench.report import save as report_save
+from twinray.pipelines import build_loader
+from twinray.pipelines.augment import load_recipe
+from twinray.prep.format import PackedDataset
+from twinray.train.loss import barlow_twins_loss
+from twinray.train.model import BarlowTwins
 
 COVID_IMAGES = 21_165
 CONFIGS = {

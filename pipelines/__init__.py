@@ -1,5 +1,5 @@
 """Loaders and batched augmentation over the packed format: `build_loader(...)` and `pipelines.augment`."""
 
-from pipelines.loader import BACKENDS, Batch, build_loader
+from twinray.pipelines.loader import BACKENDS, Batch, build_loader
 
 __all__ = ["BACKENDS", "Batch", "build_loader"]

@@ -17,10 +17,9 @@ import os
 
 import numpy as np
 import torch
-
-from pipelines.augment import geometry
-from pipelines.loader import Batch, LoaderBase
-from prep.format import decode_image
+from twinray.pipelines.augment import geometry
+from twinray.pipelines.loader import Batch, LoaderBase
+from twinray.prep.format import decode_image
 
 MISSING_EXTRA = "backend 'dali' needs the dali extra: pip install 'twinray[dali]'"
 PREFETCH = 2  # batches DALI prepares ahead of the one handed out

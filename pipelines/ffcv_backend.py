@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-
-from pipelines.augment import Augment
-from pipelines.loader import Batch, LoaderBase, batch_seed, rank_order
-from prep.format import PackedDataset
+from twinray.pipelines.augment import Augment
+from twinray.pipelines.loader import Batch, LoaderBase, batch_seed, rank_order
+from twinray.prep.format import PackedDataset
 
 MISSING = (
     "backend 'ffcv' needs the ffcv extra: pip install 'twinray[ffcv]' "

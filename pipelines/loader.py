@@ -42,8 +42,8 @@ class LoaderBase:
         drop_last: bool = True,
         rows=None,
     ):
-        from pipelines.augment import load_recipe
-        from prep.format import PackedDataset
+        from twinray.pipelines.augment import load_recipe
+        from twinray.prep.format import PackedDataset
 
         self.data = PackedDataset(data)
         self.split = split
@@ -78,13 +78,13 @@ class LoaderBase:
 
     def name_undecodable(self, rows, error: Exception) -> Exception:
         """GPU decoders (nvJPEG, DALI) fail without naming the image. Decoding `rows` with cv2 names its shard and
-        row (a PrepError); where they all decode, the decoder's own error stands."""
-        from prep.errors import PrepError
+        row (a InputError); where they all decode, the decoder's own error stands."""
+        from twinray.cli import InputError
 
         for row in rows:
             try:
                 self.data.image(int(row))
-            except PrepError as named:
+            except InputError as named:
                 return named
         return error
 
@@ -141,13 +141,13 @@ def build_loader(
         rows=rows,
     )
     if backend == "native":
-        from pipelines.native import NativeLoader
+        from twinray.pipelines.native import NativeLoader
 
         return NativeLoader(data, **kwargs)
     if backend == "dali":
-        from pipelines.dali_backend import DALILoader
+        from twinray.pipelines.dali_backend import DALILoader
 
         return DALILoader(data, **kwargs)
-    from pipelines.ffcv_backend import FFCVLoader
+    from twinray.pipelines.ffcv_backend import FFCVLoader
 
     return FFCVLoader(data, **kwargs)

@@ -17,9 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-
-from pipelines.augment import Augment
-from pipelines.loader import Batch, LoaderBase, batch_seed
+from twinray.pipelines.augment import Augment
+from twinray.pipelines.loader import Batch, LoaderBase, batch_seed
 
 _DONE = object()
 

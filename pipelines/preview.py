@@ -1,6 +1,6 @@
 """See what the model sees: original images beside their augmented views, as one PNG (like the study's figs. 7-9).
 
-python -m pipelines.preview --data data/demo/packed --recipe seed-final --out grid.png [--n 6] [--views 2]
+python -m twinray.pipelines.preview --data data/demo/packed --recipe seed-final --out grid.png [--n 6] [--views 2]
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from twinray.pipelines.augment import Augment, load_recipe
+from twinray.pipelines.native import pad_batch
+from twinray.prep.format import PackedDataset
 
-from pipelines.augment import Augment, load_recipe
-from pipelines.native import pad_batch
-from prep.errors import PrepError, run_cli
-from prep.format import PackedDataset
+from twinray.cli import InputError, run_cli
 
 HEADER = 28
 
@@ -38,7 +38,7 @@ def preview_grid(data_dir, recipe="seed-final", n: int = 6, views: int = 2, spli
     data = PackedDataset(data_dir)
     rows = data.indices(split)[:n]
     if len(rows) == 0:
-        raise PrepError(f"{data_dir}: split {split!r} is empty")
+        raise InputError(f"{data_dir}: split {split!r} is empty")
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     originals = [data.image(int(i)) for i in rows]
     batch, sizes = pad_batch([torch.from_numpy(im) for im in originals])
@@ -57,7 +57,9 @@ def preview_grid(data_dir, recipe="seed-final", n: int = 6, views: int = 2, spli
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.preview", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m twinray.pipelines.preview",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--recipe", default="seed-final", help="a named recipe, base+op+..., or a .yaml file")
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         grid = preview_grid(args.data, args.recipe, args.n, args.views, args.split, args.seed)
-    except (PrepError, ValueError) as e:
+    except (InputError, ValueError) as e:
         print(f"preview: error: {e}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-from prep.cli import main
-from prep.errors import run_cli
+from twinray.prep.cli import main
+
+from twinray.cli import run_cli
 
 run_cli(main)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+from twinray.prep.format import MANIFEST, SPLITS, PackWriter
+from twinray.prep.images import ImageError, convert_file
 
-from prep.errors import PrepError
-from prep.format import MANIFEST, SPLITS, PackWriter
-from prep.images import ImageError, convert_file
+from twinray.cli import InputError
 
 
 @dataclass
@@ -106,7 +106,7 @@ def check_output(out: Path, force: bool) -> dict | None:
     if manifest.is_file():
         return None if force else json.loads(manifest.read_text())
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise PrepError(f"{out}: exists and is not a packed dataset; pick another --out or empty it")
+        raise InputError(f"{out}: exists and is not a packed dataset; pick another --out or empty it")
     return None
 
 
@@ -127,11 +127,11 @@ def pack(
     if existing is not None:
         return Result(out, existing, written=False)
     if size < 8:
-        raise PrepError(f"--size {size} is too small (at least 8)")
+        raise InputError(f"--size {size} is too small (at least 8)")
     if shard_samples < 1:
-        raise PrepError(f"--shard-samples {shard_samples} must be at least 1")
+        raise InputError(f"--shard-samples {shard_samples} must be at least 1")
     if not plan.records:
-        raise PrepError(f"no images found for {plan.dataset}")
+        raise InputError(f"no images found for {plan.dataset}")
     workers = workers or default_workers()
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
@@ -164,7 +164,7 @@ def pack(
                 pool.terminate()
         if len(writer) == 0:
             first = f"; first: {skipped[0]['source']}: {skipped[0]['reason']}" if skipped else ""
-            raise PrepError(f"no image of {plan.dataset} could be read ({len(skipped)} skipped{first})")
+            raise InputError(f"no image of {plan.dataset} could be read ({len(skipped)} skipped{first})")
         manifest = writer.finish(
             {
                 "skipped": sorted(skipped, key=lambda s: s["source"]),

@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from twinray.prep import build
+from twinray.prep.datasets import chexpert, covid, folder
+from twinray.prep.format import ENCODINGS, LABEL_MISSING, SPLITS, PackedDataset, verify
 
-from prep import build
-from prep.datasets import chexpert, covid, folder
-from prep.errors import OneLineParser, PrepError
-from prep.format import ENCODINGS, LABEL_MISSING, SPLITS, PackedDataset, verify
+from twinray.cli import InputError, OneLineParser
 
 
 def _positive_int(text: str) -> int:
@@ -87,7 +87,7 @@ def cmd_folder(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from prep import sample
+    from twinray.prep import sample
 
     root = sample.generate(
         args.out,
@@ -121,12 +121,12 @@ def cmd_all(args) -> int:
 
 def cmd_ffcv(args) -> int:
     """One .beton per split for the FFCV backend (it also writes them itself when missing)."""
-    from pipelines.ffcv_backend import write_beton
+    from twinray.pipelines.ffcv_backend import write_beton
 
     data = PackedDataset(args.dir)
     for split in args.splits.split(","):
         if split not in SPLITS:
-            raise PrepError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+            raise InputError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         if data.manifest["splits"][split]:
             print(f"wrote {write_beton(args.dir, split)}")
     return 0
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (PrepError, ValueError) as e:  # ValueError: a missing extra, named in the message
+    except (InputError, ValueError) as e:  # ValueError: a missing extra, named in the message
         print(f"prep: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

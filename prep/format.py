@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from prep.errors import PrepError
+from twinray.cli import InputError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -143,9 +143,9 @@ class PackWriter:
 
     def __post_init__(self):
         if self.task not in TASKS:
-            raise PrepError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
+            raise InputError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
         if self.encoding not in ENCODINGS:
-            raise PrepError(f"encoding {self.encoding!r} is not one of {', '.join(ENCODINGS)}")
+            raise InputError(f"encoding {self.encoding!r} is not one of {', '.join(ENCODINGS)}")
         self.out_dir = Path(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._shard_order: list[str] = []
@@ -166,7 +166,7 @@ class PackWriter:
     def add(self, split: str, image: bytes, height: int, width: int, meta: dict) -> None:
         """`meta` is the sample JSON; it must hold `label` (multiclass) or `labels` (multilabel)."""
         if split not in SPLITS:
-            raise PrepError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+            raise InputError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         shard = self._shard_for(split)
         key = f"{split}-{self._counts[split]:07d}"
         meta = {**meta, "split": split}
@@ -234,7 +234,7 @@ def encode_image(image: np.ndarray, encoding: str) -> bytes:
     params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if encoding == "jpeg" else [cv2.IMWRITE_PNG_COMPRESSION, 6]
     ok, data = cv2.imencode(".jpg" if encoding == "jpeg" else ".png", image, params)
     if not ok:
-        raise PrepError(f"could not encode an image of shape {image.shape} as {encoding}")
+        raise InputError(f"could not encode an image of shape {image.shape} as {encoding}")
     return data.tobytes()
 
 
@@ -261,16 +261,16 @@ class PackedDataset:
         self.root = Path(root)
         manifest_path = self.root / MANIFEST
         if not self.root.is_dir():
-            raise PrepError(f"{self.root}: no such directory")
+            raise InputError(f"{self.root}: no such directory")
         if not manifest_path.is_file():
-            raise PrepError(f"{self.root}: not a packed dataset (no {MANIFEST}; an interrupted prep leaves none)")
+            raise InputError(f"{self.root}: not a packed dataset (no {MANIFEST}; an interrupted prep leaves none)")
         try:
             self.manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as e:
-            raise PrepError(f"{manifest_path}: not valid JSON ({e})") from None
+            raise InputError(f"{manifest_path}: not valid JSON ({e})") from None
         version = self.manifest.get("format_version")
         if version != FORMAT_VERSION:
-            raise PrepError(f"{manifest_path}: format_version {version!r}, this twinray reads {FORMAT_VERSION}")
+            raise InputError(f"{manifest_path}: format_version {version!r}, this twinray reads {FORMAT_VERSION}")
         self.task: str = self.manifest["task"]
         self.classes: list[str] = self.manifest["classes"]
         self.encoding: str = self.manifest["image"]["encoding"]
@@ -278,7 +278,7 @@ class PackedDataset:
         try:
             self.index = np.load(self.root / INDEX, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise PrepError(f"{self.root / INDEX}: unreadable index ({e})") from None
+            raise InputError(f"{self.root / INDEX}: unreadable index ({e})") from None
         self._maps: dict[int, mmap.mmap] = {}
 
     def __len__(self) -> int:
@@ -287,7 +287,7 @@ class PackedDataset:
     def indices(self, split: str) -> np.ndarray:
         """Row numbers of one split, in shard order."""
         if split not in SPLITS:
-            raise PrepError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+            raise InputError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         return np.flatnonzero(self.index["split"] == SPLITS.index(split))
 
     def _shard(self, number: int) -> mmap.mmap:
@@ -315,11 +315,11 @@ class PackedDataset:
         except ValueError as e:
             raise self._damaged(i, f": {e}") from None
 
-    def _damaged(self, i: int, what: str) -> PrepError:
+    def _damaged(self, i: int, what: str) -> InputError:
         """One line naming row i's shard and what is wrong (`what` follows "row i"); built only on failure, as reads
         are a hot path."""
         shard = self.root / self.shard_names[int(self.index[i]["shard"])]
-        return PrepError(f"{shard}: row {i}{what} (`python -m prep verify {self.root}` checks them all)")
+        return InputError(f"{shard}: row {i}{what} (`python -m prep verify {self.root}` checks them all)")
 
     def metadata(self, i: int) -> dict:
         row = self.index[i]
@@ -350,18 +350,18 @@ def _read_dali_index(path: Path) -> list[list[str]]:
 
 
 def verify(root: str | Path) -> Iterator[str]:
-    """Checks everything and yields progress lines; raises PrepError naming the first problem found."""
+    """Checks everything and yields progress lines; raises InputError naming the first problem found."""
     data = PackedDataset(root)
     root = data.root
     expected = data.manifest["shards"]
     for name, digest in expected.items():
         path = root / name
         if not path.is_file():
-            raise PrepError(f"{path}: shard listed in the manifest is missing")
+            raise InputError(f"{path}: shard listed in the manifest is missing")
         if sha256_file(path) != digest:
-            raise PrepError(f"{path}: sha256 does not match the manifest (the shard changed or is corrupt)")
+            raise InputError(f"{path}: sha256 does not match the manifest (the shard changed or is corrupt)")
     if sha256_file(root / INDEX) != data.manifest["index"]["sha256"]:
-        raise PrepError(f"{root / INDEX}: sha256 does not match the manifest")
+        raise InputError(f"{root / INDEX}: sha256 does not match the manifest")
     yield f"{len(expected)} shards and the index match their sha256"
 
     ext = ENCODINGS[data.encoding]
@@ -370,13 +370,13 @@ def verify(root: str | Path) -> Iterator[str]:
         with tarfile.open(root / name) as tar:
             members = [m for m in tar.getmembers() if m.isfile()]
         if len(members) != 2 * len(rows):
-            raise PrepError(f"{root / name}: {len(members)} members, the index expects {2 * len(rows)}")
+            raise InputError(f"{root / name}: {len(members)} members, the index expects {2 * len(rows)}")
         try:
             dali = _read_dali_index((root / name).with_suffix(".idx"))
         except (OSError, ValueError, IndexError) as e:
-            raise PrepError(f"{(root / name).with_suffix('.idx')}: unreadable DALI index ({e})") from None
+            raise InputError(f"{(root / name).with_suffix('.idx')}: unreadable DALI index ({e})") from None
         if len(dali) != len(rows):
-            raise PrepError(f"{(root / name).with_suffix('.idx')}: {len(dali)} samples, the shard holds {len(rows)}")
+            raise InputError(f"{(root / name).with_suffix('.idx')}: {len(dali)} samples, the shard holds {len(rows)}")
         for j, i in enumerate(rows):
             image_member, meta_member = members[2 * j], members[2 * j + 1]
             row = data.index[i]
@@ -388,28 +388,28 @@ def verify(root: str | Path) -> Iterator[str]:
                 or meta_member.offset_data != row["meta_offset"]
                 or meta_member.size != row["meta_length"]
             ):
-                raise PrepError(f"{where}: index row {i} does not match the tar members")
+                raise InputError(f"{where}: index row {i} does not match the tar members")
             if dali[j][:3] != [ext, str(row["offset"]), str(row["length"])]:
-                raise PrepError(f"{where}: DALI index line {j + 1} does not match the tar member")
+                raise InputError(f"{where}: DALI index line {j + 1} does not match the tar member")
             try:
                 image = data.image(i)
             except ValueError as e:
-                raise PrepError(f"{where}: image does not decode ({e})") from None
+                raise InputError(f"{where}: image does not decode ({e})") from None
             if image.shape != (row["height"], row["width"]):
-                raise PrepError(f"{where}: decodes to {image.shape}, the index says {(row['height'], row['width'])}")
+                raise InputError(f"{where}: decodes to {image.shape}, the index says {(row['height'], row['width'])}")
             meta = data.metadata(i)
             if meta.get("split") != SPLITS[row["split"]]:
-                raise PrepError(f"{where}: JSON split {meta.get('split')!r} disagrees with the index")
+                raise InputError(f"{where}: JSON split {meta.get('split')!r} disagrees with the index")
             if data.task == "multiclass":
                 if meta.get("label") != row["label"]:
-                    raise PrepError(f"{where}: JSON label {meta.get('label')!r} disagrees with the index")
+                    raise InputError(f"{where}: JSON label {meta.get('label')!r} disagrees with the index")
             else:
                 codes = [LABEL_MISSING if meta["labels"][c] is None else meta["labels"][c] for c in data.classes]
                 if codes != row["labels"].tolist():
-                    raise PrepError(f"{where}: JSON labels disagree with the index")
+                    raise InputError(f"{where}: JSON labels disagree with the index")
         yield f"{name}: {len(rows)} samples decode and match the index"
 
     counts = {s: int((data.index["split"] == k).sum()) for k, s in enumerate(SPLITS)}
     if counts != data.manifest["splits"]:
-        raise PrepError(f"{root / MANIFEST}: split counts {data.manifest['splits']} but the index holds {counts}")
+        raise InputError(f"{root / MANIFEST}: split counts {data.manifest['splits']} but the index holds {counts}")
     data.close()

@@ -7,8 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-
-from prep.format import encode_image
+from twinray.prep.format import encode_image
 
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}

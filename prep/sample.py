@@ -21,9 +21,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from twinray.prep.datasets.covid import CLASSES, FOLDER_NAME
 
-from prep.datasets.covid import CLASSES, FOLDER_NAME
-from prep.errors import PrepError
+from twinray.cli import InputError
 
 SIZE = 299
 MASK_SIZE = 256
@@ -61,7 +61,7 @@ SOURCE_STYLE = {
 def class_counts(n: int) -> dict[str, int]:
     """Split n like the real database (Normal largest, Viral Pneumonia smallest), at least 2 per class."""
     if n < 2 * len(CLASSES):
-        raise PrepError(f"--n {n} is too small: at least {2 * len(CLASSES)} images (2 per class)")
+        raise InputError(f"--n {n} is too small: at least {2 * len(CLASSES)} images (2 per class)")
     total = sum(REAL_COUNTS.values())
     counts = {c: max(2, round(n * REAL_COUNTS[c] / total)) for c in CLASSES}
     counts["Normal"] += n - sum(counts.values())

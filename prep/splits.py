@@ -6,9 +6,9 @@ from collections import defaultdict
 from collections.abc import Hashable, Sequence
 
 import numpy as np
+from twinray.prep.format import SPLITS
 
-from prep.errors import PrepError
-from prep.format import SPLITS
+from twinray.cli import InputError
 
 
 def parse_split(spec: str, names: Sequence[str] = SPLITS) -> dict[str, float]:
@@ -16,18 +16,18 @@ def parse_split(spec: str, names: Sequence[str] = SPLITS) -> dict[str, float]:
     parts = str(spec).replace(",", "/").split("/")
     bad = f"split {spec!r} is not {'/'.join(['N'] * len(names))} for {'/'.join(names)}"
     if len(parts) != len(names):
-        raise PrepError(f"{bad} ({len(parts)} parts given)")
+        raise InputError(f"{bad} ({len(parts)} parts given)")
     try:
         values = [float(p) for p in parts]
     except ValueError:
-        raise PrepError(f"{bad} (not numbers)") from None
+        raise InputError(f"{bad} (not numbers)") from None
     if any(not np.isfinite(v) or v < 0 for v in values):
-        raise PrepError(f"{bad} (parts must be >= 0)")
+        raise InputError(f"{bad} (parts must be >= 0)")
     total = sum(values)
     if not (abs(total - 100) < 1e-6 or abs(total - 1) < 1e-9):
-        raise PrepError(f"{bad} (parts sum to {total:g}, not 100)")
+        raise InputError(f"{bad} (parts sum to {total:g}, not 100)")
     if values[0] == 0:
-        raise PrepError(f"{bad} (train must not be empty)")
+        raise InputError(f"{bad} (train must not be empty)")
     return {name: v / total for name, v in zip(names, values)}
 
 

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from prep import sample
-from prep.cli import main as prep_main
-from prep.format import PackWriter, encode_image
+from twinray.prep import sample
+from twinray.prep.cli import main as prep_main
+from twinray.prep.format import PackWriter, encode_image
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_OPENPYXL = importlib.util.find_spec("openpyxl") is not None  # absent on the GPU machine only; see covid_sample

@@ -18,9 +18,8 @@ import pytest
 import torch
 from torchvision.transforms.v2 import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
-
-from pipelines.augment import RECIPES, Augment, Recipe, equalize, gaussian_blur, geometry, load_recipe
-from pipelines.augment.recipes import SEED_FINAL, STUDY_RECIPES
+from twinray.pipelines.augment import RECIPES, Augment, Recipe, equalize, gaussian_blur, geometry, load_recipe
+from twinray.pipelines.augment.recipes import SEED_FINAL, STUDY_RECIPES
 
 S = 64
 

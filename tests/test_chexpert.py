@@ -6,10 +6,10 @@ import csv
 
 import numpy as np
 import pytest
+from twinray.prep import build
+from twinray.prep.datasets import chexpert
+from twinray.prep.format import LABEL_MISSING, PackedDataset, verify
 
-from prep import build
-from prep.datasets import chexpert
-from prep.format import LABEL_MISSING, PackedDataset, verify
 from tests.conftest import assert_one_line_error, run_prep
 from tests.layouts import build_chexpert
 

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from openpyxl import Workbook
 from PIL import Image
+from twinray.prep import build
+from twinray.prep.datasets import covid
+from twinray.prep.format import PackedDataset, verify
+from twinray.prep.sample import SOURCES
 
-from prep import build
-from prep.datasets import covid
-from prep.errors import PrepError
-from prep.format import PackedDataset, verify
-from prep.sample import SOURCES
 from tests.conftest import REPO, assert_one_line_error, run_prep
 from tests.layouts import flatten_covid
+from twinray.cli import InputError
 
 
 @pytest.fixture
@@ -132,7 +132,7 @@ def test_rerun_does_nothing_and_force_rebuilds(covid_sample, tmp_path):
 
 
 def test_killed_run_leaves_nothing_a_loader_accepts(tmp_path):
-    from prep import sample
+    from twinray.prep import sample
 
     src = sample.generate(tmp_path / "raw", n=400, seed=2)
     out = tmp_path / "packed"
@@ -164,7 +164,7 @@ def test_killed_run_leaves_nothing_a_loader_accepts(tmp_path):
     proc.wait()
     assert list(tmp_path.glob(".packed.tmp-*")), "the run finished before it could be killed"
     assert not out.exists()
-    with pytest.raises(PrepError):
+    with pytest.raises(InputError):
         PackedDataset(next(tmp_path.glob(".packed.tmp-*")))
     assert run_prep("verify", out).returncode == 2
 

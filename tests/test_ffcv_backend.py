@@ -7,12 +7,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from twinray.pipelines.augment import Recipe
+from twinray.pipelines.ffcv_backend import FFCVLoader, write_beton
+from twinray.pipelines.native import NativeLoader
+from twinray.prep.format import LABEL_MISSING, PackedDataset, PackWriter, encode_image
 
-from pipelines.augment import Recipe
-from pipelines.ffcv_backend import FFCVLoader, write_beton
-from pipelines.native import NativeLoader
-from prep.errors import PrepError
-from prep.format import LABEL_MISSING, PackedDataset, PackWriter, encode_image
+from twinray.cli import InputError
 
 PLAIN = Recipe(name="plain", hflip=0.0)  # crop only: a constant image stays constant
 
@@ -63,7 +63,7 @@ def test_undecodable_sample_fails_the_write_and_leaves_no_beton(tmp_path):
     for image in (good, b"not a png", good):
         writer.add("train", image, 8, 8, {"label": 0})
     writer.finish({})
-    with pytest.raises(PrepError, match="row 1 does not start as png bytes do"):  # nor hangs, as FFCV's writer would
+    with pytest.raises(InputError, match="row 1 does not start as png bytes do"):  # nor hangs, as FFCV's writer would
         write_beton(tmp_path / "bad", "train")
     assert list((tmp_path / "bad" / "ffcv").iterdir()) == []
 

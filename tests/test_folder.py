@@ -7,10 +7,10 @@ import shutil
 
 import numpy as np
 from PIL import Image
+from twinray.prep import build
+from twinray.prep.datasets import folder
+from twinray.prep.format import PackedDataset, verify
 
-from prep import build
-from prep.datasets import folder
-from prep.format import PackedDataset, verify
 from tests.conftest import assert_one_line_error, run_prep
 from tests.layouts import REAL_CXR
 from tests.test_images import _dicom

@@ -11,10 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from pipelines.native import NativeLoader
-from prep.errors import PrepError
-from prep.format import (
+from twinray.pipelines.native import NativeLoader
+from twinray.prep.format import (
     INDEX,
     LABEL_MISSING,
     MANIFEST,
@@ -24,6 +22,8 @@ from prep.format import (
     encode_image,
     verify,
 )
+
+from twinray.cli import InputError
 
 
 def _images(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -159,7 +159,7 @@ def test_dali_webdataset_reader_reads_shards_on_cpu(tmp_path):
 def test_reader_refuses_a_directory_without_manifest(tmp_path):
     _write(tmp_path, "png", _images(2), ["train"] * 2)
     (tmp_path / MANIFEST).unlink()
-    with pytest.raises(PrepError, match="not a packed dataset"):
+    with pytest.raises(InputError, match="not a packed dataset"):
         PackedDataset(tmp_path)
 
 
@@ -169,7 +169,7 @@ def test_verify_names_a_corrupt_shard(tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[700] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    with pytest.raises(PrepError, match="train-00001.tar: sha256"):
+    with pytest.raises(InputError, match="train-00001.tar: sha256"):
         list(verify(tmp_path))
 
 
@@ -179,10 +179,10 @@ def test_a_shard_cut_short_names_the_shard_and_row(tmp_path):
     shard.write_bytes(shard.read_bytes()[:600])  # a partial copy: rows 2 and 3 lie past the end
     data = PackedDataset(tmp_path)
     assert data.image(1).shape == _images(4)[1].shape  # the other shard still reads
-    with pytest.raises(PrepError, match=r"train-00001.tar: row 3 ends at byte \d+, past the shard's 600; .*verify"):
+    with pytest.raises(InputError, match=r"train-00001.tar: row 3 ends at byte \d+, past the shard's 600; .*verify"):
         data.image(3)
     loader = NativeLoader(tmp_path, batch_size=4, size=16, recipe="base", workers=1)
-    with pytest.raises(PrepError, match="train-00001.tar: row [23] ends at byte"):
+    with pytest.raises(InputError, match="train-00001.tar: row [23] ends at byte"):
         list(loader)
 
 
@@ -202,7 +202,7 @@ def test_a_member_without_its_signature_names_the_shard_and_row(encoding, tmp_pa
     _write(tmp_path, encoding, _images(3), ["train"] * 3)
     _damage(tmp_path, 1, 0, 2)
     data = PackedDataset(tmp_path)
-    with pytest.raises(PrepError, match=f"train-00000.tar: row 1 does not start as {encoding} bytes do; .*verify"):
+    with pytest.raises(InputError, match=f"train-00000.tar: row 1 does not start as {encoding} bytes do; .*verify"):
         data.image_bytes(1)
     assert data.image(2).shape == _images(3)[2].shape
 
@@ -211,5 +211,5 @@ def test_a_member_without_its_signature_names_the_shard_and_row(encoding, tmp_pa
 def test_a_member_that_does_not_decode_names_the_shard_and_row(encoding, tmp_path):
     _write(tmp_path, encoding, _images(3), ["train"] * 3)
     _damage(tmp_path, 1, 8, 300)  # the signature stays; the headers after it are gone
-    with pytest.raises(PrepError, match=f"train-00000.tar: row 1: {encoding} member does not decode"):
+    with pytest.raises(InputError, match=f"train-00000.tar: row 1: {encoding} member does not decode"):
         PackedDataset(tmp_path).image(1)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from twinray.pipelines import build_loader
+from twinray.pipelines.augment import Recipe
+from twinray.pipelines.native import pad_batch
+from twinray.prep.format import PackedDataset
 
-from pipelines import build_loader
-from pipelines.augment import Recipe
-from pipelines.native import pad_batch
-from prep.errors import PrepError
-from prep.format import PackedDataset
+from twinray.cli import InputError
 
 PLAIN = Recipe(name="plain", hflip=0.0)  # crop only: a constant image stays constant
 BACKENDS = ["native", "dali", "ffcv"]
@@ -215,7 +215,7 @@ def _damaged_copy(packed, tmp_path, start: int, stop: int) -> tuple[Path, int]:
 
 def test_a_damaged_image_stops_every_backend_with_its_shard_and_row(covid_packed, backend, tmp_path):
     root, row = _damaged_copy(covid_packed, tmp_path, 0, 16)
-    with pytest.raises(PrepError, match=rf"train-\d+\.tar: row {row} does not start as jpeg bytes do; .*verify"):
+    with pytest.raises(InputError, match=rf"train-\d+\.tar: row {row} does not start as jpeg bytes do; .*verify"):
         for _ in build_loader(root, backend=backend, batch_size=8, recipe=PLAIN, size=16, seed=0, drop_last=False):
             pass  # the FFCV backend fails while writing its beton, the others while loading
 
@@ -229,7 +229,7 @@ def test_a_gpu_decoders_error_is_named_by_decoding_its_rows_on_the_cpu(covid_pac
     order = loader.epoch_order()
     decoder_error = RuntimeError("nvjpeg: decode failed")
     named = loader.name_undecodable(order, decoder_error)
-    assert isinstance(named, PrepError) and f"row {row}: jpeg member does not decode" in str(named)
+    assert isinstance(named, InputError) and f"row {row}: jpeg member does not decode" in str(named)
     assert loader.name_undecodable(order[order != row], decoder_error) is decoder_error
 
 
@@ -238,6 +238,6 @@ def test_cuda_names_a_jpeg_that_nvjpeg_cannot_decode(covid_packed, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     root, row = _damaged_copy(covid_packed, tmp_path, 8, 300)
-    with pytest.raises(PrepError, match=rf"row {row}: jpeg member does not decode"):
+    with pytest.raises(InputError, match=rf"row {row}: jpeg member does not decode"):
         for _ in build_loader(root, batch_size=8, size=16, device="cuda", seed=0, drop_last=False):
             pass

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-
-from train.online_eval import LinearProbe, knn_metrics, knn_scores
+from twinray.train.online_eval import LinearProbe, knn_metrics, knn_scores
 
 
 def _features(n: int = 400, seed: int = 0):

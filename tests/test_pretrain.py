@@ -17,12 +17,13 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from twinray.train import checkpoint
+from twinray.train.config import ConfigError, PretrainConfig, from_args
+from twinray.train.model import BarlowTwins, build_projector
+from twinray.train.optim import build_optimizer, lr_factor
 
 from tests.conftest import REPO, assert_one_line_error
-from train import checkpoint
-from train.config import ConfigError, PretrainConfig, from_args
-from train.model import BarlowTwins, build_projector
-from train.optim import build_optimizer, lr_factor
+from twinray import atomic
 
 TINY = ["--size", "32", "--batch-size", "16", "--projector", "64", "--wandb", "disabled", "--workers", "1"]
 
@@ -84,8 +85,8 @@ def test_bad_values_are_one_line_with_choices(args, needles, tmp_path):
 
 
 def test_the_knn_bank_is_a_fixed_subset_of_large_train_splits(covid_packed):
-    from prep.format import PackedDataset
-    from train.pretrain import knn_bank_rows
+    from twinray.prep.format import PackedDataset
+    from twinray.train.pretrain import knn_bank_rows
 
     data = PackedDataset(covid_packed)
     train = data.indices("train")
@@ -101,9 +102,9 @@ def test_missing_data_is_one_line(tmp_path):
 
 
 def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_leftover(tmp_path):
-    path = checkpoint.write_json(tmp_path / "r.json", {"a": 1})
+    path = atomic.write_json(tmp_path / "r.json", {"a": 1})
     with pytest.raises(RuntimeError):
-        with checkpoint.atomic(path) as tmp:
+        with atomic.atomic(path) as tmp:
             tmp.write_text("half")
             raise RuntimeError("killed mid-write")
     assert json.loads(path.read_text()) == {"a": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import cv2
-
-from pipelines.preview import HEADER, main
+from twinray.pipelines.preview import HEADER, main
 
 
 def test_preview_writes_originals_beside_views(covid_packed, tmp_path, capsys):

@@ -66,7 +66,7 @@ def test_tiny_cpu_grid_records_every_cell_and_survives_oom(tmp_path):
 
 
 def test_compare_plot_draws_both_settings_and_skips_oom(tmp_path):
-    from bench.resources import draw_compare
+    from twinray.bench.resources import draw_compare
 
     def cells(hours):
         return [{"batch_size": b, "status": "ok" if h else "oom", "hours_per_100_epochs": h} for b, h in hours]
@@ -90,7 +90,7 @@ def test_compare_plot_draws_both_settings_and_skips_oom(tmp_path):
 
 
 def test_a_cell_over_its_time_limit_is_recorded_not_raised():
-    from bench.resources import run_isolated
+    from twinray.bench.resources import run_isolated
 
     cell = dict(device="cpu", memory_cap=0, dataset_size=100, steps=2, warmup=1, backbone="resnet18", channels=1)
     row = run_isolated({**cell, "resolution": 32, "batch_size": 2, "precision": "fp32", "compile": False}, timeout=1)

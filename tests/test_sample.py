@@ -8,9 +8,8 @@ import timm
 import torch
 from openpyxl import load_workbook
 from PIL import Image
-
-from prep import sample
-from prep.datasets.covid import CLASSES
+from twinray.prep import sample
+from twinray.prep.datasets.covid import CLASSES
 
 
 def test_layout_matches_the_real_database(covid_sample):
@@ -102,7 +101,7 @@ def test_class_signal_is_learnable_but_not_brightness(tmp_path):
 
 
 def test_sample_without_metadata_packs_with_unknown_origins(tmp_path):
-    from prep.datasets import covid
+    from twinray.prep.datasets import covid
 
     root = sample.generate(tmp_path, n=8, seed=1, metadata=False)
     assert not list(root.glob("*.xlsx"))

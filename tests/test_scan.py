@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import yaml
+from twinray.train.scan import flags, plan, t_interval
 
 from tests.conftest import REPO, assert_one_line_error
-from train.scan import flags, plan, t_interval
 
 FINETUNE = {"epochs": 1, "size": 32, "batch_size": 16, "workers": 1}
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from twinray.prep.splits import assign_splits, parse_split
 
-from prep.errors import PrepError
-from prep.splits import assign_splits, parse_split
+from twinray.cli import InputError
 
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 
@@ -26,7 +26,7 @@ def test_parse_split_accepts_percent_and_fractions(spec):
     ],
 )
 def test_parse_split_rejects_bad_specs(spec, why):
-    with pytest.raises(PrepError, match=why):
+    with pytest.raises(InputError, match=why):
         parse_split(spec)
 
 

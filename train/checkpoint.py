@@ -11,27 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from twinray.atomic import atomic
+
 PREFIX = "ckpt-"
-
-
-@contextmanager
-def atomic(path: str | Path):
-    """Yields a temporary path beside `path` to write; it replaces `path` only once the block succeeds, so a reader
-    never sees half a file and a failed write leaves the old one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_weights(path: str | Path, module: torch.nn.Module, metadata: dict[str, str] | None = None) -> Path:
@@ -39,13 +27,6 @@ def save_weights(path: str | Path, module: torch.nn.Module, metadata: dict[str, 
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     with atomic(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-    return Path(path)
-
-
-def write_json(path: str | Path, obj) -> Path:
-    """Indented JSON, written atomically."""
-    with atomic(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
     return Path(path)
 
 

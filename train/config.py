@@ -13,9 +13,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
+from twinray.train.model import BACKBONES, parse_projector
 
-from prep.errors import OneLineParser
-from train.model import BACKBONES, parse_projector
+from twinray.cli import OneLineParser
 
 CHOICES = {
     "optimizer": ("adam", "adamw", "lars", "sgd"),

@@ -19,22 +19,20 @@ import sys
 import time
 from pathlib import Path
 
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch
+import torch.nn.functional as F
+from torch import nn
+from twinray.pipelines import build_loader
+from twinray.pipelines.loader import BACKENDS
+from twinray.prep.format import PackedDataset
+from twinray.train import checkpoint, transfer
+from twinray.train.label_fractions import check_fraction, label_fraction
+from twinray.train.metrics import draw_confusion, multiclass_metrics, multilabel_metrics
+from twinray.train.model import BACKBONES
+from twinray.train.online_eval import EVAL_RECIPE, masked_bce
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from pipelines import build_loader  # noqa: E402
-from pipelines.loader import BACKENDS  # noqa: E402
-from prep.errors import OneLineParser, PrepError, run_cli  # noqa: E402
-from prep.format import PackedDataset  # noqa: E402
-from train import checkpoint, transfer  # noqa: E402
-from train.fractions import check_fraction, label_fraction  # noqa: E402
-from train.metrics import draw_confusion, multiclass_metrics, multilabel_metrics  # noqa: E402
-from train.model import BACKBONES  # noqa: E402
-from train.online_eval import EVAL_RECIPE, masked_bce  # noqa: E402
+from twinray.atomic import write_json
+from twinray.cli import InputError, OneLineParser, run_cli
 
 # The CheXpert competition pathologies, used by default when the dataset has them all.
 COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
@@ -89,7 +87,7 @@ class Task:
             )
             unknown = [w for w in wanted if w not in data.classes]
             if unknown:
-                raise PrepError(f"--labels: {', '.join(unknown)} not among {', '.join(data.classes)}")
+                raise InputError(f"--labels: {', '.join(unknown)} not among {', '.join(data.classes)}")
             self.names, self.columns = list(wanted), [data.classes.index(w) for w in wanted]
         self.uncertain = uncertain
 
@@ -276,10 +274,10 @@ def run(args: argparse.Namespace) -> dict:
     }
     checkpoint.save_weights(args.out / "model.safetensors", model)
     model_info = {**init, "classes": task.names, "size": args.size, "task": results["task"]}
-    checkpoint.write_json(args.out / "model.json", model_info)
+    write_json(args.out / "model.json", model_info)
     if not task.multilabel:
         draw_confusion(test["confusion"], args.out / "confusion.png", title=f"test, {init['init']}")
-    checkpoint.write_json(args.out / "results.json", results)  # its presence means the run finished
+    write_json(args.out / "results.json", results)  # its presence means the run finished
     for done in args.out.glob(f"{checkpoint.PREFIX}*"):  # finished: the checkpoint has served (and is large)
         shutil.rmtree(done, ignore_errors=True)
     summary = (
@@ -295,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (PrepError, ValueError, FloatingPointError) as e:
+    except (InputError, ValueError, FloatingPointError) as e:
         print(f"finetune: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -15,26 +15,23 @@ import json
 import sys
 from pathlib import Path
 
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from twinray.pipelines import build_loader
+from twinray.prep.format import PackedDataset
+from twinray.train.finetune import Classifier
+from twinray.train.model import build_backbone
+from twinray.train.online_eval import EVAL_RECIPE
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from pipelines import build_loader  # noqa: E402
-from prep.errors import OneLineParser, PrepError, run_cli  # noqa: E402
-from prep.format import PackedDataset  # noqa: E402
-from train.finetune import Classifier  # noqa: E402
-from train.model import build_backbone  # noqa: E402
-from train.online_eval import EVAL_RECIPE  # noqa: E402
+from twinray.cli import InputError, OneLineParser, run_cli
 
 
 def load_model(run: Path) -> tuple[Classifier, dict]:
     """A finetune run's model (eval mode, CPU) and its model.json."""
     info_file, weights = run / "model.json", run / "model.safetensors"
     if not (info_file.is_file() and weights.is_file()):
-        raise PrepError(f"{run}: not a finetune run (needs model.json and model.safetensors)")
+        raise InputError(f"{run}: not a finetune run (needs model.json and model.safetensors)")
     info = json.loads(info_file.read_text())
     model = Classifier(build_backbone(info["timm_name"], info["in_chans"]), len(info["classes"]), info["in_chans"])
     model.load_state_dict(load_file(weights))
@@ -62,7 +59,7 @@ def pick_rows(data: PackedDataset, classes: list[str], per_class: int) -> tuple[
         rows += hits[:per_class].tolist()
         targets += [c] * len(hits[:per_class])
     if not rows:
-        raise PrepError(f"{data.root}: the test split has no image of {', '.join(classes)}")
+        raise InputError(f"{data.root}: the test split has no image of {', '.join(classes)}")
     return np.array(rows), targets
 
 
@@ -104,7 +101,7 @@ def run(args: argparse.Namespace) -> Path:
     loaded = [load_model(Path(m)) for m in args.models]
     classes = loaded[0][1]["classes"]
     if any(info["classes"] != classes for _, info in loaded):
-        raise PrepError("--models: the runs were trained on different classes")
+        raise InputError("--models: the runs were trained on different classes")
     size = args.size or loaded[0][1]["size"]
     rows, targets = pick_rows(data, classes, args.per_class)
     unique = np.unique(rows)  # an image positive for two labels is read once
@@ -142,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--per-class {args.per_class} must be at least 1")
     try:
         out = run(args)
-    except (PrepError, ValueError) as e:
+    except (InputError, ValueError) as e:
         print(f"gradcam: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -15,17 +15,14 @@ import math
 import sys
 from pathlib import Path
 
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch
+import torch.nn.functional as F
+from twinray.pipelines import build_loader
+from twinray.train.loss import barlow_twins_loss
+from twinray.train.model import BarlowTwins
+from twinray.train.online_eval import certain_targets
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from pipelines import build_loader  # noqa: E402
-from prep.errors import OneLineParser, PrepError, run_cli  # noqa: E402
-from train.loss import barlow_twins_loss  # noqa: E402
-from train.model import BarlowTwins  # noqa: E402
-from train.online_eval import certain_targets  # noqa: E402
+from twinray.cli import InputError, OneLineParser, run_cli
 
 
 def suggest(lrs: list[float], losses: list[float]) -> float:
@@ -112,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             views=2 if args.task == "pretrain" else 1,
             seed=args.seed,
         )
-    except (PrepError, ValueError) as e:
+    except (InputError, ValueError) as e:
         print(f"lr_find: error: {e}", file=sys.stderr)
         return 2
     model = BarlowTwins().to(args.device, memory_format=torch.channels_last)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from pipelines.augment import Recipe
+from twinray.pipelines.augment import Recipe
 
 # No randomness: the whole image (a centre square for non-square ones), resized.
 EVAL_RECIPE = Recipe(name="eval", crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0)
@@ -78,8 +77,7 @@ def knn_scores(train_feats, train_labels, query_feats, classes: int, multilabel:
 
 def knn_metrics(scores: torch.Tensor, labels: torch.Tensor, multilabel: bool) -> dict[str, float]:
     from torchmetrics.functional.classification import multiclass_recall
-
-    from train.metrics import multilabel_metrics
+    from twinray.train.metrics import multilabel_metrics
 
     if not multilabel:
         labels = labels.long()

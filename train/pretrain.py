@@ -18,25 +18,22 @@ import sys
 import time
 from pathlib import Path
 
-# Run as a script, this folder heads sys.path; the repository root must come first.
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+from twinray.pipelines import build_loader
+from twinray.prep.format import PackedDataset
+from twinray.train import checkpoint
+from twinray.train.config import ConfigError, PretrainConfig, from_args
+from twinray.train.loss import barlow_twins_loss
+from twinray.train.model import BarlowTwins
+from twinray.train.online_eval import EVAL_RECIPE, LinearProbe, knn_metrics, knn_scores
+from twinray.train.optim import build_optimizer, build_scheduler
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import set_seed  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from pipelines import build_loader  # noqa: E402
-from prep.errors import PrepError, run_cli  # noqa: E402
-from prep.format import PackedDataset  # noqa: E402
-from train import checkpoint  # noqa: E402
-from train.config import ConfigError, PretrainConfig, from_args  # noqa: E402
-from train.loss import barlow_twins_loss  # noqa: E402
-from train.model import BarlowTwins  # noqa: E402
-from train.online_eval import EVAL_RECIPE, LinearProbe, knn_metrics, knn_scores  # noqa: E402
-from train.optim import build_optimizer, build_scheduler  # noqa: E402
+from twinray.atomic import write_json
+from twinray.cli import InputError, run_cli
 
 RESUME_MUST_MATCH = ("backbone", "channels", "projector", "optimizer")
 
@@ -141,7 +138,7 @@ def export_backbone(model, cfg: PretrainConfig, out: Path) -> None:
         "size": cfg.size,
         "pretrained_on": cfg.data,
     }
-    checkpoint.write_json(out / "backbone.json", info)
+    write_json(out / "backbone.json", info)
 
 
 def train(cfg: PretrainConfig) -> dict:
@@ -227,7 +224,7 @@ def train(cfg: PretrainConfig) -> dict:
     compiled, optimizer = accelerator.prepare(compiled, optimizer)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_json(out / "config.json", {**cfg.to_dict(), "world_size": world})
+        write_json(out / "config.json", {**cfg.to_dict(), "world_size": world})
         if accelerator.log_with:
             accelerator.init_trackers(
                 "twinray", config={**cfg.to_dict(), "world_size": world}, init_kwargs={"wandb": {"dir": str(out)}}
@@ -366,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, _ = from_args(argv)
         train(cfg)
-    except (ConfigError, PrepError, ValueError) as e:
+    except (ConfigError, InputError, ValueError) as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
         return 2
     except RunError as e:

@@ -35,12 +35,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import yaml
 
-import yaml  # noqa: E402
-
-from prep.errors import OneLineParser, PrepError, run_cli  # noqa: E402
+from twinray.cli import InputError, OneLineParser, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"data", "out", "seeds", "finetune", "pretrain", "grid", "then", "metric"}
@@ -51,19 +48,19 @@ def load_config(path: Path) -> dict:
     try:
         cfg = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise PrepError(f"{path}: cannot read the scan ({type(e).__name__})") from None
+        raise InputError(f"{path}: cannot read the scan ({type(e).__name__})") from None
     if not isinstance(cfg, dict):
-        raise PrepError(f"{path}: a scan is a YAML mapping")
+        raise InputError(f"{path}: a scan is a YAML mapping")
     unknown = sorted(set(cfg) - KEYS)
     if unknown:
-        raise PrepError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(KEYS))})")
+        raise InputError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(KEYS))})")
     for key in ("data", "out", "grid"):
         if key not in cfg:
-            raise PrepError(f"{path}: missing {key!r}")
+            raise InputError(f"{path}: missing {key!r}")
     if not isinstance(cfg["grid"], dict) or not all(isinstance(v, list) and v for v in cfg["grid"].values()):
-        raise PrepError(f"{path}: grid maps each flag to a non-empty list of values")
+        raise InputError(f"{path}: grid maps each flag to a non-empty list of values")
     if "then" in cfg and "pretrain" not in cfg:
-        raise PrepError(f"{path}: 'then' needs a 'pretrain' section")
+        raise InputError(f"{path}: 'then' needs a 'pretrain' section")
     cfg.setdefault("seeds", [0])
     cfg.setdefault("then", ["linear", "full"])
     return cfg
@@ -97,7 +94,7 @@ def pretrain_keys(cfg: dict) -> list[str]:
     the finetunes, so one pretraining serves every finetune cell."""
     from dataclasses import fields
 
-    from train.config import PretrainConfig
+    from twinray.train.config import PretrainConfig
 
     known = {f.name for f in fields(PretrainConfig)}
     return [k for k in cfg["grid"] if str(k).replace("-", "_") in known]
@@ -151,7 +148,7 @@ def execute(run: dict) -> None:
     result = subprocess.run([sys.executable, str(script), *run["args"], *extra], capture_output=True, text=True)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise PrepError(f"{run['kind']} in {run['dir']} failed (exit {result.returncode}): {last}")
+        raise InputError(f"{run['kind']} in {run['dir']} failed (exit {result.returncode}): {last}")
 
 
 def t_interval(values: list[float]) -> float:
@@ -194,7 +191,7 @@ def summarise(rows: list[dict], keys: list[str]) -> list[dict]:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    from train.checkpoint import atomic
+    from twinray.atomic import atomic
 
     fields = list(dict.fromkeys(k for row in rows for k in row))
     with atomic(path) as tmp, open(tmp, "w", newline="") as f:
@@ -275,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(out / "summary.csv", summary)
         metric = cfg.get("metric") or ("accuracy" if rows and "accuracy" in rows[0] else "mean_auroc")
         png = draw(rows, summary, keys, metric, out / "scan.png")
-    except PrepError as e:
+    except InputError as e:
         print(f"scan: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out / 'runs.csv'}, {out / 'summary.csv'}, {png}")

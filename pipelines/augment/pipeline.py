@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from pipelines.augment import geometry, intensity
-from pipelines.augment.recipes import Recipe, load_recipe
+from twinray.pipelines.augment import geometry, intensity
+from twinray.pipelines.augment.recipes import Recipe, load_recipe
 
 
 @dataclass

@@ -16,9 +16,10 @@ import csv
 import re
 from pathlib import Path
 
-from prep.build import Plan, Record
-from prep.errors import PrepError
-from prep.splits import assign_splits, parse_split
+from twinray.prep.build import Plan, Record
+from twinray.prep.splits import assign_splits, parse_split
+
+from twinray.cli import InputError
 
 DATASET = "chexpert"
 LABELS = [
@@ -46,13 +47,13 @@ PATIENT = re.compile(r"patient(\d+)")
 
 def read_csv(path: Path) -> list[dict]:
     if not path.is_file():
-        raise PrepError(f"{path}: missing (CheXpert ships train.csv and valid.csv beside train/ and valid/)")
+        raise InputError(f"{path}: missing (CheXpert ships train.csv and valid.csv beside train/ and valid/)")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         missing = [c for c in COLUMNS if c not in header]
         if missing:
-            raise PrepError(f"{path}: missing column(s) {', '.join(missing)}")
+            raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
         return list(reader)
 
 
@@ -90,9 +91,9 @@ def row_meta(row: dict) -> dict:
 def plan(src: str | Path, views: str = "frontal", split: str = "90/10", seed: int = 0) -> Plan:
     src = Path(src)
     if not src.is_dir():
-        raise PrepError(f"{src}: no such folder (expected CheXpert-v1.0-small or CheXpert-v1.0)")
+        raise InputError(f"{src}: no such folder (expected CheXpert-v1.0-small or CheXpert-v1.0)")
     if views not in VIEWS:
-        raise PrepError(f"--views {views!r} is not one of {', '.join(VIEWS)}")
+        raise InputError(f"--views {views!r} is not one of {', '.join(VIEWS)}")
     fractions = parse_split(split, ("train", "val"))
 
     records, skipped, train_records = [], [], []
@@ -111,7 +112,7 @@ def plan(src: str | Path, views: str = "frontal", split: str = "90/10", seed: in
             if split_name == "train":
                 train_records.append(record)
     if not records:
-        raise PrepError(f"{src}: train.csv and valid.csv list no usable images")
+        raise InputError(f"{src}: train.csv and valid.csv list no usable images")
 
     # Patients never span train and val: the patient is the unit of the split.
     groups = [r.meta["patient"] or r.source for r in train_records]

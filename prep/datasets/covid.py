@@ -16,10 +16,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from prep.build import Plan, Record
-from prep.errors import PrepError
-from prep.images import RASTER_SUFFIXES
-from prep.splits import assign_splits, parse_split
+from twinray.prep.build import Plan, Record
+from twinray.prep.images import RASTER_SUFFIXES
+from twinray.prep.splits import assign_splits, parse_split
+
+from twinray.cli import InputError
 
 DATASET = "covid19-radiography"
 FOLDER_NAME = "COVID-19_Radiography_Dataset"
@@ -48,13 +49,13 @@ def read_origins(xlsx: Path) -> dict[str, str]:
     try:
         book = load_workbook(xlsx, read_only=True, data_only=True)
     except Exception as e:  # openpyxl raises zipfile, KeyError and its own errors for broken files
-        raise PrepError(f"{xlsx}: unreadable metadata workbook ({type(e).__name__}: {e})") from None
+        raise InputError(f"{xlsx}: unreadable metadata workbook ({type(e).__name__}: {e})") from None
     sheet = book["Sheet1"] if "Sheet1" in book.sheetnames else book.worksheets[0]
     rows = sheet.iter_rows(values_only=True)
     header = [str(h).strip() if h is not None else "" for h in next(rows, ())]
     missing = [c for c in ("FILE NAME", "URL") if c not in header]
     if missing:
-        raise PrepError(f"{xlsx}: metadata lacks column(s) {', '.join(missing)} (found: {', '.join(header)})")
+        raise InputError(f"{xlsx}: metadata lacks column(s) {', '.join(missing)} (found: {', '.join(header)})")
     name_col, url_col = header.index("FILE NAME"), header.index("URL")
     origins = {}
     for row in rows:
@@ -67,10 +68,10 @@ def read_origins(xlsx: Path) -> dict[str, str]:
 def plan(src: str | Path, split: str = "80/10/10", seed: int = 0) -> Plan:
     src = Path(src)
     if not src.is_dir():
-        raise PrepError(f"{src}: no such folder (expected the {FOLDER_NAME} folder)")
+        raise InputError(f"{src}: no such folder (expected the {FOLDER_NAME} folder)")
     missing = [c for c in CLASSES if not (src / c).is_dir()]
     if missing:
-        raise PrepError(f"{src}: not the {FOLDER_NAME} layout, missing class folder(s): {', '.join(missing)}")
+        raise InputError(f"{src}: not the {FOLDER_NAME} layout, missing class folder(s): {', '.join(missing)}")
     fractions = parse_split(split)
 
     records, skipped = [], []
@@ -87,7 +88,7 @@ def plan(src: str | Path, split: str = "80/10/10", seed: int = 0) -> Plan:
             origin = origins.get(path.stem.upper(), UNKNOWN_ORIGIN)
             records.append(Record(path, source, "", {"label": label, "class": name, "origin": origin}))
     if not records:
-        raise PrepError(f"{src}: the class folders hold no images")
+        raise InputError(f"{src}: the class folders hold no images")
 
     labels = [r.meta["label"] for r in records]
     origins = [r.meta["origin"] for r in records]

@@ -11,10 +11,11 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from prep.build import Plan, Record
-from prep.errors import PrepError
-from prep.images import SUPPORTED_SUFFIXES
-from prep.splits import assign_splits, parse_split
+from twinray.prep.build import Plan, Record
+from twinray.prep.images import SUPPORTED_SUFFIXES
+from twinray.prep.splits import assign_splits, parse_split
+
+from twinray.cli import InputError
 
 DATASET = "folder"
 IGNORED_FOLDERS = {"masks"}
@@ -28,7 +29,7 @@ def _visible(path: Path, root: Path) -> bool:
 def _from_subfolders(src: Path) -> tuple[list[tuple[Path, str, None]], list[dict]]:
     class_dirs = sorted(d for d in src.iterdir() if d.is_dir() and _visible(d, src))
     if not class_dirs:
-        raise PrepError(f"{src}: no class sub-folders; put images in <class>/ folders or give --csv")
+        raise InputError(f"{src}: no class sub-folders; put images in <class>/ folders or give --csv")
     items, skipped = [], []
     for class_dir in class_dirs:
         for path in sorted(class_dir.rglob("*")):
@@ -44,7 +45,7 @@ def _from_subfolders(src: Path) -> tuple[list[tuple[Path, str, None]], list[dict
 
 def _from_csv(src: Path, csv_path: Path, path_col: str, label_col: str, patient_col: str | None):
     if not csv_path.is_file():
-        raise PrepError(f"{csv_path}: no such CSV file")
+        raise InputError(f"{csv_path}: no such CSV file")
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
@@ -52,7 +53,7 @@ def _from_csv(src: Path, csv_path: Path, path_col: str, label_col: str, patient_
         missing = [c for c in needed if c not in header]
         if missing:
             found = ", ".join(header) or "nothing"
-            raise PrepError(f"{csv_path}: missing column(s) {', '.join(missing)} (found: {found})")
+            raise InputError(f"{csv_path}: missing column(s) {', '.join(missing)} (found: {found})")
         rows = list(reader)
     items, skipped = [], []
     for line, row in enumerate(rows, start=2):
@@ -77,14 +78,14 @@ def plan(
 ) -> Plan:
     src = Path(src)
     if not src.is_dir():
-        raise PrepError(f"{src}: no such folder")
+        raise InputError(f"{src}: no such folder")
     fractions = parse_split(split)
     if csv_file:
         items, skipped = _from_csv(src, Path(csv_file), path_col, label_col, patient_col)
     else:
         items, skipped = _from_subfolders(src)
     if not items:
-        raise PrepError(f"{src}: no images found")
+        raise InputError(f"{src}: no images found")
 
     classes = sorted({label for _, label, _ in items})
     records = []

@@ -1,6 +1,6 @@
 """How fast `prep covid` packs a COVID-scale sample, against a naive PIL loop that writes PNG files.
 
-    python bench/prep.py [--n 2000] [--repeats 3] [--out bench/results/prep-cpu.json]
+    python bench/prep_speed.py [--n 2000] [--repeats 3] [--out bench/results/prep-cpu.json]
 
 All three runs read the same generated 299x299 PNGs from a warm page cache, so the ratios compare
 conversion work only. Each figure is the median wall time of `--repeats` runs.
@@ -12,21 +12,15 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
-# Run as `python bench/prep.py`, this folder heads sys.path and this file would shadow the `prep` package.
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from PIL import Image  # noqa: E402
-
-from bench.report import cpu_name  # noqa: E402
-from prep import build, sample  # noqa: E402
-from prep.datasets import covid  # noqa: E402
+from PIL import Image
+from twinray.bench.report import cpu_name
+from twinray.prep import build, sample
+from twinray.prep.datasets import covid
 
 
 def naive_pil_loop(src: Path, out: Path, size: int) -> int:

@@ -10,7 +10,7 @@ from typing import NoReturn
 SIGPIPE_EXIT = 141  # what a shell reports for a program killed by SIGPIPE
 
 
-class PrepError(Exception):
+class InputError(Exception):
     """Bad input or a bad argument: the message names the file or value and what is wrong."""
 
 
