@@ -63,3 +63,22 @@ def test_same_seed_same_split_other_seed_other_split():
     strata = [i % 4 for i in range(200)]
     assert assign_splits(strata, FRACTIONS, 7) == assign_splits(strata, FRACTIONS, 7)
     assert assign_splits(strata, FRACTIONS, 7) != assign_splits(strata, FRACTIONS, 8)
+
+
+def test_totals_are_rounded_over_the_whole_set_not_class_by_class():
+    # 8 images in 4 classes: class by class, 80/10/10 rounds to 8/0/0; over the whole set it is 6/1/1.
+    strata = [0, 0, 0, 0, 1, 1, 2, 3]
+    splits = assign_splits(strata, FRACTIONS, seed=0)
+    assert Counter(splits) == {"train": 6, "val": 1, "test": 1}
+    for label in set(strata):  # each class still within one image of its own share
+        n = strata.count(label)
+        assert abs(sum(1 for s, c in zip(splits, strata) if c == label and s == "train") - 0.8 * n) < 1
+
+
+@pytest.mark.parametrize(
+    "groups, what", [(None, "3 images"), (["p1", "p1", "p2"], "2 patients"), (["p1", None, None], "3 units")]
+)
+def test_a_split_that_would_be_empty_is_an_error(groups, what):
+    with pytest.raises(InputError, match=f"leaves val and test empty: {what} are too few"):
+        assign_splits([0, 1, 2], FRACTIONS, seed=0, groups=groups)
+    assert set(assign_splits([0, 1, 2], {"train": 1.0, "val": 0.0, "test": 0.0}, seed=0, groups=groups)) == {"train"}
