@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 from twinray.prep.format import MANIFEST, SPLITS, PackWriter
-from twinray.prep.images import ImageError, convert_file
+from twinray.prep.images import DEFAULT_MAX_PIXELS, Converted, ImageError, convert_file
 
 from twinray.cli import InputError
 
@@ -38,6 +38,7 @@ class Plan:
     records: list[Record]
     args: dict  # the prep arguments that shape the output, stored in the manifest
     skipped: list[dict] = field(default_factory=list)  # found while scanning, before any image is read
+    notes: list[str] = field(default_factory=list)  # what the summary line and manifest must say (one line each)
 
 
 @dataclass
@@ -51,19 +52,26 @@ class Result:
         splits = " / ".join(f"{s} {n}" for s, n in self.manifest["splits"].items())
         total = sum(self.manifest["splits"].values())
         verb = "packed" if self.written else "already packed (use --force to rebuild):"
-        return f"{verb} {total} images into {self.out} ({splits}), {len(self.manifest['skipped'])} skipped"
+        notes = "".join(f"; {note}" for note in self.manifest.get("notes", []))
+        return f"{verb} {total} images into {self.out} ({splits}), {len(self.manifest['skipped'])} skipped{notes}"
 
 
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _convert(job: tuple[str, int, str]):
-    path, size, encoding = job
+def _convert(job: tuple[str, int, str, int]) -> Converted | str:
+    """One file -> Converted, or the skip reason. Every exception is a skip: one bad file never stops a run."""
+    path, size, encoding, max_pixels = job
     try:
-        return convert_file(path, size, encoding)
+        return convert_file(path, size, encoding, max_pixels)
     except ImageError as e:
         return str(e)
+    except Exception as e:  # a decoder's or library's own error: still this one file's problem
+        text = " ".join(str(e).split())
+        if len(text) > 300:
+            text = text[:297] + "..."
+        return f"could not convert ({type(e).__name__}: {text})"
 
 
 def _quiet_worker() -> None:
@@ -121,7 +129,10 @@ def pack(
     shard_samples: int = 1024,
     force: bool = False,
     progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Result:
+    """Convert and write every record of `plan` into `out`. Files that cannot be packed are listed in the manifest's
+    `skipped` with the reason, pipeline departures in its `notes`; every record ends up packed or skipped."""
     out = Path(out).absolute()
     existing = check_output(out, force)
     if existing is not None:
@@ -130,6 +141,8 @@ def pack(
         raise InputError(f"--size {size} is too small (at least 8)")
     if shard_samples < 1:
         raise InputError(f"--shard-samples {shard_samples} must be at least 1")
+    if max_pixels < 1:
+        raise InputError(f"--max-pixels {max_pixels} must be at least 1")
     if not plan.records:
         raise InputError(f"no images found for {plan.dataset}")
     workers = workers or default_workers()
@@ -139,8 +152,9 @@ def pack(
     shutil.rmtree(tmp, ignore_errors=True)
 
     records = _write_order(plan.records, seed)
-    jobs = [(str(r.path), size, encoding) for r in records]
+    jobs = [(str(r.path), size, encoding, max_pixels) for r in records]
     skipped = list(plan.skipped)
+    notes = []
     try:
         writer = PackWriter(tmp, plan.dataset, plan.task, plan.classes, encoding, size, shard_samples)
         bar = tqdm(total=len(jobs), desc=f"prep {plan.dataset}", unit="img", disable=None if progress else True)
@@ -156,8 +170,10 @@ def pack(
                 if isinstance(result, str):
                     skipped.append({"source": record.source, "reason": result})
                     continue
-                image, height, width = result
-                writer.add(record.split, image, height, width, {"source": record.source, **record.meta})
+                writer.add(
+                    record.split, result.data, result.height, result.width, {"source": record.source, **record.meta}
+                )
+                notes += [{"source": record.source, "note": note} for note in result.notes]
         finally:
             bar.close()
             if pool is not None:
@@ -168,6 +184,7 @@ def pack(
         manifest = writer.finish(
             {
                 "skipped": sorted(skipped, key=lambda s: s["source"]),
+                "notes": list(plan.notes),
                 "prep": {**plan.args, "size": size, "encoding": encoding, "seed": seed, "shard_samples": shard_samples},
             }
         )

@@ -12,7 +12,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from openpyxl import Workbook
+from openpyxl import Workbook, load_workbook
 from PIL import Image
 from twinray.prep import build
 from twinray.prep.datasets import covid
@@ -200,3 +200,84 @@ def test_foreign_output_directory_is_refused(covid_sample, tmp_path):
     result = run_prep("covid", "--src", covid_sample, "--out", tmp_path / "out")
     assert_one_line_error(result, "not a packed dataset")
     assert (tmp_path / "out" / "thesis.tex").read_text() == "precious"
+
+
+def _metadata(xlsx):
+    """FILE NAME -> URL rows of one metadata workbook."""
+    book = load_workbook(xlsx, read_only=True)
+    rows = list(book["Sheet1"].iter_rows(min_row=2, values_only=True))
+    book.close()
+    return [(row[0], row[3]) for row in rows]
+
+
+def _write_metadata(xlsx, rows):
+    book = Workbook()
+    book.active.title = "Sheet1"
+    book.active.append(["FILE NAME", "FORMAT", "SIZE", "URL"])
+    for name, url in rows:
+        book.active.append([name, "PNG", "256*256", url])
+    book.save(xlsx)
+
+
+@pytest.mark.parametrize("spell", [str.lower, lambda n: n + ".png", lambda n: n.lower() + ".PNG", lambda n: n.upper()])
+def test_metadata_names_match_whatever_their_case_or_extension(covid_sample, covid_copy, spell):
+    expected = {r.source: r.meta["origin"] for r in covid.plan(covid_sample).records}
+    for name in covid.CLASSES:
+        xlsx = covid_copy / f"{name}.metadata.xlsx"
+        _write_metadata(xlsx, [(spell(file_name), url) for file_name, url in _metadata(xlsx)])
+    plan = covid.plan(covid_copy)
+    assert {r.source: r.meta["origin"] for r in plan.records} == expected
+    assert covid.UNKNOWN_ORIGIN not in expected.values() and plan.notes == []
+
+
+def test_images_without_metadata_are_counted_on_the_summary_line(covid_copy, tmp_path):
+    covid_rows = _metadata(covid_copy / "COVID.metadata.xlsx")
+    _write_metadata(covid_copy / "COVID.metadata.xlsx", covid_rows[2:])  # COVID-1 and COVID-2 lose their row
+    (covid_copy / "Viral Pneumonia.metadata.xlsx").unlink()
+    n_viral = len(list((covid_copy / "Viral Pneumonia" / "images").iterdir()))
+    plan = covid.plan(covid_copy)
+    unknown = sorted(r.source for r in plan.records if r.meta["origin"] == covid.UNKNOWN_ORIGIN)
+    assert unknown[:2] == ["COVID/images/COVID-1.png", "COVID/images/COVID-2.png"]
+    assert len(unknown) == 2 + n_viral
+    note = (
+        f"{2 + n_viral} image(s) without a source URL, origin unknown: COVID 2 (not in COVID.metadata.xlsx), "
+        f"Viral Pneumonia {n_viral} (no Viral Pneumonia.metadata.xlsx)"
+    )
+    assert plan.notes == [note]
+    result = build.pack(plan, tmp_path / "out", size=32, workers=1, progress=False)
+    assert result.summary.endswith(f"0 skipped; {note}")
+    assert result.manifest["notes"] == [note]
+
+
+def test_symlinked_folders_are_followed_and_loops_cut(covid_copy, tmp_path):
+    elsewhere = tmp_path / "elsewhere" / "batch2"
+    elsewhere.mkdir(parents=True)
+    for k in range(3):
+        Image.new("L", (40, 40), 30 * k + 40).save(elsewhere / f"COVID-{900 + k}.png")
+    images = covid_copy / "COVID" / "images"
+    (images / "batch2").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(covid_copy, target_is_directory=True)  # back to the dataset root
+    (images / "again").symlink_to(images, target_is_directory=True)  # to its own folder
+    (images / "COVID-1-link.png").symlink_to(images / "COVID-1.png")  # one file reached twice
+    plan = covid.plan(covid_copy)
+    sources = [r.source for r in plan.records]
+    assert len(sources) == 63 and len(set(sources)) == 63
+    linked = [s for s in sources if "batch2" in s]
+    assert linked == [f"COVID/images/batch2/COVID-{900 + k}.png" for k in range(3)]
+    assert "COVID/images/COVID-1-link.png" not in sources
+    assert plan.notes == [
+        "3 image(s) without a source URL, origin unknown: COVID 3 (not in COVID.metadata.xlsx)",
+        "1 file(s) reached twice through links, packed once",
+    ]
+    result = build.pack(plan, tmp_path / "out", size=32, workers=1, progress=False)
+    data = PackedDataset(result.out)
+    packed = {data.metadata(i)["source"]: data.image(i) for i in range(len(data))}
+    assert len(packed) == 63 and int(packed["COVID/images/batch2/COVID-902.png"].mean()) == 100
+
+
+def test_one_file_in_two_class_folders_is_one_line(covid_copy):
+    (covid_copy / "Normal" / "images" / "Normal-900.png").symlink_to(covid_copy / "COVID" / "images" / "COVID-1.png")
+    result = run_prep("covid", "--src", covid_copy, "--out", covid_copy.parent / "out")
+    assert_one_line_error(
+        result, "Normal/images/Normal-900.png: is one file in two class folders", "COVID/images/COVID-1.png"
+    )

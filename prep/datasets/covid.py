@@ -7,8 +7,10 @@
       Viral Pneumonia/images/Viral Pneumonia-1.png ...
       COVID.metadata.xlsx ...                Sheet1: FILE NAME, FORMAT, SIZE, URL
 
-`masks/` holds lung masks, not training images, and is never read. The xlsx gives each image's source URL,
-with `FILE NAME` upper-cased in Normal (NORMAL-1 for Normal-1.png).
+`masks/` holds lung masks, not training images, and is never read. Class folders are walked through symbolic
+links (a loop is cut, a file reached twice is one sample). The xlsx gives each image's source URL; its
+`FILE NAME` is matched whatever its case or extension (NORMAL-1, normal-1.PNG and Normal-1.png all name
+Normal-1.png). Images left without a source URL are counted in the plan's notes, so the summary line says so.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import re
 from pathlib import Path
 
 from twinray.prep.build import Plan, Record
-from twinray.prep.images import RASTER_SUFFIXES
+from twinray.prep.datasets.inputs import file_id, merge_repeats, normalize_path, walk_files
+from twinray.prep.images import RASTER_SUFFIXES, SUPPORTED_SUFFIXES
 from twinray.prep.splits import assign_splits, parse_split
 
 from twinray.cli import InputError
@@ -40,8 +43,19 @@ def image_folder(class_dir: Path) -> Path:
     return images if images.is_dir() else class_dir
 
 
+def metadata_key(name: object) -> str:
+    """An image's file name or a metadata FILE NAME -> the key they share: the name without folders or an image
+    extension, upper-cased ('COVID-1', 'covid-1.PNG' and 'images/COVID-1.png' all give 'COVID-1')."""
+    text = normalize_path(str(name)).rsplit("/", 1)[-1]
+    stem, dot, suffix = text.rpartition(".")
+    if dot and stem and f".{suffix.lower()}" in SUPPORTED_SUFFIXES:
+        text = stem
+    return text.upper()
+
+
 def read_origins(xlsx: Path) -> dict[str, str]:
-    """Upper-cased FILE NAME -> URL. A missing xlsx gives no origins; a malformed one is an error."""
+    """metadata_key(FILE NAME) -> URL, for rows with a URL. A missing xlsx gives no origins; a malformed one is
+    an error."""
     if not xlsx.is_file():
         return {}
     from openpyxl import load_workbook
@@ -59,8 +73,10 @@ def read_origins(xlsx: Path) -> dict[str, str]:
     name_col, url_col = header.index("FILE NAME"), header.index("URL")
     origins = {}
     for row in rows:
-        if row and row[name_col]:
-            origins[str(row[name_col]).strip().upper()] = str(row[url_col] or UNKNOWN_ORIGIN).strip()
+        name = row[name_col] if len(row) > name_col else None
+        url = str(row[url_col]).strip() if len(row) > url_col and row[url_col] is not None else ""
+        if name is not None and str(name).strip() and url:
+            origins[metadata_key(name)] = url
     book.close()
     return origins
 
@@ -74,24 +90,47 @@ def plan(src: str | Path, split: str = "80/10/10", seed: int = 0) -> Plan:
         raise InputError(f"{src}: not the {FOLDER_NAME} layout, missing class folder(s): {', '.join(missing)}")
     fractions = parse_split(split)
 
-    records, skipped = [], []
+    records, skipped, identity, repeats, unknown = [], [], {}, 0, []
+    folders = [src, *(src / c for c in CLASSES), *(image_folder(src / c) for c in CLASSES)]
     for label, name in enumerate(CLASSES):
-        origins = read_origins(src / f"{name}.metadata.xlsx")
+        xlsx = src / f"{name}.metadata.xlsx"
+        origins = read_origins(xlsx)
         folder = image_folder(src / name)
-        for path in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
-            if not path.is_file() or path.name.startswith("."):
-                continue
+        files, unreadable, repeated = walk_files(folder, ignored={"masks"}, seen_folders=folders)
+        skipped += [{**s, "source": (folder / s["source"]).relative_to(src).as_posix()} for s in unreadable]
+        repeats += repeated
+        without = 0
+        for path in sorted(files, key=lambda p: natural_key(p.relative_to(folder).as_posix())):
             source = path.relative_to(src).as_posix()
             if path.suffix.lower() not in RASTER_SUFFIXES:
                 skipped.append({"source": source, "reason": f"not an image file ({path.suffix or 'no suffix'})"})
                 continue
-            origin = origins.get(path.stem.upper(), UNKNOWN_ORIGIN)
-            records.append(Record(path, source, "", {"label": label, "class": name, "origin": origin}))
+            origin = origins.get(metadata_key(path.name))
+            without += origin is None
+            record = Record(path, source, "", {"label": label, "class": name, "origin": origin or UNKNOWN_ORIGIN})
+            identity[id(record)] = file_id(path)
+            records.append(record)
+        if without:
+            unknown.append((without, f"{name} {without} ({'not in' if xlsx.is_file() else 'no'} {xlsx.name})"))
     if not records:
         raise InputError(f"{src}: the class folders hold no images")
+    merge_repeats(
+        records,
+        key=lambda r: identity[id(r)],
+        value=lambda r: {"class": r.meta["class"]},
+        where=lambda r: r.source,
+        conflict="is one file in two class folders",
+        name=lambda r: r.source,
+    )
 
     labels = [r.meta["label"] for r in records]
     origins = [r.meta["origin"] for r in records]
     for record, assigned in zip(records, assign_splits(labels, fractions, seed, substrata=origins)):
         record.split = assigned
-    return Plan(DATASET, "multiclass", list(CLASSES), records, {"src": str(src), "split": split}, skipped)
+    notes = []
+    if unknown:
+        parts = ", ".join(part for _, part in unknown)
+        notes.append(f"{sum(n for n, _ in unknown)} image(s) without a source URL, origin unknown: {parts}")
+    if repeats:
+        notes.append(f"{repeats} file(s) reached twice through links, packed once")
+    return Plan(DATASET, "multiclass", list(CLASSES), records, {"src": str(src), "split": split}, skipped, notes)
