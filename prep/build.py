@@ -38,7 +38,7 @@ class Plan:
     records: list[Record]
     args: dict  # the prep arguments that shape the output, stored in the manifest
     skipped: list[dict] = field(default_factory=list)  # found while scanning, before any image is read
-    notes: list[str] = field(default_factory=list)  # what the summary line and manifest must say (one line each)
+    scan_notes: list[str] = field(default_factory=list)  # dataset-level facts the summary line must state
 
 
 @dataclass
@@ -52,8 +52,8 @@ class Result:
         splits = " / ".join(f"{s} {n}" for s, n in self.manifest["splits"].items())
         total = sum(self.manifest["splits"].values())
         verb = "packed" if self.written else "already packed (use --force to rebuild):"
-        notes = "".join(f"; {note}" for note in self.manifest.get("notes", []))
-        return f"{verb} {total} images into {self.out} ({splits}), {len(self.manifest['skipped'])} skipped{notes}"
+        scan = "".join(f"; {note}" for note in self.manifest.get("scan_notes", []))
+        return f"{verb} {total} images into {self.out} ({splits}), {len(self.manifest['skipped'])} skipped{scan}"
 
 
 def default_workers() -> int:
@@ -184,7 +184,7 @@ def pack(
         manifest = writer.finish(
             {
                 "skipped": sorted(skipped, key=lambda s: s["source"]),
-                "notes": list(plan.notes),
+                "scan_notes": list(plan.scan_notes),
                 "prep": {**plan.args, "size": size, "encoding": encoding, "seed": seed, "shard_samples": shard_samples},
             }
         )

@@ -227,7 +227,7 @@ def test_metadata_names_match_whatever_their_case_or_extension(covid_sample, cov
         _write_metadata(xlsx, [(spell(file_name), url) for file_name, url in _metadata(xlsx)])
     plan = covid.plan(covid_copy)
     assert {r.source: r.meta["origin"] for r in plan.records} == expected
-    assert covid.UNKNOWN_ORIGIN not in expected.values() and plan.notes == []
+    assert covid.UNKNOWN_ORIGIN not in expected.values() and plan.scan_notes == []
 
 
 def test_images_without_metadata_are_counted_on_the_summary_line(covid_copy, tmp_path):
@@ -243,10 +243,10 @@ def test_images_without_metadata_are_counted_on_the_summary_line(covid_copy, tmp
         f"{2 + n_viral} image(s) without a source URL, origin unknown: COVID 2 (not in COVID.metadata.xlsx), "
         f"Viral Pneumonia {n_viral} (no Viral Pneumonia.metadata.xlsx)"
     )
-    assert plan.notes == [note]
+    assert plan.scan_notes == [note]
     result = build.pack(plan, tmp_path / "out", size=32, workers=1, progress=False)
     assert result.summary.endswith(f"0 skipped; {note}")
-    assert result.manifest["notes"] == [note]
+    assert result.manifest["scan_notes"] == [note]
 
 
 def test_symlinked_folders_are_followed_and_loops_cut(covid_copy, tmp_path):
@@ -265,7 +265,7 @@ def test_symlinked_folders_are_followed_and_loops_cut(covid_copy, tmp_path):
     linked = [s for s in sources if "batch2" in s]
     assert linked == [f"COVID/images/batch2/COVID-{900 + k}.png" for k in range(3)]
     assert "COVID/images/COVID-1-link.png" not in sources
-    assert plan.notes == [
+    assert plan.scan_notes == [
         "3 image(s) without a source URL, origin unknown: COVID 3 (not in COVID.metadata.xlsx)",
         "1 file(s) reached twice through links, packed once",
     ]

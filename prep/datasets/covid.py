@@ -133,4 +133,6 @@ def plan(src: str | Path, split: str = "80/10/10", seed: int = 0) -> Plan:
         notes.append(f"{sum(n for n, _ in unknown)} image(s) without a source URL, origin unknown: {parts}")
     if repeats:
         notes.append(f"{repeats} file(s) reached twice through links, packed once")
-    return Plan(DATASET, "multiclass", list(CLASSES), records, {"src": str(src), "split": split}, skipped, notes)
+    return Plan(
+        DATASET, "multiclass", list(CLASSES), records, {"src": str(src), "split": split}, skipped, scan_notes=notes
+    )
