@@ -49,11 +49,18 @@ class Result:
 
     @property
     def summary(self) -> str:
+        """One line: packed per split, skipped, every source file found (found = packed + skipped), the dataset's
+        scan notes, and how many per-file notes the manifest holds."""
         splits = " / ".join(f"{s} {n}" for s, n in self.manifest["splits"].items())
         total = sum(self.manifest["splits"].values())
+        skipped = len(self.manifest["skipped"])
         verb = "packed" if self.written else "already packed (use --force to rebuild):"
-        scan = "".join(f"; {note}" for note in self.manifest.get("scan_notes", []))
-        return f"{verb} {total} images into {self.out} ({splits}), {len(self.manifest['skipped'])} skipped{scan}"
+        line = f"{verb} {total} images into {self.out} ({splits}), {skipped} skipped ({total + skipped} found)"
+        line += "".join(f"; {note}" for note in self.manifest.get("scan_notes", []))
+        notes = len(self.manifest.get("notes", []))
+        if notes:
+            line += f"; {notes} file note{'s' * (notes != 1)} in {MANIFEST} (`python -m prep info` lists them)"
+        return line
 
 
 def default_workers() -> int:
@@ -184,8 +191,16 @@ def pack(
         manifest = writer.finish(
             {
                 "skipped": sorted(skipped, key=lambda s: s["source"]),
+                "notes": sorted(notes, key=lambda n: n["source"]),
                 "scan_notes": list(plan.scan_notes),
-                "prep": {**plan.args, "size": size, "encoding": encoding, "seed": seed, "shard_samples": shard_samples},
+                "prep": {
+                    **plan.args,
+                    "size": size,
+                    "encoding": encoding,
+                    "seed": seed,
+                    "shard_samples": shard_samples,
+                    "max_pixels": max_pixels,
+                },
             }
         )
         _publish(tmp, out)

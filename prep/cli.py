@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from twinray.prep import build
+from twinray.prep import build, shard_cache
 from twinray.prep.datasets import chexpert, covid, folder
 from twinray.prep.format import ENCODINGS, LABEL_MISSING, SPLITS, PackedDataset, verify
+from twinray.prep.images import DEFAULT_MAX_PIXELS
 
 from twinray.cli import InputError, OneLineParser
+from twinray.storage import is_url, join, local_path, location, storage_options_type
 
 
 def _positive_int(text: str) -> int:
@@ -34,23 +36,49 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _pixel_count(text: str) -> int:
+    """A pixel count: an integer, in scientific notation too (`2e8`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value >= 1 and value == int(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of pixels, at least 1")
+    return int(value)
+
+
 def _add_pack_options(p: argparse.ArgumentParser, split_default: str | None, out_default: Path | None = None):
     if out_default is None:
-        p.add_argument("--out", required=True, type=Path, help="output directory (one dataset)")
+        p.add_argument("--out", required=True, type=location, help="output directory or URL (one dataset)")
     else:
-        p.add_argument("--out", type=Path, default=out_default, help=f"one sub-folder per dataset ({out_default})")
+        p.add_argument("--out", type=location, default=out_default, help=f"one sub-folder per dataset ({out_default})")
     p.add_argument("--size", type=_positive_int, default=256, help="shorter side in px, never upsampled (256)")
     p.add_argument("--encoding", choices=list(ENCODINGS), default="jpeg", help="image member encoding (jpeg)")
     p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of the shard order (0)")
     p.add_argument("--shard-samples", type=_positive_int, default=1024, help="samples per shard (1024)")
     p.add_argument("--force", action="store_true", help="rebuild even if --out is already complete")
+    p.add_argument(
+        "--storage-options", type=storage_options_type, default=None, help="fsspec options (JSON) for a URL --out"
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=_pixel_count,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"skip images with more pixels, by their header, before decoding ({DEFAULT_MAX_PIXELS:.0e})",
+    )
     if split_default:
         p.add_argument("--split", default=split_default, help=f"split percentages ({split_default})")
 
 
 def _pack(plan: build.Plan, args) -> int:
-    result = build.pack(
+    if is_url(args.out):  # built locally, then uploaded with the manifest last (prep/remote.py)
+        from twinray.prep.remote import pack_to_url
+
+        pack = lambda plan, out, **kw: pack_to_url(plan, out, args.storage_options, **kw)  # noqa: E731
+    else:
+        pack = build.pack
+    result = pack(
         plan,
         args.out,
         size=args.size,
@@ -59,6 +87,7 @@ def _pack(plan: build.Plan, args) -> int:
         seed=args.seed,
         shard_samples=args.shard_samples,
         force=args.force,
+        max_pixels=args.max_pixels,
     )
     print(result.summary)
     return 0
@@ -114,7 +143,7 @@ def cmd_all(args) -> int:
             print(f"skip {name}: {' or '.join(str(c) for c in candidates)} not found")
             continue
         plan = covid.plan(src, seed=args.seed) if name == "covid" else chexpert.plan(src, seed=args.seed)
-        sub = argparse.Namespace(**{**vars(args), "out": args.out / name})
+        sub = argparse.Namespace(**{**vars(args), "out": join(args.out, name) if is_url(args.out) else args.out / name})
         _pack(plan, sub)
     return 0
 
@@ -123,6 +152,7 @@ def cmd_ffcv(args) -> int:
     """One .beton per split for the FFCV backend (it also writes them itself when missing)."""
     from twinray.pipelines.ffcv_backend import write_beton
 
+    shard_cache.configure_from(args)
     data = PackedDataset(args.dir)
     for split in args.splits.split(","):
         if split not in SPLITS:
@@ -133,6 +163,7 @@ def cmd_ffcv(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    shard_cache.configure_from(args)
     for line in verify(args.dir):
         print(line)
     print(f"ok: {args.dir}")
@@ -141,9 +172,9 @@ def cmd_verify(args) -> int:
 
 def describe(data: PackedDataset) -> str:
     m = data.manifest
-    size_mb = sum((data.root / name).stat().st_size for name in data.shard_names) / 1e6
+    size_mb = sum(data.shard_bytes(name) for name in data.shard_names) / 1e6
     lines = [
-        f"{m['dataset']} ({m['task']}) in {data.root}",
+        f"{m['dataset']} ({m['task']}) in {data.location}",
         f"  format v{m['format_version']}: {m['image']['encoding']}, shorter side {m['image']['size']} px, "
         f"{len(data.shard_names)} shards, {size_mb:.1f} MB",
     ]
@@ -174,10 +205,17 @@ def describe(data: PackedDataset) -> str:
     lines += [f"    {s['source']}: {s['reason']}" for s in skipped[:10]]
     if len(skipped) > 10:
         lines.append(f"    ... and {len(skipped) - 10} more (manifest.json lists all)")
+    notes = m.get("notes", [])
+    if notes:
+        lines.append(f"  notes: {len(notes)}")
+        lines += [f"    {n['source']}: {n['note']}" for n in notes[:10]]
+        if len(notes) > 10:
+            lines.append(f"    ... and {len(notes) - 10} more (manifest.json lists all)")
     return "\n".join(lines)
 
 
 def cmd_info(args) -> int:
+    shard_cache.configure_from(args)
     print(describe(PackedDataset(args.dir)))
     return 0
 
@@ -187,19 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("covid", help="the COVID-19 Radiography Database")
-    p.add_argument("--src", required=True, type=Path, help=f"the {covid.FOLDER_NAME} folder")
+    p.add_argument("--src", required=True, type=local_path, help=f"the {covid.FOLDER_NAME} folder")
     _add_pack_options(p, "80/10/10")
     p.set_defaults(func=cmd_covid)
 
     p = sub.add_parser("chexpert", help="CheXpert-v1.0-small or CheXpert-v1.0")
-    p.add_argument("--src", required=True, type=Path, help="the folder holding train.csv and valid.csv")
+    p.add_argument("--src", required=True, type=local_path, help="the folder holding train.csv and valid.csv")
     p.add_argument("--views", choices=chexpert.VIEWS, default="frontal", help="frontal (default) or all")
     _add_pack_options(p, "90/10")
     p.set_defaults(func=cmd_chexpert)
 
     p = sub.add_parser("folder", help="your own X-rays: class sub-folders or a CSV")
-    p.add_argument("--src", required=True, type=Path, help="root folder of the images")
-    p.add_argument("--csv", type=Path, help="CSV with a path and a label column (paths relative to --src)")
+    p.add_argument("--src", required=True, type=local_path, help="root folder of the images")
+    p.add_argument("--csv", type=local_path, help="CSV with a path and a label column (paths relative to --src)")
     p.add_argument("--path-col", default="path", help="CSV column with the image path (path)")
     p.add_argument("--label-col", default="label", help="CSV column with the class name (label)")
     p.add_argument("--patient-col", default=None, help="CSV column with a patient id: splits keep patients whole")
@@ -208,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_folder)
 
     p = sub.add_parser("sample", help="generate a synthetic COVID-19 Radiography Database for demos and tests")
-    p.add_argument("--out", required=True, type=Path, help="writes OUT/COVID-19_Radiography_Dataset")
+    p.add_argument("--out", required=True, type=local_path, help="writes OUT/COVID-19_Radiography_Dataset")
     p.add_argument("--n", type=_positive_int, default=400, help="number of images (400)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=_positive_int, default=None, help="processes (1)")
@@ -223,21 +261,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("all", help="every known dataset under --raw (what `make prep` runs)")
-    p.add_argument("--raw", type=Path, default=Path("data/raw"), help="where the downloads are (data/raw)")
+    p.add_argument("--raw", type=local_path, default=Path("data/raw"), help="where the downloads are (data/raw)")
     _add_pack_options(p, None, out_default=Path("data/packed"))
     p.set_defaults(func=cmd_all)
 
     p = sub.add_parser("ffcv", help="write DIR/ffcv/<split>.beton files for the FFCV backend")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=location, help="a packed directory or URL")
+    shard_cache.add_arguments(p)
     p.add_argument("--splits", default="train,val,test")
     p.set_defaults(func=cmd_ffcv)
 
     p = sub.add_parser("verify", help="re-hash shards, decode every image, check the index")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=location, help="a packed directory or URL")
+    shard_cache.add_arguments(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("info", help="counts per split and class, size, encoding, what was skipped")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=location, help="a packed directory or URL")
+    shard_cache.add_arguments(p)
     p.set_defaults(func=cmd_info)
     return parser
 

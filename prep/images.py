@@ -1,12 +1,18 @@
-"""Any X-ray file -> one resized 8-bit grey image, or an ImageError whose text is the skip reason."""
+"""Any X-ray file -> one resized 8-bit grey image, or an ImageError whose text is the skip reason.
+
+Raster files go through Pillow (EXIF orientation applied), DICOM files through prep/dicom.py. A file is DICOM by its
+suffix or by its content, so PACS exports without a suffix are read too."""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from twinray.prep.format import encode_image
 
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -15,12 +21,36 @@ SUPPORTED_SUFFIXES = RASTER_SUFFIXES | DICOM_SUFFIXES
 # Detectors store 10, 12, 14 or 16 bits in a 16-bit container; we scale by the depth actually used.
 BIT_DEPTHS = (8, 10, 12, 14, 16)
 
-# Guard against decompression bombs without refusing real 4k x 4k radiographs.
-Image.MAX_IMAGE_PIXELS = 20_000 * 20_000
+# Files with more pixels are skipped before decoding (`prep --max-pixels`). 100 MP is four times the largest
+# radiographs (mammograms ~ 24 MP, stitched full-spine or long-leg ~ 30 MP) and keeps a worker's float64 working copy
+# under 1 GB; Pillow's own bomb guard (89.5 MP warning, 179 MP error) is replaced by this check.
+DEFAULT_MAX_PIXELS = 100_000_000
+# The largest side a stored image may have: index.npy keeps sizes as uint16, libjpeg writes at most 65500.
+MAX_SIDE = {"jpeg": 65_500, "png": 65_535, "npy": 65_535}
 
 
 class ImageError(Exception):
     """The file cannot become a training image; str(error) is the reason recorded in `skipped`."""
+
+
+@dataclass
+class Converted:
+    """One file ready for a shard: member bytes, stored size, and notes for the manifest (may be empty)."""
+
+    data: bytes
+    height: int
+    width: int
+    notes: list[str] = field(default_factory=list)
+
+
+def check_pixel_count(width: int, height: int, max_pixels: int) -> None:
+    """Raises ImageError naming the size when width x height is above `max_pixels` (read from the header, before
+    any pixel is decoded)."""
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{width} x {height} pixels ({width * height / 1e6:g} MP) is above the --max-pixels limit of "
+            f"{max_pixels} ({max_pixels / 1e6:g} MP)"
+        )
 
 
 def bit_depth(values: np.ndarray, stored_bits: int | None = None) -> int:
@@ -62,10 +92,29 @@ def pil_to_grey(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB").convert("L"), dtype=np.uint8).copy()
 
 
-def _read_raster(path: Path) -> np.ndarray:
+@contextlib.contextmanager
+def _own_pixel_limit():
+    """Pillow's module-wide bomb guard off while a file is opened: `check_pixel_count` takes its place, with the
+    --max-pixels limit and a reason that names the size."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _read_raster(path: Path, max_pixels: int) -> np.ndarray:
+    try:
+        # From a file object, not a name: Pillow's memory-mapped path (names only) loses the orientation of
+        # uncompressed TIFFs (Pillow 13 applies it at load, wrongly there).
+        with open(path, "rb") as f, _own_pixel_limit():
+            image = Image.open(f)  # lazy: the header only
+            check_pixel_count(*image.size, max_pixels)
             image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # EXIF Orientation (JPEG, TIFF, PNG, WebP): stored upright
             return pil_to_grey(image)
     except UnidentifiedImageError:
         raise ImageError("not an image (unrecognised content)") from None
@@ -76,39 +125,11 @@ def _read_raster(path: Path) -> np.ndarray:
         raise ImageError(f"unreadable image ({text})") from None
 
 
-def _read_dicom(path: Path) -> np.ndarray:
-    try:
-        import pydicom
-    except ImportError:
-        raise ImageError("DICOM needs the 'dicom' extra: pip install 'twinray[dicom]'") from None
-    try:
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    except ImportError:  # pydicom < 3
-        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
-    try:
-        ds = pydicom.dcmread(path)
-        values = ds.pixel_array
-    except Exception as e:  # pydicom raises many types for broken files
-        raise ImageError(f"unreadable DICOM ({type(e).__name__}: {e})") from None
-    if values.ndim != 2:
-        raise ImageError(f"DICOM pixel data has shape {values.shape}; expected one grey 2-D frame")
-    values = apply_modality_lut(values, ds)
-    has_voi = "WindowCenter" in ds or "VOILUTSequence" in ds
-    if has_voi:
-        # The VOI LUT or window maps into [0, 2**BitsStored - 1]: scale from that range, not min-max.
-        bits = int(ds.get("BitsStored", 16))
-        floor = -(1 << (bits - 1)) if ds.get("PixelRepresentation", 0) == 1 else 0
-        grey = scale_to_uint8(apply_voi_lut(values, ds).astype(np.float64) - floor, bits)
-    else:
-        values = values.astype(np.float64)
-        lo, hi = values.min(), values.max()
-        grey = scale_to_uint8((values - lo) / max(hi - lo, 1e-12) * 255.0, 8)
-    if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
-        grey = 255 - grey  # MONOCHROME1 shows low values as white
-    return grey
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[str]]:
+    """One file -> (uint8 HxW grey, notes for the manifest). DICOM by suffix (.dcm, .dicom) or content, else Pillow.
+    Raises ImageError with the skip reason."""
+    from twinray.prep import dicom
 
-
-def read_grey(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -118,9 +139,14 @@ def read_grey(path: str | Path) -> np.ndarray:
         raise ImageError(f"cannot stat ({e.strerror})") from None
     if size == 0:
         raise ImageError("empty file (0 bytes)")
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return _read_dicom(path)
-    return _read_raster(path)
+    if path.suffix.lower() in DICOM_SUFFIXES or dicom.is_dicom_file(path):
+        return dicom.read(path, max_pixels)
+    return _read_raster(path, max_pixels), []
+
+
+def read_grey(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """`read_image` without the notes: uint8 HxW grey."""
+    return read_image(path, max_pixels)[0]
 
 
 def resize_short_side(image: np.ndarray, size: int) -> np.ndarray:
@@ -134,7 +160,13 @@ def resize_short_side(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
 
 
-def convert_file(path: str | Path, size: int, encoding: str) -> tuple[bytes, int, int]:
-    """Read, make grey, resize and encode one file: (member bytes, height, width)."""
-    image = resize_short_side(read_grey(path), size)
-    return encode_image(image, encoding), image.shape[0], image.shape[1]
+def convert_file(path: str | Path, size: int, encoding: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Converted:
+    """Read, make grey, resize and encode one file. Raises ImageError with the skip reason."""
+    grey, notes = read_image(path, max_pixels)
+    image = resize_short_side(grey, size)
+    height, width = image.shape
+    if max(height, width) > MAX_SIDE[encoding]:
+        raise ImageError(
+            f"{width} x {height} after resizing: a side above {MAX_SIDE[encoding]} px cannot be stored as {encoding}"
+        )
+    return Converted(encode_image(image, encoding), height, width, notes)

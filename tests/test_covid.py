@@ -245,7 +245,7 @@ def test_images_without_metadata_are_counted_on_the_summary_line(covid_copy, tmp
     )
     assert plan.scan_notes == [note]
     result = build.pack(plan, tmp_path / "out", size=32, workers=1, progress=False)
-    assert result.summary.endswith(f"0 skipped; {note}")
+    assert result.summary.endswith(f"0 skipped ({len(plan.records)} found); {note}")
     assert result.manifest["scan_notes"] == [note]
 
 
