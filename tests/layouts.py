@@ -58,6 +58,12 @@ def _write_jpeg(path: Path, seed: int, shape=(96, 80)) -> None:
     cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
+def write_csv(path: Path, rows: list[list[str]], *, bom: bool = False, newline: str = "\n") -> None:
+    """Rows as a CSV file the way different exporters write it: with Excel's UTF-8 BOM, and LF or CRLF endings."""
+    with open(path, "w", newline="", encoding="utf-8-sig" if bom else "utf-8") as f:
+        csv.writer(f, lineterminator=newline).writerows(rows)
+
+
 def build_chexpert(parent: Path, n_patients: int = 40, top: str = "CheXpert-v1.0-small", n_valid: int = 6) -> Path:
     """CheXpert with real train.csv rows (real paths, codes, views) and synthetic JPEGs at those paths.
     valid.csv gets `n_valid` patients from 64541 on with 0/1 labels, as the real one has."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from twinray.prep.datasets import chexpert
 from twinray.prep.format import LABEL_MISSING, PackedDataset, verify
 
 from tests.conftest import assert_one_line_error, run_prep
-from tests.layouts import build_chexpert
+from tests.layouts import build_chexpert, write_csv
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_pack_verify_and_multilabel_index(chexpert_root, tmp_path):
 
 
 def test_full_resolution_prefix_is_resolved(tmp_path):
-    root = build_chexpert(tmp_path, n_patients=5, top="CheXpert-v1.0", n_valid=2)
+    root = build_chexpert(tmp_path, n_patients=10, top="CheXpert-v1.0", n_valid=2)
     plan = chexpert.plan(root)
     assert all(r.path.is_file() for r in plan.records)
     assert plan.records[0].source.startswith("train/patient")
@@ -128,3 +129,99 @@ def test_bad_views_value_is_one_line(tmp_path):
     assert_one_line_error(
         run_prep("chexpert", "--src", root, "--out", tmp_path / "o", "--views", "side"), "--views", "side"
     )
+
+
+def _table(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+def _view(plan):
+    return sorted((r.source, r.split, json.dumps(r.meta, sort_keys=True), r.path) for r in plan.records)
+
+
+@pytest.fixture
+def small_root(tmp_path):
+    return build_chexpert(tmp_path, n_patients=10, n_valid=3)
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_csvs_with_a_bom_and_crlf_give_the_same_plan(small_root, newline):
+    before = chexpert.plan(small_root, views="all")
+    for name in ("train.csv", "valid.csv"):
+        write_csv(small_root / name, _table(small_root / name), bom=True, newline=newline)
+    assert (small_root / "train.csv").read_bytes().startswith(b"\xef\xbb\xbfPath,")
+    assert _view(chexpert.plan(small_root, views="all")) == _view(before)
+
+
+def test_paths_with_or_without_the_top_folder_and_with_backslashes_resolve(small_root):
+    before = chexpert.plan(small_root, views="all")
+    spellings = [
+        lambda p: p.split("/", 1)[1],  # train/patient00001/...
+        lambda p: p.replace("/", "\\"),  # CheXpert-v1.0-small\train\...
+        lambda p: "CheXpert-v1.0/" + p.split("/", 1)[1],  # another top folder's name
+        lambda p: "/mnt/data/" + p,  # an absolute path from the machine that wrote it
+    ]
+    for name in ("train.csv", "valid.csv"):
+        header, *rows = _table(small_root / name)
+        rows = [[spellings[k % len(spellings)](row[0]), *row[1:]] for k, row in enumerate(rows)]
+        write_csv(small_root / name, [header, *rows])
+    after = chexpert.plan(small_root, views="all")
+    assert _view(after) == _view(before)
+    assert all(r.path.is_file() for r in after.records) and after.skipped == []
+
+
+def test_a_row_listed_twice_is_one_sample(small_root, tmp_path):
+    header, *rows = _table(small_root / "train.csv")
+    again = [rows[0][0].split("/", 1)[1], *rows[0][1:]]  # the same path, written without the top folder
+    write_csv(small_root / "train.csv", [header, *rows, again, rows[2]])
+    result = run_prep("chexpert", "--src", small_root, "--views", "all", "--out", tmp_path / "out", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    assert f"packed {len(rows) + 3} images" in result.stdout and "0 skipped" in result.stdout
+    assert "2 repeated row(s) of train.csv/valid.csv merged" in result.stdout
+    data = PackedDataset(tmp_path / "out")
+    sources = [data.metadata(i)["source"] for i in range(len(data))]
+    assert len(sources) == len(set(sources)) == len(rows) + 3
+
+
+def test_a_path_listed_twice_with_other_labels_is_one_line(small_root, tmp_path):
+    header, *rows = _table(small_root / "train.csv")
+    edema = header.index("Edema")
+    changed = list(rows[1])
+    changed[edema] = "1.0" if rows[1][edema] != "1.0" else "0.0"
+    write_csv(small_root / "train.csv", [header, *rows, changed])
+    result = run_prep("chexpert", "--src", small_root, "--views", "all", "--out", tmp_path / "out")
+    path = rows[1][0].split("/", 1)[1]
+    assert_one_line_error(result, f"{path}: listed twice", "train.csv:3: Edema=", f"train.csv:{len(rows) + 2}: Edema=")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_path_in_both_train_and_valid_is_one_line(small_root, tmp_path):
+    header, *valid = _table(small_root / "valid.csv")
+    train_row = _table(small_root / "train.csv")[1]
+    write_csv(small_root / "valid.csv", [header, *valid, train_row])
+    result = run_prep("chexpert", "--src", small_root, "--views", "all", "--out", tmp_path / "out")
+    assert_one_line_error(result, train_row[0].split("/", 1)[1], "train.csv:2: split=train", "valid.csv:5: split=test")
+
+
+@pytest.mark.parametrize(
+    "valid_rows, why",
+    [
+        (lambda rows: [], "it lists no rows"),
+        (lambda rows: [[r[0], r[1], r[2], "Lateral", "", *r[5:]] for r in rows], "3 row(s): 3 not frontal"),
+        (lambda rows: [["elsewhere/x.jpg", *r[1:]] for r in rows], "3 row(s): 3 unusable (first: valid.csv:2: Path"),
+    ],
+)
+def test_valid_csv_that_gives_no_images_is_one_line(small_root, tmp_path, valid_rows, why):
+    header, *rows = _table(small_root / "valid.csv")
+    write_csv(small_root / "valid.csv", [header, *valid_rows(rows)])
+    result = run_prep("chexpert", "--src", small_root, "--out", tmp_path / "out")
+    assert_one_line_error(result, "valid.csv: gives the test split no images", why)
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_few_patients_for_a_val_split_is_one_line(tmp_path):
+    root = build_chexpert(tmp_path, n_patients=3, n_valid=1)
+    result = run_prep("chexpert", "--src", root, "--views", "all", "--out", tmp_path / "out")
+    assert_one_line_error(result, "split 90/10 leaves val empty: 3 patients are too few")
+    assert run_prep("chexpert", "--src", root, "--split", "100/0", "--out", tmp_path / "out").returncode == 0
