@@ -168,7 +168,7 @@ def _labelled_images(src, n=10):
 
 
 @pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
-@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
 def test_csv_with_bom_crlf_and_windows_paths(tmp_path, bom, newline):
     src = tmp_path / "src"
     images = _labelled_images(src)
@@ -232,3 +232,12 @@ def test_split_that_would_be_empty_is_one_line(tmp_path):
     assert_one_line_error(result, "split 80/10/10 leaves test empty: 4 images are too few")
     assert not (tmp_path / "out").exists()
     assert run_prep("folder", "--src", src, "--out", tmp_path / "out", "--split", "100/0/0").returncode == 0
+
+
+def test_csv_saved_as_utf16_by_excel_reads_the_same(tmp_path):
+    src = tmp_path / "src"
+    images = _labelled_images(src)
+    text = "path,label\r\n" + "".join(f"{p.replace('/', chr(92))},{label}\r\n" for p, (label, _) in images.items())
+    (tmp_path / "labels.csv").write_bytes(text.encode("utf-16"))  # with its BOM
+    plan = folder.plan(src, csv_file=tmp_path / "labels.csv")
+    assert {r.source: r.meta["class"] for r in plan.records} == {p: label for p, (label, _) in images.items()}
