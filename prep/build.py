@@ -188,6 +188,14 @@ def pack(
         if len(writer) == 0:
             first = f"; first: {skipped[0]['source']}: {skipped[0]['reason']}" if skipped else ""
             raise InputError(f"no image of {plan.dataset} could be read ({len(skipped)} skipped{first})")
+        reasons = {s["source"]: s["reason"] for s in skipped}
+        for split in SPLITS:  # a split the plan filled but whose every file was skipped is not published empty
+            members = [r.source for r in records if r.split == split]
+            if members and all(source in reasons for source in members):
+                first = f"{members[0]}: {reasons[members[0]]}"
+                raise InputError(
+                    f"the {split} split came out empty: all {len(members)} of its images were skipped ({first})"
+                )
         manifest = writer.finish(
             {
                 "skipped": sorted(skipped, key=lambda s: s["source"]),

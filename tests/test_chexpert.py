@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -225,3 +226,11 @@ def test_too_few_patients_for_a_val_split_is_one_line(tmp_path):
     result = run_prep("chexpert", "--src", root, "--views", "all", "--out", tmp_path / "out")
     assert_one_line_error(result, "split 90/10 leaves val empty: 3 patients are too few")
     assert run_prep("chexpert", "--src", root, "--split", "100/0", "--out", tmp_path / "out").returncode == 0
+
+
+def test_valid_images_missing_on_disk_is_one_line_not_an_empty_test_split(small_root, tmp_path):
+    # A copy made without valid/: valid.csv lists images that are not there. Test must not be published empty.
+    shutil.rmtree(small_root / "valid")
+    result = run_prep("chexpert", "--src", small_root, "--out", tmp_path / "out", "--workers", "1")
+    assert_one_line_error(result, "the test split came out empty: all 3 of its images were skipped", "file not found")
+    assert not (tmp_path / "out").exists()
