@@ -16,6 +16,7 @@ from pathlib import Path
 
 from twinray.prep.build import Plan, Record
 from twinray.prep.datasets.inputs import file_id, merge_repeats, normalize_path, read_table, walk_files
+from twinray.prep.dicom import is_dicom_file
 from twinray.prep.images import SUPPORTED_SUFFIXES
 from twinray.prep.splits import assign_splits, parse_split
 
@@ -51,7 +52,7 @@ def _from_subfolders(src: Path) -> tuple[list[Item], list[dict], list[str]]:
         repeats += repeated
         for path in files:
             source = path.relative_to(src).as_posix()
-            if path.suffix.lower() in SUPPORTED_SUFFIXES:
+            if path.suffix.lower() in SUPPORTED_SUFFIXES or is_dicom_file(path):  # PACS exports: no suffix
                 items.append(Item(path, source, class_dir.name, None, source))
             else:
                 reason = f"not an image file ({path.suffix or 'no suffix'})"
