@@ -255,10 +255,21 @@ def decode_image(data, encoding: str) -> np.ndarray:
 
 
 class PackedDataset:
-    """Random access to a packed directory. Image bytes are zero-copy slices of memory-mapped shards."""
+    """Random access to a packed directory. Image bytes are zero-copy slices of memory-mapped shards.
+
+    `root` may also be a URL (`s3://bucket/packed/covid`, `gs://`, `az://`, `file://`): the dataset is then read
+    through the node-local shard cache (prep/shard_cache.py), `root` becomes the local copy's directory and
+    `remote` fetches its shards as they are needed. Raises InputError in one line for a directory or URL that does
+    not hold a packed dataset."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        from twinray.prep import shard_cache
+
+        from twinray.storage import is_url
+
+        self.location = str(root)  # as given: a URL names the store, not the cache
+        self.root = shard_cache.resolve(root) if is_url(root) else Path(root)
+        self.remote = shard_cache.attached(self.root)  # None for an ordinary directory
         manifest_path = self.root / MANIFEST
         if not self.root.is_dir():
             raise InputError(f"{self.root}: no such directory")
@@ -288,15 +299,23 @@ class PackedDataset:
         """Row numbers of one split, in shard order."""
         if split not in SPLITS:
             raise InputError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        if self.remote is not None:  # a URL dataset: its shards start downloading in the background
+            self.remote.want(split)
         return np.flatnonzero(self.index["split"] == SPLITS.index(split))
 
     def _shard(self, number: int) -> mmap.mmap:
         m = self._maps.get(number)
         if m is None:
-            with open(self.root / self.shard_names[number], "rb") as f:
+            name = self.shard_names[number]
+            path = self.root / name if self.remote is None else self.remote.ensure(name)
+            with open(path, "rb") as f:
                 m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._maps[number] = m
         return m
+
+    def shard_bytes(self, name: str) -> int:
+        """A shard's size in bytes, without fetching it for a URL dataset."""
+        return self.remote.shard_bytes(name) if self.remote is not None else (self.root / name).stat().st_size
 
     def image_bytes(self, i: int) -> memoryview:
         row = self.index[i]
@@ -354,6 +373,8 @@ def verify(root: str | Path) -> Iterator[str]:
     data = PackedDataset(root)
     root = data.root
     expected = data.manifest["shards"]
+    if data.remote is not None:  # a URL: every shard is fetched (and checked against its sha256) first
+        data.remote.fetch_all()
     for name, digest in expected.items():
         path = root / name
         if not path.is_file():

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,33 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
     assert "Traceback" not in result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3-compatible server (moto's, tests/s3server.py) on 127.0.0.1 with a bucket `twinray`, for this
+    session; its test credentials are in the environment while it runs."""
+    from tests.s3server import CREDENTIALS, S3Server
+
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    server = S3Server()
+    try:
+        server.filesystem().mkdir("twinray")
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_covid(s3, covid_sample) -> str:
+    """covid_packed's dataset, packed by `prep covid --out s3://twinray/covid` (same arguments): its URL."""
+    url = "s3://twinray/covid"
+    args = ["covid", "--src", str(covid_sample), "--out", url, "--workers", "1", "--shard-samples", "16"]
+    assert prep_main([*args, "--storage-options", s3.storage_options_json]) == 0
+    return url
