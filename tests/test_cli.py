@@ -6,6 +6,9 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
+from twinray.prep.format import PackedDataset
+
 from tests.conftest import REPO, assert_one_line_error, run_prep
 
 
@@ -89,3 +92,66 @@ def test_info_into_a_closed_pipe_prints_no_traceback(covid_packed):
     proc.stdout.close()
     stderr = proc.stderr.read().decode()
     assert proc.wait() == 141 and stderr == ""
+
+
+def test_folder_packs_every_good_file_and_names_every_other(tmp_path):
+    """The seen failures in one run: a DICOM with Window Width 0 (once a ValueError that stopped `prep folder`),
+    a 30,000 x 30,000 1-bit PNG (once a DecompressionBombError traceback), a file past --max-pixels, a text file
+    and a broken DICOM, beside 4 good files; 2 worker processes. Exit 0, the summary counts found = packed +
+    skipped, the manifest and `info` give each skip's reason and the window note."""
+    from PIL import Image
+
+    from tests.test_dicom import RAMP12, RAMP12_8BIT, make_dicom
+    from tests.test_images import _blank_bilevel_png
+
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    for k in range(4):
+        Image.fromarray(np.full((30, 40), 50 * k, np.uint8)).save(src / "ab"[k % 2] / f"good{k}.png")
+    make_dicom(src / "a" / "ww0.dcm", RAMP12, WindowCenter=2048, WindowWidth=0)
+    _blank_bilevel_png(src / "b" / "bomb.png", 30_000, 30_000)
+    Image.fromarray(np.zeros((100, 100), np.uint8)).save(src / "b" / "large.png")  # 10,000 px
+    (src / "b" / "notes.txt").write_text("not an image")
+    (src / "b" / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\x04\x001.2")
+    out = tmp_path / "out"
+    result = run_prep(
+        "folder",
+        "--src",
+        src,
+        "--out",
+        out,
+        "--split",
+        "100/0/0",
+        "--workers",
+        "2",
+        "--max-pixels",
+        "5e3",
+        "--encoding",
+        "png",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith("packed 5 images into") and "4 skipped (9 found)" in summary
+    assert "1 file note in manifest.json" in summary
+    data = PackedDataset(out)
+    images = {data.metadata(i)["source"]: data.image(i) for i in range(len(data))}
+    assert sorted(images) == ["a/good0.png", "a/good2.png", "a/ww0.dcm", "b/good1.png", "b/good3.png"]
+    assert [int(images[f"{'ab'[k % 2]}/good{k}.png"][0, 0]) for k in range(4)] == [0, 50, 100, 150]
+    np.testing.assert_array_equal(images["a/ww0.dcm"], RAMP12_8BIT)
+    reasons = {s["source"]: s["reason"] for s in data.manifest["skipped"]}
+    assert set(reasons) == {"b/bomb.png", "b/large.png", "b/notes.txt", "b/broken.dcm"}
+    assert "30000 x 30000 pixels" in reasons["b/bomb.png"] and "100 x 100 pixels" in reasons["b/large.png"]
+    assert "limit of 5000" in reasons["b/large.png"]
+    assert "DICOM" in reasons["b/broken.dcm"]
+    assert data.manifest["prep"]["max_pixels"] == 5000
+    info = run_prep("info", out).stdout
+    assert "skipped: 4" in info and "notes: 1" in info and "a/ww0.dcm: Window Width 0 is invalid" in info
+
+
+def test_max_pixels_must_be_a_whole_positive_count(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    assert_one_line_error(run_prep("folder", "--src", src, "--out", out, "--max-pixels", "0"), "--max-pixels", "'0'")
+    assert_one_line_error(run_prep("folder", "--src", src, "--out", out, "--max-pixels", "1.5"), "--max-pixels")
+    assert_one_line_error(run_prep("folder", "--src", src, "--out", out, "--max-pixels", "lots"), "--max-pixels")
