@@ -212,7 +212,14 @@ def voi_lut(values: np.ndarray, lo: float, hi: float, ds, notes: list[str]) -> t
         return out, 0.0, float((1 << lut_bits) - 1)
     if "WindowCenter" not in ds or "WindowWidth" not in ds:
         return values, lo, hi
-    center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    try:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    except (TypeError, ValueError, IndexError):  # empty or not a number
+        notes.append(
+            f"Window Center/Width {ds.WindowCenter!r}/{ds.WindowWidth!r} unreadable: window ignored, scaled from the "
+            f"modality output range {lo:g}..{hi:g}"
+        )
+        return values, lo, hi
     function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
     if function not in WINDOW_FUNCTIONS:
         notes.append(f"VOI LUT Function {function!r} is not LINEAR, LINEAR_EXACT or SIGMOID: treated as LINEAR")

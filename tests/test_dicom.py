@@ -173,6 +173,13 @@ def test_an_invalid_window_is_ignored_with_a_note(tmp_path, width):
     assert manifest["skipped"] == []
 
 
+def test_an_empty_window_is_ignored_with_a_note(tmp_path):
+    images, manifest = pack_dicoms(tmp_path, {"empty.dcm": (RAMP12, {"WindowCenter": "", "WindowWidth": ""})})
+    np.testing.assert_array_equal(images["empty.dcm"], RAMP12_8BIT)
+    [note] = manifest["notes"]
+    assert note["source"] == "a/empty.dcm" and "unreadable: window ignored" in note["note"]
+
+
 def _lut_item(table: np.ndarray, first: int, bits: int, vr: str) -> Dataset:
     """A LUT item; its LUT Data as VR US (numbers) or OW (16-bit little-endian words), as files hold either."""
     item = Dataset()
