@@ -97,6 +97,8 @@ def test_rescale_and_window_shifted_to_match_give_the_same_ramp(tmp_path):
                 RAMP12,
                 {"RescaleIntercept": -1024, "RescaleSlope": 1, "WindowCenter": 1024, "WindowWidth": 4096},
             ),
+            # several windows (VM 2: alternative views): the first is the default
+            "two_windows.dcm": (RAMP12, {"WindowCenter": [2048, 40], "WindowWidth": [4096, 400]}),
             # slope 0.5 halves the modality values: centre 1024.25 and width 2048.5 put them on the same line
             "slope.dcm": (
                 RAMP12,
@@ -104,7 +106,7 @@ def test_rescale_and_window_shifted_to_match_give_the_same_ramp(tmp_path):
             ),
         },
     )
-    for name in ("plain.dcm", "intercept.dcm", "slope.dcm"):
+    for name in ("plain.dcm", "intercept.dcm", "two_windows.dcm", "slope.dcm"):
         np.testing.assert_array_equal(images[name], RAMP12_8BIT, err_msg=name)
     assert manifest["notes"] == []
 
@@ -264,10 +266,15 @@ def test_dicom_without_suffix_is_recognised_by_content(tmp_path):
     make_dicom(src / "a" / "1.2.826.0.1.3680043.113", RAMP12, PhotometricInterpretation="MONOCHROME1")
     no_preamble = (src / "a" / "IM000001").read_bytes()[132:]
     (src / "a" / "IM000002").write_bytes(no_preamble)
+    bare = pydicom.dcmread(src / "a" / "IM000001")
+    del bare.file_meta
+    bare.preamble = None
+    bare.save_as(src / "a" / "IM000003", implicit_vr=True, little_endian=True)  # no File Meta: starts at group 0008
     (src / "a" / "README").write_text("exported by a PACS\n")
     images, manifest = pack_folder(tmp_path, src)
     np.testing.assert_array_equal(images["IM000001"], RAMP12_8BIT)
     np.testing.assert_array_equal(images["IM000002"], RAMP12_8BIT)
+    np.testing.assert_array_equal(images["IM000003"], RAMP12_8BIT)
     np.testing.assert_array_equal(images["1.2.826.0.1.3680043.113"], 255 - RAMP12_8BIT)
     assert manifest["skipped"] == [{"source": "a/README", "reason": "not an image file (no suffix)"}]
 
