@@ -119,11 +119,21 @@ def build_loader(
     drop_last: bool = True,
     workers: int | None = None,
     rows=None,
+    cache: str = "none",
 ):
     """A loader over a packed dataset directory; see the module docstring for what it yields.
-    `rows` restricts it to a subset of the split's rows (a label fraction, say)."""
+    `rows` restricts it to a subset of the split's rows (a label fraction, say). `cache` (native backend): none,
+    host, device or auto, the split decoded once and kept in memory (pipelines/cache.py); the CLIs default to auto,
+    this function to none, since a loader read once gains nothing from it. Other backends take none or auto
+    (which is none for them: DALI decodes on the GPU anyway, FFCV reads raw pixels)."""
+    from twinray.pipelines.cache import CACHES
+
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if cache not in CACHES:
+        raise ValueError(f"cache {cache!r} is not one of {', '.join(CACHES)}")
+    if backend != "native" and cache not in ("none", "auto"):
+        raise ValueError(f"cache {cache!r} is a native-backend option; backend {backend!r} takes none or auto")
     if batch_size < 1 or views < 1:
         raise ValueError(f"batch_size ({batch_size}) and views ({views}) must be at least 1")
     kwargs = dict(
@@ -143,7 +153,7 @@ def build_loader(
     if backend == "native":
         from twinray.pipelines.native import NativeLoader
 
-        return NativeLoader(data, **kwargs)
+        return NativeLoader(data, cache=cache, **kwargs)
     if backend == "dali":
         from twinray.pipelines.dali_backend import DALILoader
 

@@ -5,6 +5,10 @@ A background thread prepares whole batches (read, decode, augment) while the con
 - CUDA: JPEG bytes go to `torchvision.io.decode_jpeg(device="cuda")` as one batch; npy needs no decode. Host
   batches are pinned and copied without blocking. Decode and augmentation run on a side CUDA stream, so they overlap
   the training step on the default stream; the consumer's stream waits on an event before it reads a batch.
+
+With `cache` (pipelines/cache.py) the split is decoded once, in batches of FILL_BATCH through the same path, into
+one padded uint8 tensor on the device (`device`) or in host memory (`host`) when the first epoch starts; each batch
+is then a gather from it, which gives the same padded batch, so the same views, as decoding it again.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from twinray.pipelines.augment import Augment
+from twinray.pipelines.cache import ImageCache, resolve
 from twinray.pipelines.loader import Batch, LoaderBase, batch_seed
 
 _DONE = object()
+FILL_BATCH = 256  # images decoded per batch while filling the cache
 
 
 def pad_batch(images: list[torch.Tensor], pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,9 +43,12 @@ def pad_batch(images: list[torch.Tensor], pin: bool = False) -> tuple[torch.Tens
 
 
 class NativeLoader(LoaderBase):
-    def __init__(self, data, workers: int | None = None, prefetch: int = 3, **contract):
+    def __init__(self, data, workers: int | None = None, prefetch: int = 3, cache: str = "none", **contract):
         """`contract`: build_loader's keywords (split, batch_size, device, recipe, size, views, seed, rank,
-        world_size, drop_last); `workers` decode threads, `prefetch` batches prepared ahead."""
+        world_size, drop_last); `workers` decode threads, `prefetch` batches prepared ahead; `cache` none, host,
+        device or auto (pipelines/cache.py). A cache is allocated here and filled when the first epoch starts; the
+        choice is printed in one line (by rank 0). Raises InputError when an explicit host or device cache cannot
+        fit."""
         super().__init__(data, **contract)
         self.augment = Augment(self.recipe, device=self.device, seed=self.seed)
         labels = torch.from_numpy(np.ascontiguousarray(self.data.labels()))
@@ -47,6 +56,25 @@ class NativeLoader(LoaderBase):
         self.gpu_jpeg = self.device.type == "cuda" and self.data.encoding == "jpeg"
         self.pool = ThreadPoolExecutor(workers or len(os.sched_getaffinity(0)))
         self.prefetch = prefetch
+        self.cache_mode, reason = resolve(cache, self.data, self.rows, self.device)
+        if cache != "none" and self.rank == 0:
+            print(f"{self.data.location} {self.split}: {reason}", flush=True)
+        self.cache = (
+            None if self.cache_mode == "none" else ImageCache(self.data, self.rows, self.device, self.cache_mode)
+        )
+
+    def fill_cache(self) -> None:
+        """Decodes every row into the cache, FILL_BATCH at a time through the usual decode path (nvJPEG on CUDA).
+        The first epoch calls it; a damaged image stops it with the one line that names its shard and row."""
+        cache = self.cache
+        if cache is None or cache.full:
+            return
+        cache.filled = 0
+        for start in range(0, len(self.rows), FILL_BATCH):
+            rows = self.rows[start : start + FILL_BATCH]
+            host = self._host_batch(rows)
+            images, sizes = self._to_device(host, rows) if self.gpu_jpeg else host
+            cache.put(start, images, sizes)
 
     def _host_batch(self, rows: np.ndarray):
         """What the background thread prepares: raw JPEG bytes for GPU decode, else a decoded padded batch."""
@@ -76,7 +104,10 @@ class NativeLoader(LoaderBase):
     def _prepare(self, step: int, rows: np.ndarray) -> Batch:
         """One finished batch. The augmentation seed depends on (seed, epoch, step, rank) alone, so a resumed epoch
         draws the same views as an uninterrupted one."""
-        images, sizes = self._to_device(self._host_batch(rows), rows)
+        if self.cache is not None:
+            images, sizes = self.cache.gather(rows)
+        else:
+            images, sizes = self._to_device(self._host_batch(rows), rows)
         self.augment.generator.manual_seed(batch_seed(self.seed, self.epoch, step, self.rank))
         views = tuple(self.augment(images, sizes) for _ in range(self.views))
         labels = self.labels[rows].to(self.device, non_blocking=True)
@@ -113,6 +144,7 @@ class NativeLoader(LoaderBase):
         n_batches = len(self)
         steps = [order[k * self.batch_size : (k + 1) * self.batch_size] for k in range(n_batches)]
         start = self._take_start()
+        self.fill_cache()
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         todo = list(enumerate(steps))[start:]
