@@ -208,9 +208,7 @@ EVICT = textwrap.dedent(
 )
 
 
-def test_the_cache_evicts_the_least_recently_used_and_refuses_a_split_too_large(
-    s3, s3_covid, covid_packed, tmp_path
-):
+def test_the_cache_evicts_the_least_recently_used_and_refuses_a_split_too_large(s3, s3_covid, covid_packed, tmp_path):
     second = "s3://twinray/covid-copy"
     upload_dataset(covid_packed, second, s3.storage_options)
     sizes = {p.name: p.stat().st_size for p in covid_packed.glob("*.tar")}
@@ -240,6 +238,18 @@ def test_the_cache_evicts_the_least_recently_used_and_refuses_a_split_too_large(
     too_small = run(second, "train", limit=train - 1)
     assert too_small.returncode == 1 and "Traceback" in too_small.stderr  # a script: the InputError's text
     assert "split 'train' is" in too_small.stderr and "more than the shard cache limit" in too_small.stderr
+
+
+def test_a_url_split_too_large_for_the_cache_is_one_line_in_pretrain(s3, s3_covid, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable, "train/pretrain.py", "--data", s3_covid, "--out", tmp_path / "run",
+            "--shard-cache", tmp_path / "c", "--shard-cache-limit", "100kB",
+            "--storage-options", s3.storage_options_json, "--wandb", "disabled", "--size", "32",
+        ],
+        cwd=REPO, capture_output=True, text=True, env=s3.env(),
+    )  # fmt: skip
+    assert_one_line_error(result, "split 'train' is", "shard cache limit", "--shard-cache-limit")
 
 
 def test_sizes_and_options_parse():

@@ -68,6 +68,11 @@ class PretrainConfig:
     log_every: int = 10  # steps between metrics.jsonl lines
     deterministic: bool = False
     max_steps: int | None = None  # stop after this many steps in all (tests, smoke runs)
+    # A --data URL is read through a node-local shard cache (prep/shard_cache.py); credentials come from the
+    # environment, never from these (storage_options is recorded in config.json: endpoints, not secrets).
+    shard_cache: str | None = None  # default: $TWINRAY_SHARD_CACHE, else ~/.cache/twinray/shards
+    shard_cache_limit: str | None = None  # e.g. 200GB; least recently used shards are deleted past it
+    storage_options: str | None = None  # fsspec options as JSON, e.g. {"client_kwargs": {"endpoint_url": ...}}
 
     def validate(self) -> PretrainConfig:
         for name, choices in CHOICES.items():

@@ -24,9 +24,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 from twinray.pipelines import build_loader
+from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
 from twinray.train import checkpoint
 from twinray.train.config import ConfigError, PretrainConfig, from_args
+from twinray.train.distributed import StopVote, count_nodes
 from twinray.train.loss import barlow_twins_loss
 from twinray.train.model import BarlowTwins
 from twinray.train.online_eval import EVAL_RECIPE, LinearProbe, knn_metrics, knn_scores
@@ -159,6 +161,7 @@ def train(cfg: PretrainConfig) -> dict:
     cuda = device.type == "cuda"
     use_compile = cuda if cfg.compile is None else cfg.compile
 
+    shard_cache.configure(cfg.shard_cache, cfg.shard_cache_limit, cfg.storage_options)  # for a --data URL
     loader = build_loader(
         cfg.data,
         "train",
@@ -222,16 +225,20 @@ def train(cfg: PretrainConfig) -> dict:
 
     compiled = torch.compile(model, mode=cfg.compile_mode) if use_compile else model
     compiled, optimizer = accelerator.prepare(compiled, optimizer)
+    nodes = count_nodes()  # a collective: every rank
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {**cfg.to_dict(), "world_size": world})
+        write_json(out / "config.json", {**cfg.to_dict(), "world_size": world, "nodes": nodes})
         if accelerator.log_with:
             accelerator.init_trackers(
-                "twinray", config={**cfg.to_dict(), "world_size": world}, init_kwargs={"wandb": {"dir": str(out)}}
+                "twinray",
+                config={**cfg.to_dict(), "world_size": world, "nodes": nodes},
+                init_kwargs={"wandb": {"dir": str(out)}},
             )
     metrics_file = out / "metrics.jsonl"
     flag: dict = {}
     _signals(flag)
+    vote = StopVote()  # every rank stops after the same step (train/distributed.py)
 
     def save(position_epoch: int, position_in_epoch: int) -> None:
         accelerator.wait_for_everyone()
@@ -329,10 +336,11 @@ def train(cfg: PretrainConfig) -> dict:
                         log(row)
                         bar.set_postfix(loss=f"{row['loss']:.2f}", img_s=f"{row['images_per_s']:.0f}")
                         waited, window_start, window_images = 0.0, now, 0
-                    if flag.get("stop"):
+                    agreed = vote(flag.get("stop"))
+                    if agreed:
                         settle()
                         save(epoch, in_epoch)
-                        raise StopRequested(flag["stop"])
+                        raise StopRequested(agreed)
                     if cfg.max_steps and step >= cfg.max_steps:
                         settle()
                         save(epoch, in_epoch)
@@ -351,10 +359,12 @@ def train(cfg: PretrainConfig) -> dict:
             accelerator.print(f"epoch {epoch}/{cfg.epochs}  mean loss {row.get('loss', float('nan')):.2f}  {score}")
     except StopRequested as why:
         accelerator.print(f"stopped ({why}) at step {step}; checkpoint saved, re-run to continue")
+        vote.close()
         accelerator.end_training()
         return {"stopped": str(why), "step": step}
     if accelerator.is_main_process:
         export_backbone(model, cfg, out)
+    vote.close()
     accelerator.end_training()
     return summary
 

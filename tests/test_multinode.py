@@ -1,0 +1,140 @@
+"""Two "nodes" on one machine: two torchrun agents (--nnodes 2 --nproc_per_node 1) meeting at a c10d rendezvous on
+127.0.0.1, gloo on the CPU, pretraining from an S3 URL (the `s3` fixture's server), each node with its own shard
+cache as separate machines would have. Stopped mid-epoch by SIGTERM, resumed by the same launch, then on one
+process (another world size)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from twinray.prep import shard_cache
+from twinray.train import checkpoint
+
+from tests.conftest import REPO
+
+TINY = ["--size", "32", "--batch-size", "4", "--projector", "64", "--wandb", "disabled", "--workers", "1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_nodes(s3, url, out, caches, *args) -> list[subprocess.Popen]:
+    """One torchrun agent per node, each in its own process group (so that a signal reaches the agent and its
+    worker at once, as a scheduler's does)."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    assert torchrun, "torchrun is missing from the venv"
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = {**s3.env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    return [
+        subprocess.Popen(
+            [
+                torchrun,
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                endpoint,
+                "--rdzv_id",
+                f"twinray-{out.name}",
+                "--max_restarts",
+                "0",
+                "train/pretrain.py",
+                "--data",
+                url,
+                "--out",
+                str(out),
+                "--shard-cache",
+                str(cache),
+                "--storage-options",
+                s3.storage_options_json,
+                *TINY,
+                *args,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        for cache in caches
+    ]
+
+
+def finish(agents, timeout=600) -> list[tuple[str, str]]:
+    outputs = [a.communicate(timeout=timeout) for a in agents]
+    return outputs
+
+
+def steps_logged(out) -> list[int]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if "epoch_end" not in line]
+
+
+@pytest.mark.slow
+def test_two_nodes_from_s3_stop_mid_epoch_resume_then_resume_on_one_process(s3, s3_covid, tmp_path):
+    out = tmp_path / "run"
+    caches = [tmp_path / "node0-cache", tmp_path / "node1-cache"]
+    args = ["--epochs", "2", "--log-every", "1"]  # 48 train images, global batch 4: 12 steps per epoch
+
+    agents = launch_two_nodes(s3, s3_covid, out, caches, *args)
+    deadline = time.time() + 400
+    while time.time() < deadline:  # stop it once the first steps are logged, well before the epoch ends
+        if (out / "metrics.jsonl").exists() and len(steps_logged(out)) >= 2:
+            break
+        if any(a.poll() is not None for a in agents):
+            break
+        time.sleep(0.05)
+    for agent in agents:
+        os.killpg(agent.pid, signal.SIGTERM)
+    outputs = finish(agents)
+    worker_output = "".join(o + e for o, e in outputs)
+    assert "stopped (SIGTERM)" in worker_output, worker_output[-3000:]
+    assert not (out / "backbone.safetensors").exists()
+    position = checkpoint.load(checkpoint.latest(out))["position"]
+    assert position["epoch"] == 0 and 0 < position["in_epoch"] < 12  # mid-epoch
+    config = json.loads((out / "config.json").read_text())
+    assert (config["world_size"], config["nodes"]) == (2, 2)
+
+    agents = launch_two_nodes(s3, s3_covid, out, caches, *args)
+    outputs = finish(agents)
+    assert all(a.returncode == 0 for a in agents), [e[-3000:] for _, e in outputs]
+    assert "resuming from ckpt-" in "".join(o for o, _ in outputs)
+    steps = steps_logged(out)
+    assert steps == list(range(1, 25))  # every step of 2 epochs once: none repeated, none skipped
+    assert (out / "backbone.safetensors").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert (config["world_size"], config["nodes"], config["data"]) == (2, 2, s3_covid)
+    for cache in caches:  # each node fetched the train split into its own cache, each shard once
+        (local,) = cache.iterdir()
+        fetched = [e["file"] for e in shard_cache.read_log(local) if e["event"] == "fetch" and e["ok"]]
+        train = [f for f in fetched if f.startswith("train-")]
+        assert sorted(train) == ["train-00000.tar", "train-00001.tar", "train-00002.tar"]
+
+    # Another world size: one process continues from the 2-process checkpoint (the step carries over; the epoch's
+    # sample order is dealt to 1 rank instead of 2, so it is not the same sample set an unchanged run would see).
+    one = subprocess.run(
+        [
+            sys.executable, "train/pretrain.py", "--data", s3_covid, "--out", str(out), "--shard-cache", str(caches[0]),
+            "--storage-options", s3.storage_options_json, *TINY, "--epochs", "3", "--log-every", "1",
+        ],
+        cwd=REPO, capture_output=True, text=True, env=s3.env(),
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "resuming from ckpt-" in one.stdout
+    assert steps_logged(out) == list(range(1, 37))
+    assert json.loads((out / "config.json").read_text())["world_size"] == 1
