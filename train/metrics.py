@@ -1,54 +1,74 @@
-"""Downstream metrics, computed with torchmetrics: one function per task, plus the confusion-matrix figure.
+"""Downstream metrics: one function per task, plus the confusion-matrix figure. torchmetrics counts the confusion
+matrix and computes each one-vs-rest AUROC.
 
 Multiclass: accuracy, balanced accuracy (mean per-class recall), macro-F1, macro one-vs-rest AUROC, per-class
-precision/recall/F1/AUROC, and the confusion matrix in counts and normalised by true class (rows).
+support/precision/recall/F1/AUROC, and the confusion matrix in counts and normalised by true class (rows).
 Multilabel: per-label and mean AUROC over the certain targets (a target of -1 is masked out).
+
+A small split may lack a class. A score that such a class leaves undefined is None (null in JSON), never 0, and the
+averages skip it, as scikit-learn does: recall and one-vs-rest AUROC need the class among the targets (AUROC also
+needs another class), precision needs it among the predictions. So balanced accuracy and macro AUROC are means
+over the classes present in the split, and macro-F1 over the classes present or predicted (a predicted absent class
+has F1 0: its predictions are all wrong).
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
-from torchmetrics.functional.classification import (
-    binary_auroc,
-    multiclass_accuracy,
-    multiclass_auroc,
-    multiclass_confusion_matrix,
-    multiclass_f1_score,
-    multiclass_precision,
-    multiclass_recall,
-)
+from torchmetrics.functional.classification import binary_auroc, multiclass_confusion_matrix
 
 
-def _round(x: torch.Tensor) -> float:
-    return round(float(x), 6)
+def _round(x) -> float | None:
+    return None if x is None else round(float(x), 6)
+
+
+def _mean(values) -> float | None:
+    """The mean of the defined values, None when there are none."""
+    defined = [float(v) for v in values if v is not None]
+    return sum(defined) / len(defined) if defined else None
+
+
+def per_class_recall(confusion: torch.Tensor) -> list[float | None]:
+    """Recall of each class from a C x C confusion matrix (rows true, columns predicted); None for a class absent
+    from the targets."""
+    support = confusion.sum(1)
+    return [float(confusion[i, i] / support[i]) if support[i] > 0 else None for i in range(len(confusion))]
+
+
+def balanced_accuracy(confusion: torch.Tensor) -> float | None:
+    """Mean recall over the classes present among the targets (scikit-learn's balanced_accuracy_score); None when
+    there are no targets."""
+    return _mean(per_class_recall(confusion))
 
 
 def multiclass_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict:
-    with warnings.catch_warnings():  # a small split may lack a class: its scores are 0, as documented, not an error
-        warnings.simplefilter("ignore", UserWarning)
-        return _multiclass(logits, targets, classes)
-
-
-def _multiclass(logits: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict:
+    """`logits` N x C (any scores that rank alike after a softmax), `targets` N class numbers in [0, C). Returns
+    the scores above, rounded to 6 decimals; undefined ones are None (see the module docstring)."""
     logits, targets, c = logits.float().cpu(), targets.long().cpu(), len(classes)
     probs = logits.softmax(1)
-    per = {
-        "precision": multiclass_precision(probs, targets, c, average="none"),
-        "recall": multiclass_recall(probs, targets, c, average="none"),
-        "f1": multiclass_f1_score(probs, targets, c, average="none"),
-        "auroc": multiclass_auroc(probs, targets, c, average="none"),
-    }
-    counts = multiclass_confusion_matrix(probs, targets, c)
+    counts = multiclass_confusion_matrix(probs, targets, c)  # rows: true class, columns: predicted (argmax)
+    tp, support, predicted = counts.diag(), counts.sum(1), counts.sum(0)
+    recall = per_class_recall(counts)
+    precision = [float(tp[i] / predicted[i]) if predicted[i] > 0 else None for i in range(c)]
+    f1 = [float(2 * tp[i] / (support[i] + predicted[i])) if support[i] + predicted[i] > 0 else None for i in range(c)]
+    # One-vs-rest AUROC of class i needs positives (class i) and negatives (any other class) among the targets.
+    auroc = [
+        float(binary_auroc(probs[:, i], (targets == i).long())) if 0 < support[i] < len(targets) else None
+        for i in range(c)
+    ]
+    per = {"precision": precision, "recall": recall, "f1": f1, "auroc": auroc}
     return {
         "n": len(targets),
-        "accuracy": _round(multiclass_accuracy(probs, targets, c, average="micro")),
-        "balanced_accuracy": _round(multiclass_recall(probs, targets, c, average="macro")),
-        "macro_f1": _round(multiclass_f1_score(probs, targets, c, average="macro")),
-        "auroc": _round(multiclass_auroc(probs, targets, c, average="macro")),
-        "per_class": {name: {k: _round(v[i]) for k, v in per.items()} for i, name in enumerate(classes)},
+        "accuracy": _round(tp.sum() / len(targets)) if len(targets) else None,
+        "balanced_accuracy": _round(_mean(recall)),
+        "macro_f1": _round(_mean(f1)),
+        "auroc": _round(_mean(auroc)),
+        "per_class": {
+            name: {"support": int(support[i]), **{k: _round(v[i]) for k, v in per.items()}}
+            for i, name in enumerate(classes)
+        },
         "confusion": {
             "classes": classes,
             "counts": counts.tolist(),
@@ -67,10 +87,9 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, labels: list
         t = targets[known, j]
         # AUROC needs both classes among the known targets; a label without them is reported as None.
         per[name] = _round(binary_auroc(logits[known, j].sigmoid(), t)) if 0 < t.sum() < len(t) else None
-    defined = [v for v in per.values() if v is not None]
     return {
         "n": len(targets),
-        "mean_auroc": round(sum(defined) / len(defined), 6) if defined else None,
+        "mean_auroc": _round(_mean(per.values())),
         "per_label_auroc": per,
     }
 

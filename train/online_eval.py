@@ -76,14 +76,16 @@ def knn_scores(train_feats, train_labels, query_feats, classes: int, multilabel:
 
 
 def knn_metrics(scores: torch.Tensor, labels: torch.Tensor, multilabel: bool) -> dict[str, float]:
-    from torchmetrics.functional.classification import multiclass_recall
-    from twinray.train.metrics import multilabel_metrics
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+    from twinray.train.metrics import balanced_accuracy, multilabel_metrics
 
     if not multilabel:
         labels = labels.long()
-        # Balanced accuracy (mean recall per class) is 1/classes at chance, whatever the class frequencies.
-        balanced = multiclass_recall(scores.argmax(1), labels, scores.shape[1], average="macro").item()
-        return {"knn_acc": (scores.argmax(1) == labels).float().mean().item(), "knn_balanced_acc": balanced}
+        # Balanced accuracy (mean recall per class) is 1/classes at chance, whatever the class frequencies. A class
+        # absent from val has no recall and is left out (predicting it still costs the recall of the true class).
+        balanced = balanced_accuracy(multiclass_confusion_matrix(scores.argmax(1), labels, scores.shape[1]))
+        knn_balanced = float("nan") if balanced is None else balanced
+        return {"knn_acc": (scores.argmax(1) == labels).float().mean().item(), "knn_balanced_acc": knn_balanced}
 
     target, mask = certain_targets(labels)
     masked = torch.where(mask, target.long(), -1)  # -1: left out, as the downstream metrics take it
