@@ -181,3 +181,33 @@ def test_cuda_auto_puts_a_small_split_on_the_device(mixed_sizes, capsys):
     loader = build_loader(str(mixed_sizes), batch_size=7, size=16, device=device, cache="auto")
     assert loader.cache_mode == "device"
     assert "cache auto -> device: the decoded images take" in capsys.readouterr().out
+
+
+def test_finetune_with_the_default_cache_trains_exactly_as_without(covid_packed, tmp_path):
+    """`--cache` defaults to auto, which is host on the CPU: the same views give the same losses and scores."""
+    import json
+
+    from tests.test_finetune import SMALL, finetune
+
+    runs = {}
+    for cache in ("none", None):
+        out = tmp_path / str(cache)
+        args = ["--data", covid_packed, "--init", "random", "--out", out, *SMALL, "--epochs", "1"]
+        result = finetune(*args, *(["--cache", cache] if cache else []))
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[cache] = json.loads((out / "results.json").read_text()), result.stdout
+    (plain, plain_out), (cached, cached_out) = runs["none"], runs[None]
+    assert "cache" not in plain_out
+    assert "train: cache auto -> host" in cached_out and "val: cache auto -> host" in cached_out
+    assert cached["config"]["cache"] == "auto"
+    assert [h["train_loss"] for h in plain["history"]] == [h["train_loss"] for h in cached["history"]]
+    assert plain["val"] == cached["val"] and plain["test"] == cached["test"]
+
+
+def test_pretrain_takes_a_cache_field_and_refuses_a_bad_one():
+    from twinray.train.config import ConfigError, PretrainConfig, from_args
+
+    assert PretrainConfig().cache == "auto"
+    assert from_args(["--cache", "device"])[0].cache == "device"
+    with pytest.raises(ConfigError, match="cache 'gpu' is not one of: none, host, device, auto"):
+        from_args(["--cache", "gpu"])

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
+from twinray.pipelines.cache import CACHES
 from twinray.train.model import BACKBONES, parse_projector
 
 from twinray.cli import OneLineParser
@@ -21,6 +22,7 @@ CHOICES = {
     "optimizer": ("adam", "adamw", "lars", "sgd"),
     "schedule": ("constant", "linear", "cosine"),
     "backend": ("native", "dali", "ffcv"),
+    "cache": CACHES,
     "mixed_precision": ("auto", "no", "fp16", "bf16"),
     "wandb": ("online", "offline", "disabled"),
     "backbone": BACKBONES,
@@ -52,6 +54,7 @@ class PretrainConfig:
     warmup_epochs: float = 0.0
     recipe: str = "seed-final"
     backend: str = "native"
+    cache: str = "auto"  # native backend: the split decoded once and kept in memory (pipelines/cache.py)
     compile: bool | None = None  # None: on with CUDA, off on the CPU where it does not pay
     compile_mode: str = "default"
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, no on the CPU

@@ -23,9 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from twinray.pipelines import build_loader
+from twinray.pipelines.cache import CACHES
 from twinray.pipelines.loader import BACKENDS
+from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
 from twinray.train import checkpoint, transfer
+from twinray.train.config import ConfigError, check_batch_size
 from twinray.train.label_fractions import check_fraction, label_fraction
 from twinray.train.metrics import draw_confusion, multiclass_metrics, multilabel_metrics
 from twinray.train.model import BACKBONES
@@ -33,6 +36,7 @@ from twinray.train.online_eval import EVAL_RECIPE, masked_bce
 
 from twinray.atomic import write_json
 from twinray.cli import InputError, OneLineParser, run_cli
+from twinray.storage import location
 
 # The CheXpert competition pathologies, used by default when the dataset has them all.
 COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
@@ -112,7 +116,8 @@ class Task:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="a packed dataset (python -m prep ...)")
+    parser.add_argument("--data", type=location, required=True, help="a packed dataset (python -m prep ...)")
+    shard_cache.add_arguments(parser)  # --shard-cache, ...: for a --data URL
     parser.add_argument("--init", required=True, help="RUN_DIR, BACKBONE.safetensors, imagenet or random")
     parser.add_argument("--mode", default="full", help="full, linear or freeze:K (K = 0..4)")
     parser.add_argument("--fraction", type=float, default=1.0, help="label fraction of the train split, in (0, 1]")
@@ -130,10 +135,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--uncertain", default="ones", choices=UNCERTAIN, help="multilabel: what -1 means")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=None, help="CPU decode threads (native backend)")
+    parser.add_argument(
+        "--cache",
+        default="auto",
+        choices=CACHES,
+        help="native backend: keep the decoded train and val images in device or host memory (auto: where they fit)",
+    )
     args = parser.parse_args(argv)
-    for name in ("epochs", "size", "batch_size"):
+    shard_cache.configure_from(args)
+    for name in ("epochs", "size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    try:  # the head's BatchNorm trains on whole batches, in every --mode (and the backbone's, unless frozen)
+        check_batch_size(args.batch_size)
+    except ConfigError as e:
+        parser.error(str(e))
     try:
         check_fraction(args.fraction)
         transfer.parse_mode(args.mode)
@@ -142,7 +158,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _loader(args, split: str, rows=None, train: bool = False):
+def _loader(args, split: str, rows=None, train: bool = False, cache: str = "none"):
+    """`cache`: for the loaders read every epoch (fine-tuning's train, val); the others are read once."""
     return build_loader(
         str(args.data),
         split=split,
@@ -156,6 +173,7 @@ def _loader(args, split: str, rows=None, train: bool = False):
         drop_last=train and len(rows) > args.batch_size,  # a 1% fraction may hold less than one batch
         workers=args.workers,
         rows=rows,
+        cache=cache,
     )
 
 
@@ -183,8 +201,9 @@ def run(args: argparse.Namespace) -> dict:
 
     split_rows = data.indices("train")
     rows = label_fraction(split_rows, data.labels(split_rows), args.fraction, args.seed)
-    val_loader = _loader(args, "val")
-    if transfer.parse_mode(args.mode)[0] == "linear":
+    linear = transfer.parse_mode(args.mode)[0] == "linear"
+    val_loader = _loader(args, "val", cache="none" if linear else args.cache)  # linear mode reads it once
+    if linear:
         # The backbone is a fixed function here: its features (of unaugmented images) are computed once, and the
         # head trains on them; a probe of the features themselves, and far cheaper than a forward pass per epoch.
         train_x, train_y = predict(model.backbone, _loader(args, "train", rows), task, device)
@@ -203,7 +222,7 @@ def run(args: argparse.Namespace) -> dict:
             with torch.no_grad():
                 return model.head(val_x.to(device)).float().cpu(), val_y
     else:
-        train_loader = _loader(args, "train", rows, train=True)
+        train_loader = _loader(args, "train", rows, train=True, cache=args.cache)
         forward = model
 
         def train_batches(epoch: int):

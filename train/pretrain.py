@@ -176,6 +176,7 @@ def train(cfg: PretrainConfig) -> dict:
         world_size=world,
         drop_last=True,
         workers=cfg.workers,
+        cache=cfg.cache,
     )
     data = loader.data
     multilabel = data.task == "multilabel"
