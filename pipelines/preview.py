@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from twinray.pipelines.augment import Augment, load_recipe
 from twinray.pipelines.native import pad_batch
+from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
 
 from twinray.cli import InputError, run_cli
+from twinray.storage import location
 
 HEADER = 28
 
@@ -61,7 +63,8 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--data", required=True, type=location)
+    shard_cache.add_arguments(parser)  # --shard-cache, ...: for a --data URL
     parser.add_argument("--recipe", default="seed-final", help="a named recipe, base+op+..., or a .yaml file")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--n", type=int, default=6, help="images (rows)")
@@ -69,6 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="train")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    shard_cache.configure_from(args)
     try:
         grid = preview_grid(args.data, args.recipe, args.n, args.views, args.split, args.seed)
     except (InputError, ValueError) as e:

@@ -33,6 +33,7 @@ another process has it open stays readable to that process; one it has not opene
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -45,7 +46,14 @@ from pathlib import Path
 from twinray.prep.format import INDEX, MANIFEST, sha256_file
 
 from twinray.cli import InputError
-from twinray.storage import filesystem, join, parse_storage_options, remote_errors, without_secrets
+from twinray.storage import (
+    filesystem,
+    join,
+    parse_storage_options,
+    remote_errors,
+    storage_options_type,
+    without_secrets,
+)
 
 CACHE_ENV = "TWINRAY_SHARD_CACHE"
 LIMIT_ENV = "TWINRAY_SHARD_CACHE_LIMIT"
@@ -90,16 +98,30 @@ def configure(directory=None, limit=None, storage_options=None) -> None:
     )
 
 
+def _size_argument(text: str) -> int:
+    try:
+        return parse_size(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_arguments(parser) -> None:
-    """`--shard-cache`, `--shard-cache-limit` and `--storage-options` for a CLI that reads a dataset."""
+    """`--shard-cache`, `--shard-cache-limit` and `--storage-options` for a CLI that reads a dataset; a bad value is
+    the parser's one-line error."""
     parser.add_argument(
         "--shard-cache", default=None, help=f"node-local cache for URL datasets (${CACHE_ENV}, ~/.cache/twinray/shards)"
     )
-    parser.add_argument("--shard-cache-limit", default=None, help=f"cache size limit, e.g. 200GB (${LIMIT_ENV}; none)")
+    parser.add_argument(
+        "--shard-cache-limit",
+        type=_size_argument,
+        default=None,
+        help=f"cache size limit, e.g. 200GB (${LIMIT_ENV}; none)",
+    )
     parser.add_argument(
         "--storage-options",
+        type=storage_options_type,
         default=None,
-        help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": URL}}\'',
+        help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": URL}}\'; credentials: environment',
     )
 
 

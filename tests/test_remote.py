@@ -252,6 +252,35 @@ def test_a_url_split_too_large_for_the_cache_is_one_line_in_pretrain(s3, s3_covi
     assert_one_line_error(result, "split 'train' is", "shard cache limit", "--shard-cache-limit")
 
 
+def test_finetune_gradcam_and_lr_find_read_a_url(s3, s3_covid, covid_packed, tmp_path):
+    storage = ["--shard-cache", tmp_path / "cache", "--storage-options", s3.storage_options_json]
+
+    def tool(script, *args):
+        return subprocess.run(
+            [sys.executable, script, *map(str, args)], cwd=REPO, capture_output=True, text=True, env=s3.env()
+        )
+
+    small = ["--init", "random", "--mode", "linear", "--epochs", "1", "--size", "32", "--batch-size", "16"]
+    remote = tool("train/finetune.py", "--data", s3_covid, *storage, *small, "--workers", "1", "--out", tmp_path / "ft")
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    local = tool("train/finetune.py", "--data", covid_packed, *small, "--workers", "1", "--out", tmp_path / "ft-local")
+    assert local.returncode == 0, local.stderr[-2000:]
+    a, b = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("ft", "ft-local"))
+    assert a["test"] == b["test"]  # the same data, so the same model and scores
+    png = tmp_path / "cam.png"
+    cam = tool(
+        "train/gradcam.py", "--data", s3_covid, *storage, "--models", tmp_path / "ft", "--per-class", "1", "--out", png
+    )
+    assert cam.returncode == 0, cam.stderr[-2000:]
+    assert png.stat().st_size > 1000
+    lr = tool("train/lr_find.py", "--data", s3_covid, *storage, "--steps", "4", "--batch-size", "8", "--size", "32",
+              "--device", "cpu", "--out", tmp_path / "lr.png")  # fmt: skip
+    assert lr.returncode == 0, lr.stderr[-2000:]
+    assert json.loads((tmp_path / "lr.json").read_text())["data"] == s3_covid
+    (local_copy,) = (tmp_path / "cache").iterdir()
+    assert {p.name for p in local_copy.glob("*.tar")} == {p.name for p in covid_packed.glob("*.tar")}
+
+
 def test_sizes_and_options_parse():
     assert shard_cache.parse_size("200GB") == 200 * 10**9 and shard_cache.parse_size("1.5KiB") == 1536
     assert shard_cache.parse_size(None) is None

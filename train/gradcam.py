@@ -19,12 +19,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from twinray.pipelines import build_loader
+from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
 from twinray.train.finetune import Classifier
 from twinray.train.model import build_backbone
 from twinray.train.online_eval import EVAL_RECIPE
 
 from twinray.cli import InputError, OneLineParser, run_cli
+from twinray.storage import location
 
 
 def load_model(run: Path) -> tuple[Classifier, dict]:
@@ -129,12 +131,14 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="the packed dataset the models were tuned on")
+    parser.add_argument("--data", type=location, required=True, help="the packed dataset the models were tuned on")
+    shard_cache.add_arguments(parser)  # --shard-cache, ...: for a --data URL
     parser.add_argument("--models", nargs="+", required=True, help="finetune run directories, one row each")
     parser.add_argument("--size", type=int, default=None, help="input size (default: the first run's)")
     parser.add_argument("--per-class", type=int, default=1, help="test images per class")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     args = parser.parse_args(argv)
+    shard_cache.configure_from(args)
     if args.per_class < 1:
         parser.error(f"--per-class {args.per_class} must be at least 1")
     try:

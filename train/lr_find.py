@@ -18,11 +18,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from twinray.pipelines import build_loader
+from twinray.prep import shard_cache
 from twinray.train.loss import barlow_twins_loss
 from twinray.train.model import BarlowTwins
 from twinray.train.online_eval import certain_targets
 
 from twinray.cli import InputError, OneLineParser, run_cli
+from twinray.storage import location
 
 
 def suggest(lrs: list[float], losses: list[float]) -> float:
@@ -82,7 +84,8 @@ def plot(lrs, losses, lr_suggested: float, title: str, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="train/lr_find.py", description=__doc__)
-    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--data", required=True, type=location)
+    shard_cache.add_arguments(parser)  # --shard-cache, ...: for a --data URL
     parser.add_argument("--task", choices=["pretrain", "finetune"], default="pretrain")
     parser.add_argument("--out", required=True, type=Path, help="the plot (.png); the JSON goes beside it")
     parser.add_argument("--min-lr", type=float, default=1e-7)
@@ -93,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    shard_cache.configure_from(args)
     if not 0 < args.min_lr < args.max_lr:
         print(f"lr_find: error: need 0 < --min-lr ({args.min_lr}) < --max-lr ({args.max_lr})", file=sys.stderr)
         return 2
