@@ -61,7 +61,10 @@ def walk_files(
                 path = Path(folder, name)
                 found.setdefault(file_id(path), []).append(path)
     # Of the paths to one file, the one reached without links, else the first in sorted order.
-    files = [min(paths, key=lambda p: (os.path.realpath(p) != os.path.abspath(p), p)) for paths in found.values()]
+    files = [
+        paths[0] if len(paths) == 1 else min(paths, key=lambda p: (os.path.realpath(p) != os.path.abspath(p), p))
+        for paths in found.values()
+    ]
     repeats = sum(len(paths) - 1 for paths in found.values())
     return sorted(files), skipped, repeats
 
