@@ -2,13 +2,14 @@
 
 Samples enter through `fn.external_source` in this rank's epoch order (the index gives each image's bytes as a
 slice of the memory-mapped shard), so order, sharding and resume follow the same rules as the native loader.
-Decoding runs with device='mixed' (nvJPEG) on a GPU and 'cpu' without one (`device_id=None`). Each op is drawn per
-sample: a coin picks between the op's output and its input. Perspective matrices are drawn by twinray's own
-`geometry` code, with torchvision's meaning, and applied by `fn.experimental.warp_perspective`.
+Decoding runs with device='mixed' (nvJPEG) on a GPU and 'cpu' without one (`device_id=None`). The augmentation is
+the spec that the native backend walks (`augment.ops.SPEC`), walked in DALI operators by `augment.dali`: each batch's
+parameters are drawn by `Augment.sample` with the native loader's per-batch seed and fed through the external source,
+so both backends give a batch the same crops, flips, angles and sigmas (`augment.dali.deviations` says what differs).
 
-DALI's random state cannot be set per batch, but a pipeline built with the same seed draws the same sequence. So a
-resumed epoch replays the batches before its start point and drops them: its views are bit-identical to an
-uninterrupted epoch's, at the cost of loading those batches once more.
+Only noise pixels come from DALI's random state, which cannot be set per batch; a pipeline built with the same seed
+draws the same sequence. So a resumed epoch replays the batches before its start point and drops them: its views are
+bit-identical to an uninterrupted epoch's, at the cost of loading those batches once more.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import os
 
 import numpy as np
 import torch
-from twinray.pipelines.augment import geometry
-from twinray.pipelines.loader import Batch, LoaderBase
+from twinray.pipelines.augment import Augment
+from twinray.pipelines.augment import dali as dali_augment
+from twinray.pipelines.loader import Batch, LoaderBase, batch_seed
 from twinray.prep.format import decode_image
 
 MISSING_EXTRA = "backend 'dali' needs the dali extra: pip install 'twinray[dali]'"
@@ -33,7 +35,8 @@ def _import_dali():
 
 
 class _EpochSource:
-    """Per-batch inputs for external_source: encoded images (or decoded npy), labels, rows, perspective matrices."""
+    """Per-batch inputs for external_source: encoded images (or decoded npy), labels, rows, then each view's
+    augmentation parameters (`augment.dali.input_names`)."""
 
     def __init__(self, loader: DALILoader):
         self.loader = loader
@@ -42,50 +45,30 @@ class _EpochSource:
         ld = self.loader
         order = ld.epoch_order()
         steps = [order[k * ld.batch_size : (k + 1) * ld.batch_size] for k in range(len(ld))]
-        rng = torch.Generator().manual_seed(int(np.random.default_rng([ld.seed, ld.epoch, ld.rank]).integers(2**62)))
-        for rows in steps:  # from the epoch's start, even when resuming (see DALILoader.__iter__)
+        names = dali_augment.input_names(ld.recipe)
+        for step, rows in enumerate(steps):  # from the epoch's start, even when resuming (see DALILoader.__iter__)
             if ld.data.encoding == "npy":
                 images = [decode_image(ld.data.image_bytes(i), "npy")[..., None] for i in rows]
             else:
                 images = [np.frombuffer(ld.data.image_bytes(i), dtype=np.uint8) for i in rows]
             labels = [np.asarray(ld.labels[i]) for i in rows]
-            matrices = []  # one list of 3x3 per view, only when the recipe uses perspective
-            if ld.recipe.perspective > 0:
-                matrices = [[m.numpy() for m in self._perspectives(len(rows), rng)] for _ in range(ld.views)]
-            yield (images, labels, [np.array(i, dtype=np.int64) for i in rows], *matrices)
-
-    def _perspectives(self, n: int, rng: torch.Generator) -> torch.Tensor:
-        r = self.loader.recipe
-        start, end = geometry.sample_perspective_points(n, r.size, r.perspective_distortion, rng)
-        apply = torch.rand(n, generator=rng) < r.perspective
-        eye = torch.eye(3, dtype=torch.float64)
-        return torch.where(apply[:, None, None], geometry.perspective_matrix(start, end), eye).float()
+            # The native loader's draws for this batch: the same seed, the same order of views.
+            ld.sampler.generator.manual_seed(batch_seed(ld.seed, ld.epoch, step, ld.rank))
+            heights = torch.from_numpy(ld.data.index["height"][rows].astype(np.int64))
+            widths = torch.from_numpy(ld.data.index["width"][rows].astype(np.int64))
+            params = []
+            for _ in range(ld.views):
+                values = dali_augment.inputs(ld.sampler.sample(heights, widths), ld.recipe)
+                params += [values[name] for name in names]
+            yield (images, labels, [np.array(i, dtype=np.int64) for i in rows], *params)
 
 
 def _build_pipeline(loader: DALILoader, device_id: int | None, threads: int):
     from nvidia.dali import fn, pipeline_def, types
 
     r = loader.recipe
-    interp = types.INTERP_CUBIC if r.interpolation == "bicubic" else types.INTERP_LINEAR
     encoded = loader.data.encoding != "npy"
-
-    def on_device(node):
-        """Random draws are made on the CPU (operators take their named arguments from there); arithmetic with
-        the images needs them where the images are."""
-        return node.gpu() if device_id is not None and not isinstance(node, (int, float)) else node
-
-    def uniform(low: float, high: float):
-        """A per-sample draw from [low, high]; DALI refuses an empty range, so a fixed value stays a constant."""
-        return fn.random.uniform(range=(low, high)) if high > low else low
-
-    def maybe(p: float, applied, original):
-        """Per sample: the op's output with probability p, else its input."""
-        if p <= 0:
-            return original
-        if p >= 1:
-            return applied
-        coin = on_device(fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT))
-        return coin * applied + (1.0 - coin) * original
+    names = dali_augment.input_names(r)
 
     # A fresh pipeline per epoch, seeded by (seed, epoch, rank): epochs differ and a rerun repeats them.
     seed = int(np.random.default_rng([loader.seed, loader.epoch, loader.rank]).integers(2**31))
@@ -99,9 +82,9 @@ def _build_pipeline(loader: DALILoader, device_id: int | None, threads: int):
         exec_dynamic=True,
     )
     def pipeline():
-        images, labels, rows, *matrices = fn.external_source(
+        images, labels, rows, *params = fn.external_source(
             source=_EpochSource(loader),
-            num_outputs=3 + (loader.views if r.perspective > 0 else 0),
+            num_outputs=3 + loader.views * len(names),
             batch=True,
             cycle="raise",
             parallel=False,
@@ -114,65 +97,11 @@ def _build_pipeline(loader: DALILoader, device_id: int | None, threads: int):
             images = images.gpu()
         views = []
         for v in range(loader.views):
-            x = fn.random_resized_crop(
-                images,
-                size=(r.size, r.size),
-                random_area=list(r.crop_scale),
-                random_aspect_ratio=list(r.crop_ratio),
-                interp_type=interp,
-            )
-            x = fn.flip(
-                x,
-                horizontal=fn.random.coin_flip(probability=r.hflip),
-                vertical=fn.random.coin_flip(probability=r.vflip),
-            )
-            if r.equalize > 0:
-                x = fn.cast(maybe(r.equalize, _op(fn, "equalize")(x), x), dtype=types.UINT8)
-            if r.perspective > 0:
-                m = matrices[v].gpu() if device_id is not None else matrices[v]
-                x = _op(fn, "warp_perspective")(
-                    x, m, inverse_map=True, border_mode="constant", fill_value=0, interp_type=types.INTERP_LINEAR
-                )
-            if r.rotation > 0:
-                angle = uniform(-r.rotation_degrees, r.rotation_degrees)
-                angle = angle * fn.cast(fn.random.coin_flip(probability=r.rotation), dtype=types.FLOAT)
-                x = fn.rotate(x, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
-            x = fn.cast(x, dtype=types.FLOAT) / 255.0
-            if r.brightness_contrast > 0:
-                # ColorJitter's brightness then contrast about the image mean, in arithmetic: the mean is computed
-                # where the image is, which a named argument (contrast_center) would not accept on a GPU.
-                b = on_device(uniform(max(0.0, 1 - r.brightness), 1 + r.brightness))
-                c = on_device(uniform(max(0.0, 1 - r.contrast), 1 + r.contrast))
-                bright = math_clamp(x * b)
-                jitter = math_clamp(c * bright + (1.0 - c) * fn.reductions.mean(bright))
-                x = maybe(r.brightness_contrast, jitter, x)
-            if r.blur > 0:
-                sigma = uniform(*r.blur_sigma)
-                x = maybe(r.blur, fn.gaussian_blur(x, sigma=sigma, window_size=r.blur_kernel), x)
-            if r.noise > 0:
-                if r.noise_sigma is not None:
-                    sigma = r.noise_sigma
-                else:  # the study's sigma: image mean x U(a, b)
-                    sigma = fn.reductions.mean(x) * on_device(uniform(*r.noise_mean_fraction))
-                unit = fn.noise.gaussian(x, stddev=1.0) - x  # N(0, 1) per pixel; scaled by sigma where x lives
-                x = maybe(r.noise, math_clamp(x + unit * sigma), x)
-            if r.normalize is not None:
-                x = (x - r.normalize[0]) / r.normalize[1]
-            views.append(fn.transpose(x, perm=[2, 0, 1]))  # HWC -> CHW
+            nodes = dict(zip(names, params[v * len(names) : (v + 1) * len(names)]))
+            views.append(dali_augment.graph(images, nodes, r, gpu=device_id is not None))
         return (*views, labels, rows)
 
     return pipeline()
-
-
-def _op(fn, name: str):
-    """DALI 2.x moved equalize and warp_perspective out of `experimental`; older releases only have them there."""
-    return getattr(fn, name, None) or getattr(fn.experimental, name)
-
-
-def math_clamp(x):
-    from nvidia.dali import math as dmath
-
-    return dmath.clamp(x, 0.0, 1.0)
 
 
 class DALILoader(LoaderBase):
@@ -182,6 +111,7 @@ class DALILoader(LoaderBase):
         _import_dali()
         super().__init__(data, **contract)
         self.labels = np.ascontiguousarray(self.data.labels())
+        self.sampler = Augment(self.recipe, seed=self.seed)  # draws each batch's parameters; DALI applies them
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.threads = workers or len(os.sched_getaffinity(0))
 

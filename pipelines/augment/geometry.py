@@ -1,9 +1,9 @@
-"""Geometric ops as 3x3 matrices, fused into one resampling pass per batch.
+"""Geometric ops as 3x3 matrices; a run of consecutive ones is resampled in one pass (`warp`).
 
 Coordinates are continuous pixel coordinates: pixel k covers [k, k+1] and its centre is k + 0.5 (the convention of
 `grid_sample(align_corners=False)` and of torchvision's resize, perspective and rotate kernels). Every matrix maps
-*output* coordinates of its op to *input* coordinates, so a chain of ops applied as crop -> flips -> perspective ->
-rotation samples the source at  crop @ flips @ perspective @ rotation @ [u, v, 1].
+*output* coordinates of its op to *input* coordinates, so consecutive ops applied as crop -> flips sample the source
+at  crop @ flips @ [u, v, 1], and perspective -> rotation at  perspective @ rotation @ [u, v, 1].
 
 Parameters are drawn per sample, with the same meaning as torchvision's RandomResizedCrop, RandomHorizontalFlip,
 RandomVerticalFlip, RandomPerspective and RandomRotation.
@@ -70,11 +70,10 @@ def crop_matrix(top, left, height, width, size: int) -> torch.Tensor:
     return m
 
 
-def flip_matrix(horizontal: torch.Tensor, vertical: torch.Tensor, size: int) -> torch.Tensor:
-    """Mirror x -> S - x and/or y -> S - y where the flags are set."""
-    m = torch.eye(3, dtype=torch.float64).repeat(len(horizontal), 1, 1)
-    m[horizontal, 0, 0], m[horizontal, 0, 2] = -1.0, float(size)
-    m[vertical, 1, 1], m[vertical, 1, 2] = -1.0, float(size)
+def mirror_matrix(n: int, size: int, axis: int) -> torch.Tensor:
+    """n copies of the mirror x -> S - x (axis 0, a horizontal flip) or y -> S - y (axis 1, a vertical flip)."""
+    m = torch.eye(3, dtype=torch.float64).repeat(n, 1, 1)
+    m[:, axis, axis], m[:, axis, 2] = -1.0, float(size)
     return m
 
 
@@ -154,10 +153,11 @@ def warp(
 ) -> torch.Tensor:
     """One resampling pass: output pixel (u, v) of sample b reads images[b] at matrices[b] @ [u+.5, v+.5, 1].
 
-    images: float B x 1 x H x W (a padded batch whose padding `replicate_edges` filled); boxes: B x 4 (top, left,
-    height, width) the region that the crop produced. Sample points are clamped to the box (like resizing the
-    cropped image) and points that perspective or rotation moves outside it get 0 (torchvision's fill). Bicubic taps
-    next to a crop edge read the real neighbouring pixels, where torchvision, cropping first, repeats the edge.
+    images: float B x 1 x H x W (a padded batch whose padding `replicate_edges` filled); boxes: B x 4 int64 (top,
+    left, height, width), the region each sample reads: the crop's box for the run that starts with the crop, the
+    whole image for a later run. Sample points are clamped to the box (like resizing the cropped image) and points
+    that perspective or rotation moves outside it get 0 (torchvision's fill). Bicubic taps next to a crop edge read
+    the real neighbouring pixels, where torchvision, cropping first, repeats the edge.
     """
     b, _, h, w = images.shape
     device = images.device

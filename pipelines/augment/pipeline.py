@@ -1,52 +1,84 @@
-"""`Augment`: one recipe applied to a batch, with random parameters drawn per sample.
+"""`Augment`: one recipe applied to a batch by walking the spec (`ops.SPEC`), with parameters drawn per sample.
 
-Order: the geometric ops (crop, flips, perspective, rotation) are fused into one 3x3 matrix per sample and one
-resampling pass; then equalize, brightness/contrast, blur and noise, each on the samples its coin selects.
-Parameters come from a CPU `torch.Generator` (so a seed gives the same views on any device); noise is drawn on the
-device from a seed taken from that generator.
+`sample` runs each op's `make_params` in spec order (coins first) on a CPU `torch.Generator`, so a seed gives the
+same views on any device and the same parameters to the DALI backend. `apply` walks `ops.RUNS`: each run of
+consecutive geometric ops is one resampling pass over the samples any of its coins picked (the first run, which holds
+the crop, covers every sample); each pixel op runs on the samples its coin picked. Noise is drawn on the device from
+a seed taken from the generator.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
 import torch
-from twinray.pipelines.augment import geometry, intensity
+from twinray.pipelines.augment import geometry
+from twinray.pipelines.augment.ops import RUNS, SPEC, Op
 from twinray.pipelines.augment.recipes import Recipe, load_recipe
 
 
-@dataclass
 class Params:
-    """Everything random about one batch, on the CPU."""
+    """Everything random about one batch, on the CPU: `sizes` (B x 2 int64, each image's height and width inside the
+    padded batch) and, for each op of the spec, its coin under its name (B bool) and what its `make_params` drew
+    (e.g. `boxes` B x 4 int64 top/left/height/width, `angles` B float64 degrees). Entries read and write as
+    attributes: `params.perspective[:] = True`, `params.angles = torch.tensor(...)`."""
 
-    sizes: torch.Tensor  # B x 2 int64: height, width of each image inside the padded batch
-    boxes: torch.Tensor  # B x 4 int64: top, left, height, width of each crop
-    hflip: torch.Tensor  # B bool
-    vflip: torch.Tensor
-    perspective: torch.Tensor  # B bool
-    start_points: torch.Tensor  # B x 4 x 2
-    end_points: torch.Tensor
-    rotation: torch.Tensor  # B bool
-    angles: torch.Tensor  # B degrees
-    equalize: torch.Tensor
-    brightness_contrast: torch.Tensor
-    brightness: torch.Tensor
-    contrast: torch.Tensor
-    blur: torch.Tensor
-    blur_sigma: torch.Tensor
-    noise: torch.Tensor
-    noise_sigma_factor: torch.Tensor  # the noise sigma is this x the image mean (or a fixed sigma)
-    noise_seed: int
+    def __init__(self, values: dict[str, Any]):
+        object.__setattr__(self, "values", values)
 
-    def matrices(self, size: int) -> torch.Tensor:
-        """Output -> source coordinates: crop @ flips @ perspective @ rotation."""
-        top, left, height, width = self.boxes.unbind(1)
-        m = geometry.crop_matrix(top, left, height, width, size) @ geometry.flip_matrix(self.hflip, self.vflip, size)
-        eye = torch.eye(3, dtype=torch.float64)
-        persp = geometry.perspective_matrix(self.start_points, self.end_points)
-        m = m @ torch.where(self.perspective[:, None, None], persp, eye)
-        rot = geometry.rotation_matrix(self.angles, size)
-        return m @ torch.where(self.rotation[:, None, None], rot, eye)
+    def __getattr__(self, name: str):
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(f"Params has no {name!r}") from None
+
+    def __setattr__(self, name: str, value) -> None:
+        if name not in self.values:
+            raise AttributeError(f"Params has no {name!r}")
+        self.values[name] = value
+
+    def __len__(self) -> int:
+        return len(self.values["sizes"])
+
+    def of(self, op: Op, mask: torch.Tensor | None = None) -> dict[str, Any]:
+        """The op's coin and parameters, cut to the samples in `mask` (per-batch values, noise's seed, stay whole)."""
+        names = ((op.name,) if op.coin else ()) + op.keys
+        values = {k: self.values[k] for k in names}
+        if mask is None:
+            return values
+        return {k: v if k in op.per_batch else v[mask] for k, v in values.items()}
+
+
+def applied(op: Op, params: Params, recipe: Recipe) -> torch.Tensor:
+    """B bool: the samples that `op` changes. An op without a coin changes all or none, by the recipe."""
+    if op.coin:
+        return params.values[op.name]
+    return torch.full((len(params),), op.probability(recipe) > 0)
+
+
+def run_applied(run: tuple[Op, ...], params: Params, recipe: Recipe) -> torch.Tensor:
+    """B bool: the samples that any op of the run changes."""
+    mask = torch.zeros(len(params), dtype=torch.bool)
+    for op in run:
+        mask |= applied(op, params, recipe)
+    return mask
+
+
+def run_matrices(run: tuple[Op, ...], params: Params, recipe: Recipe) -> torch.Tensor:
+    """B x 3 x 3 float64, output -> input pixel coordinates: the product of the run's matrices in spec order, each
+    the identity where the op is off."""
+    eye = torch.eye(3, dtype=torch.float64)
+    m = eye.repeat(len(params), 1, 1)
+    for op in run:
+        m = m @ torch.where(applied(op, params, recipe)[:, None, None], op.matrix(params.of(op), recipe.size), eye)
+    return m
+
+
+def run_box(run: tuple[Op, ...], params: Params, size: int) -> torch.Tensor:
+    """B x 4 int64 (top, left, height, width): what a geometric run reads, the crop's box or the whole S x S image."""
+    if run[0].name == "crop":
+        return params.boxes
+    return torch.tensor([[0, 0, size, size]], dtype=torch.int64).expand(len(params), 4)
 
 
 class Augment:
@@ -59,74 +91,55 @@ class Augment:
         self.generator = torch.Generator().manual_seed(seed)
 
     def sample(self, heights: torch.Tensor, widths: torch.Tensor) -> Params:
-        r, g, n = self.recipe, self.generator, len(heights)
+        """Every op's coin and parameters for B images of the given sizes (int64 B each), drawn in spec order.
+        Ops that the recipe leaves off are drawn too, so that switching one on leaves the others' draws alone."""
+        r, g = self.recipe, self.generator
+        sizes = torch.stack([heights, widths], 1).to(torch.int64)
+        values: dict[str, Any] = {"sizes": sizes}
+        for op in SPEC:
+            if op.coin:
+                values[op.name] = torch.rand(len(sizes), generator=g) < op.probability(r)
+            values.update(op.make_params(r, sizes, g))
+        return Params(values)
 
-        def coin(p: float) -> torch.Tensor:
-            return torch.rand(n, generator=g) < p
-
-        def uniform(low: float, high: float) -> torch.Tensor:
-            return low + (high - low) * torch.rand(n, generator=g, dtype=torch.float64)
-
-        top, left, h, w = geometry.sample_crops(heights, widths, r.crop_scale, r.crop_ratio, g)
-        start, end = geometry.sample_perspective_points(n, r.size, r.perspective_distortion, g)
-        noise_factor = (
-            torch.full((n,), float(r.noise_sigma), dtype=torch.float64)
-            if r.noise_sigma is not None
-            else uniform(*r.noise_mean_fraction)
-        )
-        return Params(
-            sizes=torch.stack([heights, widths], 1),
-            boxes=torch.stack([top, left, h, w], 1),
-            hflip=coin(r.hflip),
-            vflip=coin(r.vflip),
-            perspective=coin(r.perspective),
-            start_points=start,
-            end_points=end,
-            rotation=coin(r.rotation),
-            angles=uniform(-r.rotation_degrees, r.rotation_degrees),
-            equalize=coin(r.equalize),
-            brightness_contrast=coin(r.brightness_contrast),
-            brightness=uniform(max(0.0, 1 - r.brightness), 1 + r.brightness),
-            contrast=uniform(max(0.0, 1 - r.contrast), 1 + r.contrast),
-            blur=coin(r.blur),
-            blur_sigma=uniform(*r.blur_sigma),
-            noise=coin(r.noise),
-            noise_sigma_factor=noise_factor,
-            noise_seed=int(torch.randint(0, 2**62, (1,), generator=g)),
-        )
+    def _subset(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask.nonzero().squeeze(1).to(self.device, non_blocking=True)  # masks live on the CPU: no sync
 
     def apply(self, images: torch.Tensor, params: Params) -> torch.Tensor:
         r = self.recipe
         x = images.to(self.device, non_blocking=True)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         x = geometry.replicate_edges(x, params.sizes[:, 0], params.sizes[:, 1])
-        x = geometry.warp(x, params.matrices(r.size), params.boxes, r.size, r.interpolation)
-        if r.interpolation == "bicubic":
-            x = x.clamp_(0, 1)  # cubic overshoot
-
-        def subset(mask: torch.Tensor) -> torch.Tensor:
-            return mask.nonzero().squeeze(1).to(self.device, non_blocking=True)  # masks live on the CPU: no sync
-
-        if params.equalize.any():
-            i = subset(params.equalize)
-            x[i] = intensity.equalize((x[i] * 255).round_().to(torch.uint8)).float().div_(255)
-        if params.brightness_contrast.any():
-            i = subset(params.brightness_contrast)
-            m = params.brightness_contrast
-            x[i] = intensity.brightness_contrast(x[i], params.brightness[m], params.contrast[m])
-        if params.blur.any():
-            i = subset(params.blur)
-            x[i] = intensity.gaussian_blur(x[i], params.blur_sigma[params.blur], r.blur_kernel)
-        if params.noise.any():
-            i = subset(params.noise)
-            factor = params.noise_sigma_factor[params.noise].to(x, non_blocking=True)
-            sigma = factor if r.noise_sigma is not None else factor * x[i].mean(dim=(1, 2, 3))
-            gen = torch.Generator(device=self.device).manual_seed(params.noise_seed)
-            x[i] = intensity.gaussian_noise(x[i], sigma, gen)
-        if r.normalize is not None:
-            mean, std = r.normalize
-            x = (x - mean) / std
+        for run in RUNS:
+            if run[0].geometric:
+                x = self._resample(x, run, params)
+                continue
+            op = run[0]
+            mask = applied(op, params, r)
+            if not mask.any():
+                continue
+            if mask.all():
+                x = op.native(x, params.of(op), r, self.device)
+            else:
+                i = self._subset(mask)
+                x[i] = op.native(x[i], params.of(op, mask), r, self.device)
         return x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+
+    def _resample(self, x: torch.Tensor, run: tuple[Op, ...], params: Params) -> torch.Tensor:
+        """One resampling pass for a run of geometric ops, on the samples any of its coins picked."""
+        r = self.recipe
+        mask = run_applied(run, params, r)
+        if not mask.any():
+            return x
+        interpolation = getattr(r, run[0].interpolation)
+        m, box = run_matrices(run, params, r), run_box(run, params, r.size)
+        if mask.all():
+            x = geometry.warp(x, m, box, r.size, interpolation)
+            return x.clamp_(0, 1) if interpolation == "bicubic" else x  # cubic overshoot
+        i = self._subset(mask)
+        warped = geometry.warp(x[i], m[mask], box[mask], r.size, interpolation)
+        x[i] = warped.clamp_(0, 1) if interpolation == "bicubic" else warped
+        return x
 
     def __call__(self, images: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
         """`sizes`: B x 2 (height, width) of each image inside the padded batch; default the full tensor."""

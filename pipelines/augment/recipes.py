@@ -11,18 +11,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
+from twinray.pipelines.augment.ops import PROBABILITIES
 
-# Each token of a recipe name switches on one op with the study's probability of 0.5.
-TOKENS = {
-    "hflip": "hflip",
-    "vflip": "vflip",
-    "equalize": "equalize",
-    "perspective": "perspective",
-    "rotation": "rotation",
-    "blur": "blur",
-    "noise": "noise",
-    "brightness-contrast": "brightness_contrast",
-}
+# Each token of a recipe name switches on one op with the study's probability of 0.5: the spec's ops that have a
+# probability, named with '-' for '_' (brightness-contrast).
+TOKENS = {name.replace("_", "-"): name for name in PROBABILITIES}
 STUDY_P = 0.5
 
 
@@ -33,7 +26,7 @@ class Recipe:
     # RandomResizedCrop, always applied
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    interpolation: str = "bicubic"  # or bilinear
+    interpolation: str = "bicubic"  # the crop's filter (the study's), or bilinear
     # probabilities
     hflip: float = 0.5
     vflip: float = 0.0
@@ -44,6 +37,7 @@ class Recipe:
     noise: float = 0.0
     brightness_contrast: float = 0.0
     # parameters
+    warp_interpolation: str = "bilinear"  # perspective and rotation: RandomPerspective's default, as in the study
     perspective_distortion: float = 0.15
     rotation_degrees: float = 20.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
@@ -56,14 +50,15 @@ class Recipe:
 
     def __post_init__(self):
         problems = []
-        for f in ("hflip", "vflip", "equalize", "perspective", "rotation", "blur", "noise", "brightness_contrast"):
+        for f in PROBABILITIES:
             p = getattr(self, f)
             if not 0.0 <= p <= 1.0:
                 problems.append(f"{f}={p} is not a probability in [0, 1]")
         if self.size < 8:
             problems.append(f"size={self.size} is below 8")
-        if self.interpolation not in ("bilinear", "bicubic"):
-            problems.append(f"interpolation={self.interpolation!r} is not bilinear or bicubic")
+        for f in ("interpolation", "warp_interpolation"):
+            if getattr(self, f) not in ("bilinear", "bicubic"):
+                problems.append(f"{f}={getattr(self, f)!r} is not bilinear or bicubic")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             problems.append(f"crop_scale={self.crop_scale} must satisfy 0 < low <= high <= 1")
         if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
