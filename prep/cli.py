@@ -205,6 +205,7 @@ def describe(data: PackedDataset) -> str:
     lines += [f"    {s['source']}: {s['reason']}" for s in skipped[:10]]
     if len(skipped) > 10:
         lines.append(f"    ... and {len(skipped) - 10} more (manifest.json lists all)")
+    lines += [f"  note: {note}" for note in m.get("scan_notes", [])]
     notes = m.get("notes", [])
     if notes:
         lines.append(f"  notes: {len(notes)}")

@@ -16,6 +16,7 @@ from openpyxl import Workbook, load_workbook
 from PIL import Image
 from twinray.prep import build
 from twinray.prep.datasets import covid
+from twinray.prep.cli import describe
 from twinray.prep.format import PackedDataset, verify
 from twinray.prep.sample import SOURCES
 
@@ -247,6 +248,7 @@ def test_images_without_metadata_are_counted_on_the_summary_line(covid_copy, tmp
     result = build.pack(plan, tmp_path / "out", size=32, workers=1, progress=False)
     assert result.summary.endswith(f"0 skipped ({len(plan.records)} found); {note}")
     assert result.manifest["scan_notes"] == [note]
+    assert f"  note: {note}" in describe(PackedDataset(tmp_path / "out")).splitlines()  # prep info says it too
 
 
 def test_symlinked_folders_are_followed_and_loops_cut(covid_copy, tmp_path):

@@ -155,9 +155,11 @@ def test_image_beside_the_class_folders_is_skipped_by_name(tmp_path):
         _image(src / ("a" if k % 2 else "b") / f"x{k}.png", k)
     _image(src / "stray.png", 7)
     (src / "README.txt").write_text("about these images")
+    (src / "IM000001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)  # a PACS export's DICOM: no suffix
     plan = folder.plan(src)
     assert len(plan.records) == 10
-    assert plan.skipped == [{"source": "stray.png", "reason": "image outside the class sub-folders (no class)"}]
+    reason = "image outside the class sub-folders (no class)"
+    assert plan.skipped == [{"source": "IM000001", "reason": reason}, {"source": "stray.png", "reason": reason}]
 
 
 def _labelled_images(src, n=10):

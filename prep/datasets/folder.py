@@ -43,7 +43,7 @@ def _from_subfolders(src: Path) -> tuple[list[Item], list[dict], list[str]]:
     if not class_dirs:
         raise InputError(f"{src}: no class sub-folders; put images in <class>/ folders or give --csv")
     # An image beside the class folders has no class: said, not dropped. Other files there (a README) are not inputs.
-    loose = [p for p in entries if not p.is_dir() and p.suffix.lower() in SUPPORTED_SUFFIXES]
+    loose = [p for p in entries if not p.is_dir() and (p.suffix.lower() in SUPPORTED_SUFFIXES or is_dicom_file(p))]
     skipped = [{"source": p.name, "reason": "image outside the class sub-folders (no class)"} for p in loose]
     items, repeats = [], 0
     for class_dir in class_dirs:
