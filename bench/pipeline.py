@@ -1,6 +1,11 @@
 """Two-view pairs per second for each loader backend, against the study's pipeline, over the same images.
 
     python bench/pipeline.py --data data/demo/packed --device cpu --backends native,baseline --json out.json
+    python bench/pipeline.py --data data/demo/packed --backends native,baseline --caches none,host
+
+`--caches` gives the native backend one row per cache mode (pipelines/cache.py): `native` decodes every batch,
+`native-host` and `native-device` gather from the split decoded once. That one decode (`fill_s`) is timed apart and
+not counted in pairs/s; on the CPU host and device are one path.
 
 `baseline` is the study's way: a Dataset that opens PNG files with PIL and runs torchvision transforms on each
 image for both views, in a DataLoader with every core as a worker. The PNGs are the packed images written out once.
@@ -14,6 +19,7 @@ import argparse
 import os
 import shutil
 import tempfile
+import time
 from datetime import date
 from functools import partial
 from pathlib import Path
@@ -29,6 +35,7 @@ from twinray.bench.report import (
 from twinray.bench.report import save as report_save
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment import load_recipe
+from twinray.pipelines.cache import CACHES
 from twinray.prep.format import PackedDataset
 
 
@@ -101,6 +108,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="a packed dataset")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backends", default="native,baseline")
+    parser.add_argument(
+        "--caches", default="none", help="the native backend's cache modes, a row each: none,host,device"
+    )
     parser.add_argument("--recipe", default="seed-final")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -110,6 +120,10 @@ def main() -> None:
         "--json", type=Path, default=None, help="also write the JSON here (it always goes to bench/results/)"
     )
     args = parser.parse_args()
+    caches = args.caches.split(",")
+    unknown = [c for c in caches if c not in CACHES]
+    if unknown:
+        parser.error(f"--caches {','.join(unknown)}: each is one of {', '.join(CACHES)}")
 
     device = torch.device(args.device)
     recipe = load_recipe(args.recipe, size=args.size)
@@ -131,7 +145,14 @@ def main() -> None:
     # The baseline first: its workers fork before any loader has started a thread (forking beside a busy thread
     # can leave a child holding a lock forever).
     backends = sorted(args.backends.split(","), key=lambda b: b != "baseline")
-    for k, backend in enumerate(backends):
+    # (row name, backend, cache): the native backend once per cache mode
+    rows = [
+        (backend if cache == "none" else f"{backend}-{cache}", backend, cache)
+        for backend in backends
+        for cache in (caches if backend == "native" else ["none"])
+    ]
+    for k, (name, backend, cache) in enumerate(rows):
+        extra = {}
         if backend == "baseline":
             work = Path(tempfile.mkdtemp(prefix="twinray-bench-pipeline-"))
             files = export_pngs(data, data.indices("train"), work)
@@ -154,18 +175,29 @@ def main() -> None:
                 device=device,
                 recipe=recipe,
                 size=args.size,
+                cache=cache,
             )
+            if cache != "none":  # the one decode of the split, timed apart
+                start = time.perf_counter()
+                loader.fill_cache()
+                extra = {"cache": loader.cache_mode, "fill_s": round(time.perf_counter() - start, 3)}
             batches = cycle(loader)
             seconds = time_calls(partial(next, batches), args.warmup, args.batches, device)
             batches.close()  # ends the loader's epoch, and with it its background thread, before the next backend
         pairs = args.batches * args.batch_size
-        results[backend] = {"pairs_per_s": round(pairs / seconds, 1), "seconds": round(seconds, 3), "pairs": pairs}
-        print(f"{backend:<10} {pairs / seconds:>10.1f} pairs/s  ({pairs} pairs in {seconds:.2f} s)")
+        results[name] = {
+            "pairs_per_s": round(pairs / seconds, 1),
+            "seconds": round(seconds, 3),
+            "pairs": pairs,
+            **extra,
+        }
+        fill = f"; the cache filled in {extra['fill_s']:.2f} s" if extra else ""
+        print(f"{name:<14} {pairs / seconds:>10.1f} pairs/s  ({pairs} pairs in {seconds:.2f} s{fill})")
         if "baseline" in results:
             for row in results.values():
                 row["vs_baseline"] = round(row["pairs_per_s"] / results["baseline"]["pairs_per_s"], 2)
         # Saved after each backend, so a run cut short keeps what it measured.
-        report_save(report, f"pipeline-{device.type}", args.json, quiet=k < len(backends) - 1)
+        report_save(report, f"pipeline-{device.type}", args.json, quiet=k < len(rows) - 1)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,15 @@ def test_pipeline_and_train_speed_write_their_json_where_asked(covid_packed, tmp
     out = tmp_path / "pipeline.json"
     record = tmp_path / "record"
     result = bench("pipeline.py", "--data", covid_packed, "--device", "cpu", "--backends", "native,baseline",
-                   "--size", "32", "--batch-size", "8", "--batches", "2", "--warmup", "1", "--json", out,
-                   record=record)  # fmt: skip
+                   "--caches", "none,host", "--size", "32", "--batch-size", "8", "--batches", "2", "--warmup", "1",
+                   "--json", out, record=record)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert json.loads((record / "pipeline-cpu.json").read_text()) == report  # the copy in the results folder
-    assert set(report["results"]) == {"native", "baseline"} and report["results"]["baseline"]["vs_baseline"] == 1.0
+    assert set(report["results"]) == {"native", "native-host", "baseline"}
+    assert report["results"]["baseline"]["vs_baseline"] == 1.0
+    cached = report["results"]["native-host"]
+    assert cached["cache"] == "host" and cached["fill_s"] > 0 and "cache" not in report["results"]["native"]
     out = tmp_path / "train_speed.json"
     tiny = ["--size", "32", "--batch-sizes", "8", "--steps", "2", "--warmup", "1", "--json", out]
     speed = ["--data", covid_packed, "--device", "cpu", "--backends", "native", "--configs", "a,b", *tiny]
