@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from twinray.prep import shard_cache
 from twinray.train import checkpoint
@@ -138,3 +139,82 @@ def test_two_nodes_from_s3_stop_mid_epoch_resume_then_resume_on_one_process(s3, 
     assert "resuming from ckpt-" in one.stdout
     assert steps_logged(out) == list(range(1, 37))
     assert json.loads((out / "config.json").read_text())["world_size"] == 1
+
+
+@pytest.mark.slow
+def test_accelerate_launch_on_two_machines_records_two_nodes(s3, s3_covid, tmp_path):
+    """README's multi-node `accelerate launch` form, one process per "machine" on 127.0.0.1 (GPUs: --multi_gpu;
+    here ACCELERATE_USE_CPU makes its processes use gloo on the CPU)."""
+    port, out = _free_port(), tmp_path / "run"
+    env = {**s3.env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    machines = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--multi_gpu",
+                "--num_machines",
+                "2",
+                "--num_processes",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                str(port),
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                "train/pretrain.py",
+                "--data",
+                s3_covid,
+                "--out",
+                str(out),
+                "--shard-cache",
+                str(tmp_path / f"machine{rank}-cache"),
+                "--storage-options",
+                s3.storage_options_json,
+                *TINY,
+                "--epochs",
+                "1",
+                "--max-steps",
+                "2",
+                "--log-every",
+                "1",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = finish(machines)
+    assert all(m.returncode == 0 for m in machines), [e[-3000:] for _, e in outputs]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["world_size"], config["nodes"]) == (2, 2)
+    assert steps_logged(out) == [1, 2]
+
+
+def test_a_global_step_holds_the_same_samples_whatever_the_world_size():
+    """What resuming on another world size keeps (README): global step k covers the same rows, except for the
+    epoch's tail that is cut to a multiple of the world size."""
+    from twinray.pipelines.loader import rank_order
+
+    rows, global_batch = np.arange(1000, 1050), 8
+
+    def step_rows(world: int, step: int) -> set[int]:
+        per_rank = global_batch // world
+        return {
+            int(r)
+            for rank in range(world)
+            for r in rank_order(rows, 3, 7, rank, world)[step * per_rank : (step + 1) * per_rank]
+        }
+
+    for step in range(6):  # 50 rows, batch 8: 6 full steps
+        assert step_rows(1, step) == step_rows(2, step) == step_rows(4, step)
+    assert len(step_rows(1, 0)) == global_batch
