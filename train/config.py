@@ -35,6 +35,28 @@ class ConfigError(ValueError):
     """A bad value: the message names the field, the value and the valid choices."""
 
 
+MIN_BATCH = 2  # images per process and step that BatchNorm can train on
+
+
+def check_batch_size(batch_size: int, processes: int = 1) -> int:
+    """The per-process batch of one training step: the global `batch_size` split evenly over `processes`
+    (--grad-accum does not divide it: each accumulated step runs a whole per-process batch).
+
+    Raises ConfigError, naming --batch-size, when it does not split evenly or leaves a process fewer than 2 images:
+    BatchNorm in training mode standardises each feature over the process's batch, and one image has no spread
+    (PyTorch: "Expected more than 1 value per channel when training"); so does the Barlow Twins loss."""
+    if processes > 1 and batch_size % processes:
+        raise ConfigError(f"--batch-size {batch_size} does not split evenly over {processes} processes")
+    per_process = batch_size // processes
+    if per_process < MIN_BATCH:
+        split = f" over {processes} processes leaves {per_process} per process" if processes > 1 else ""
+        raise ConfigError(
+            f"--batch-size {batch_size}{split}: training needs at least {MIN_BATCH} images per process and step "
+            "(BatchNorm standardises over the batch)"
+        )
+    return per_process
+
+
 @dataclass
 class PretrainConfig:
     data: str = "data/packed/covid"
@@ -82,9 +104,9 @@ class PretrainConfig:
             if getattr(self, name) not in choices:
                 valid = ", ".join(str(c) for c in choices)
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not one of: {valid}")
+        check_batch_size(self.batch_size)  # per process, once the world size is known: train/pretrain.py
         for name in (
             "epochs",
-            "batch_size",
             "size",
             "grad_accum",
             "knn_k",

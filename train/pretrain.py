@@ -27,7 +27,7 @@ from twinray.pipelines import build_loader
 from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
 from twinray.train import checkpoint
-from twinray.train.config import ConfigError, PretrainConfig, from_args
+from twinray.train.config import ConfigError, PretrainConfig, check_batch_size, from_args
 from twinray.train.distributed import StopVote, count_nodes
 from twinray.train.loss import barlow_twins_loss
 from twinray.train.model import BarlowTwins
@@ -152,8 +152,7 @@ def train(cfg: PretrainConfig) -> dict:
         project_dir=str(out),
     )
     world, rank = accelerator.num_processes, accelerator.process_index
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size {cfg.batch_size} does not split evenly over {world} processes")
+    check_batch_size(cfg.batch_size, world)  # at least 2 images per process and step, before anything is written
     set_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -183,7 +182,10 @@ def train(cfg: PretrainConfig) -> dict:
     bank = knn_bank_rows(data, cfg.knn_bank, cfg.seed)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the train split ({len(loader.rows)} images)")
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} is larger than the train split ({len(loader.rows)} images): "
+            "an epoch would have no step"
+        )
 
     model = BarlowTwins(cfg.backbone, cfg.channels, cfg.projector)
     if world > 1 and cuda:  # SyncBatchNorm runs on GPUs only; CPU processes keep per-process BN statistics
