@@ -345,3 +345,37 @@ def test_cuda_augmentation_never_waits_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.shape == (16, 1, 224, 224) and torch.isfinite(out).all()
+
+
+def test_recipes_follow_the_spec():
+    """The recipe's probabilities, its name tokens and its filters come from the one spec of ops."""
+    from twinray.pipelines.augment.ops import PROBABILITIES
+    from twinray.pipelines.augment.recipes import TOKENS
+
+    assert PROBABILITIES == (
+        "hflip",
+        "vflip",
+        "equalize",
+        "brightness_contrast",
+        "blur",
+        "perspective",
+        "rotation",
+        "noise",
+    )
+    assert TOKENS["brightness-contrast"] == "brightness_contrast" and set(TOKENS.values()) == set(PROBABILITIES)
+    final = RECIPES["seed-final"]
+    assert (final.interpolation, final.warp_interpolation) == ("bicubic", "bilinear")  # the study's two filters
+    with pytest.raises(ValueError, match="warp_interpolation='nearest' is not bilinear or bicubic"):
+        Recipe(warp_interpolation="nearest")
+
+
+def test_params_name_every_op_and_refuse_unknown_names():
+    aug = Augment(load_recipe(SEED_FINAL, size=32), seed=0)
+    p = aug.sample(torch.tensor([40, 50]), torch.tensor([60, 30]))
+    assert torch.equal(p.sizes, torch.tensor([[40, 60], [50, 30]]))
+    assert p.boxes.shape == (2, 4) and p.start_points.shape == (2, 4, 2) and p.angles.shape == (2,)
+    assert p.hflip.dtype == torch.bool and isinstance(p.noise_seed, int)
+    with pytest.raises(AttributeError, match="Params has no 'hfilp'"):
+        p.hfilp = torch.ones(2, dtype=torch.bool)
+    with pytest.raises(AttributeError, match="Params has no 'angle'"):
+        _ = p.angle

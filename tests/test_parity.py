@@ -1,7 +1,8 @@
 """Native and DALI (its CPU pipeline) give the augmentation of the spec, and both give the study's list.
 
-The reference is the study's torchvision list in its order: crop, flips, equalize, (brightness/contrast), blur,
-perspective, (rotation), noise (../shared/notes/datasets.md; bench/pipeline.py places the two ops it dropped).
+The reference (`augment.reference`) is the study's torchvision list in its order: crop, flips, equalize,
+(brightness/contrast), blur, perspective, (rotation), noise (../shared/notes/datasets.md; bench/pipeline.py places the
+two ops it dropped).
 
 1. Pixel for pixel, with fixed parameters. `Augment.sample` draws one batch's parameters; native (`Augment.apply`),
    DALI (`augment.dali.apply_cpu`, every parameter fed per sample) and torchvision.transforms.v2.functional applied
@@ -31,17 +32,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from twinray.pipelines import build_loader
-from twinray.pipelines.augment import SPEC, Augment, Recipe, geometry, load_recipe
+from twinray.pipelines.augment import SPEC, Augment, Recipe, load_recipe
 from twinray.pipelines.augment import dali as dali_augment
 from twinray.pipelines.augment.ops import PROBABILITIES, RUNS
+from twinray.pipelines.augment.reference import study_functional, study_transforms, study_warps
 from twinray.prep.format import PackWriter, encode_image
 
 S = 64
-MODES = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 # Each op alone: the crop covers the whole (square) image, every other op off.
 ALONE = Recipe(name="alone", size=S, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0)
 STUDY_CROP = {"crop_scale": (0.08, 1.0), "crop_ratio": (3 / 4, 4 / 3)}
@@ -83,46 +82,9 @@ def _opencv_equalize(x: torch.Tensor) -> torch.Tensor:
 # --- 1. pixel for pixel -------------------------------------------------------------------------------------------
 
 
-def study_functional(image: torch.Tensor, p, k: int, recipe: Recipe, equalize=TF.equalize) -> torch.Tensor:
-    """The study's list in torchvision's functional ops, for sample k of `p`: uint8 1 x H x W -> float 1 x S x S."""
-    top, left, h, w = p.boxes[k].tolist()
-    x = TF.resized_crop(image.float(), top, left, h, w, [S, S], MODES[recipe.interpolation], antialias=False)
-    x = x.clamp(0, 255)  # bicubic overshoot
-    if p.hflip[k]:
-        x = TF.horizontal_flip(x)
-    if p.vflip[k]:
-        x = TF.vertical_flip(x)
-    if p.equalize[k]:
-        x = equalize(x.round().to(torch.uint8)).float()
-    x = x / 255
-    if p.brightness_contrast[k]:
-        x = TF.adjust_contrast(TF.adjust_brightness(x, float(p.brightness[k])), float(p.contrast[k]))
-    if p.blur[k]:
-        x = TF.gaussian_blur(x, [recipe.blur_kernel] * 2, [float(p.blur_sigma[k])] * 2)
-    return _study_warps(x, p, k, recipe)
-
-
-def _study_warps(x: torch.Tensor, p, k: int, recipe: Recipe) -> torch.Tensor:
-    """Perspective, then rotation. Both at once are one homography, resampled once (twinray's run): torchvision's
-    perspective given the corners' images under the product of the two maps."""
-    mode = MODES[recipe.warp_interpolation]
-    if p.perspective[k] and p.rotation[k]:
-        product = geometry.perspective_matrix(p.start_points[k : k + 1], p.end_points[k : k + 1])[0]
-        product = product @ geometry.rotation_matrix(p.angles[k : k + 1], S)[0]
-        corners = torch.tensor([[0.0, 0.0, 1.0], [S, 0.0, 1.0], [S, S, 1.0], [0.0, S, 1.0]], dtype=torch.float64)
-        sources = corners @ product.T
-        sources = (sources[:, :2] / sources[:, 2:]).tolist()
-        return TF.perspective(x, sources, corners[:, :2].tolist(), interpolation=mode, fill=0)
-    if p.perspective[k]:
-        x = TF.perspective(x, p.start_points[k].tolist(), p.end_points[k].tolist(), interpolation=mode, fill=0)
-    if p.rotation[k]:
-        x = TF.rotate(x, float(p.angles[k]), interpolation=mode, fill=0)
-    return x
-
-
 def _away_from_warp_edge(p, k: int, recipe: Recipe) -> torch.Tensor:
     """S x S bool: pixels more than one pixel inside the region that perspective and rotation leave unfilled."""
-    ones = _study_warps(torch.ones(1, S, S), p, k, recipe)
+    ones = study_warps(torch.ones(1, S, S), p, k, recipe)
     return -F.max_pool2d(-(ones > 0.999).float()[None], 3, stride=1, padding=1)[0, 0] > 0.5
 
 
@@ -225,37 +187,6 @@ def test_the_spec_is_one_walk_for_both_backends():
 
 
 # --- 2. distributions through the loaders ------------------------------------------------------------------------
-
-
-class _StudyNoise:
-    """The study's noise: sigma = image mean x U(a, b)."""
-
-    def __init__(self, low: float, high: float):
-        self.low, self.high = low, high
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        sigma = x.mean() * (self.low + (self.high - self.low) * torch.rand(()))
-        return (x + torch.randn_like(x) * sigma).clamp(0, 1)
-
-
-def study_transforms(r: Recipe, equalize=None) -> v2.Compose:
-    """The study's list as torchvision transforms, drawing their own parameters (uint8 between ops, as PIL's were).
-    `equalize`: a replacement for RandomEqualize's kernel (OpenCV's, for DALI)."""
-    equalizer = v2.RandomEqualize(r.equalize) if equalize is None else v2.RandomApply([equalize], r.equalize)
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(S, r.crop_scale, r.crop_ratio, MODES[r.interpolation], antialias=False),
-            v2.RandomHorizontalFlip(r.hflip),
-            v2.RandomVerticalFlip(r.vflip),
-            equalizer,
-            v2.RandomApply([v2.ColorJitter(brightness=r.brightness, contrast=r.contrast)], r.brightness_contrast),
-            v2.RandomApply([v2.GaussianBlur(r.blur_kernel, r.blur_sigma)], r.blur),
-            v2.RandomPerspective(r.perspective_distortion, r.perspective, MODES[r.warp_interpolation]),
-            v2.RandomApply([v2.RandomRotation(r.rotation_degrees, MODES[r.warp_interpolation])], r.rotation),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.RandomApply([_StudyNoise(*r.noise_mean_fraction)], r.noise),
-        ]
-    )
 
 
 def _statistics(views: torch.Tensor) -> dict[str, torch.Tensor]:
