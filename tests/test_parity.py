@@ -229,8 +229,9 @@ def patterns(tmp_path_factory):
     return root, images
 
 
-def _loader_views(root, backend: str, recipe: Recipe) -> torch.Tensor:
-    batch = next(iter(build_loader(str(root), backend=backend, batch_size=64, recipe=recipe, size=S, seed=0)))
+def _loader_views(root, backend: str, recipe: Recipe, device: str = "cpu") -> torch.Tensor:
+    loader = build_loader(str(root), backend=backend, batch_size=64, device=device, recipe=recipe, size=S, seed=0)
+    batch = next(iter(loader))
     return torch.cat([view[:, 0].float().cpu() for view in batch.views])
 
 
@@ -271,12 +272,23 @@ def test_distributions_match_the_study_list(patterns, case):
             assert difference <= allowed, (case, backend, statistic, difference, allowed)
 
 
-def test_loaders_give_a_batch_the_same_views(patterns):
-    """Both backends draw a batch's parameters from the same per-batch seed, so without noise (DALI draws its own)
-    and equalize (its own kernel) their views agree, away from the warp's one-pixel edge."""
-    root, _ = patterns
+def _same_views(root, device: str) -> None:
     recipe = load_recipe("seed-final", size=S, interpolation="bilinear", noise=0.0, equalize=0.0, rotation=0.5)
-    native, dali = _loader_views(root, "native", recipe), _loader_views(root, "dali", recipe)
+    native, dali = _loader_views(root, "native", recipe, device), _loader_views(root, "dali", recipe, device)
     difference = (native - dali).abs() * 255
     assert difference.median() <= 0.01
     assert (difference > 1).float().mean() < 0.03  # the band along the edge of the perspective's fill
+
+
+def test_loaders_give_a_batch_the_same_views(patterns):
+    """Both backends draw a batch's parameters from the same per-batch seed, so without noise (DALI draws its own)
+    and equalize (its own kernel) their views agree, away from the warp's one-pixel edge."""
+    _same_views(patterns[0], "cpu")
+
+
+@pytest.mark.gpu
+def test_loaders_give_a_batch_the_same_views_on_cuda(patterns):
+    """The same on a GPU: DALI's GPU operators against native's CUDA kernels."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _same_views(patterns[0], "cuda")
