@@ -11,6 +11,10 @@ not counted in pairs/s; on the CPU host and device are one path.
 image for both views, in a DataLoader with every core as a worker. The PNGs are the packed images written out once.
 Each backend runs `--warmup` batches, then is timed over `--batches` batches (CUDA is synchronised before the clock
 stops). The JSON goes to bench/results/pipeline-<device>.json, and to --json too when given.
+
+With a URL as `--data` (`s3://...`, with `--storage-options` for its endpoint), it times whole epochs instead: the
+first from an empty shard cache (cold), the later ones from the filled cache (warm), beside the same files in a
+local directory (bench/remote_epochs.py); the JSON goes to bench/results/pipeline-remote-<device>.json.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from twinray.pipelines import build_loader
 from twinray.pipelines.augment import load_recipe
 from twinray.pipelines.cache import CACHES
 from twinray.prep.format import PackedDataset
+
+from twinray.storage import is_url, location, storage_options_type
 
 
 class StudyNoise:
@@ -105,7 +111,9 @@ def cycle(loader):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="a packed dataset")
+    parser.add_argument("--data", type=location, required=True, help="a packed dataset: a directory or a URL")
+    parser.add_argument("--storage-options", type=storage_options_type, default=None, help="fsspec options (JSON)")
+    parser.add_argument("--epochs", type=int, default=4, help="a URL's epochs: 1 cold, then warm and local (4)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backends", default="native,baseline")
     parser.add_argument(
@@ -127,6 +135,9 @@ def main() -> None:
 
     device = torch.device(args.device)
     recipe = load_recipe(args.recipe, size=args.size)
+    if is_url(args.data):
+        remote(args, device, recipe)
+        return
     data = PackedDataset(args.data)
     cores = len(os.sched_getaffinity(0))
     results = {}
@@ -198,6 +209,29 @@ def main() -> None:
                 row["vs_baseline"] = round(row["pairs_per_s"] / results["baseline"]["pairs_per_s"], 2)
         # Saved after each backend, so a run cut short keeps what it measured.
         report_save(report, f"pipeline-{device.type}", args.json, quiet=k < len(rows) - 1)
+
+
+def remote(args, device, recipe) -> None:
+    """A URL's cold, warm and local epochs per backend (bench/remote_epochs.py)."""
+    from twinray.bench import remote_epochs
+
+    if args.epochs < 2:
+        raise SystemExit("pipeline: --epochs must be at least 2 for a URL (1 cold, then warm)")
+    backends = [b for b in args.backends.split(",") if b != "baseline"]
+    loader_args = dict(batch_size=args.batch_size, recipe=recipe, size=args.size)
+    results = remote_epochs.run(args.data, backends, args.epochs, loader_args, device, args.storage_options)
+    report = {
+        "benchmark": "pipeline-remote",
+        "date": date.today().isoformat(),
+        "device": device_name(device) + ("" if device.type == "cuda" else f" ({len(os.sched_getaffinity(0))} cores)"),
+        "data": args.data,
+        "recipe": recipe.name,
+        "size": args.size,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "results": results,
+    }
+    report_save(report, f"pipeline-remote-{device.type}", args.json)
 
 
 if __name__ == "__main__":

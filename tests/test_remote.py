@@ -281,6 +281,23 @@ def test_finetune_gradcam_and_lr_find_read_a_url(s3, s3_covid, covid_packed, tmp
     assert {p.name for p in local_copy.glob("*.tar")} == {p.name for p in covid_packed.glob("*.tar")}
 
 
+def test_the_pipeline_bench_times_cold_warm_and_local_epochs_of_a_url(s3, s3_covid, tmp_path):
+    out = tmp_path / "remote.json"
+    result = subprocess.run(
+        [
+            sys.executable, "bench/pipeline.py", "--data", s3_covid, "--storage-options", s3.storage_options_json,
+            "--backends", "native", "--epochs", "3", "--batch-size", "8", "--size", "32", "--json", out,
+        ],
+        cwd=REPO, capture_output=True, text=True, env=s3.env(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(out.read_text())["results"]["native"]
+    assert row["pairs_per_epoch"] == 48 and row["cold"]["shards"] == 3  # every train shard, downloaded once
+    assert row["warm"]["epochs"] == row["local"]["epochs"] == 2
+    assert 0 < row["cold"]["first_batch_s"] <= row["cold"]["seconds"]
+    assert row["warm_vs_local"] == pytest.approx(row["warm"]["pairs_per_s"] / row["local"]["pairs_per_s"], abs=0.01)
+
+
 def test_sizes_and_options_parse():
     assert shard_cache.parse_size("200GB") == 200 * 10**9 and shard_cache.parse_size("1.5KiB") == 1536
     assert shard_cache.parse_size(None) is None
