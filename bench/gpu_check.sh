@@ -44,7 +44,8 @@ cat "$res/device.txt"
 stage data 35 bash -c "$PY -m prep sample --out $work/raw --n $N --workers 16 --no-metadata && \
   $PY -m prep covid --src $work/raw/COVID-19_Radiography_Dataset --out $work/jpeg --workers 16 && \
   $PY -m prep covid --src $work/raw/COVID-19_Radiography_Dataset --out $work/npy --encoding npy --workers 16"
-# Every GPU-marked test. The files left out hold none and need what the machine lacks at import:
+# Every GPU-marked test (tests/test_cache.py's cache=device and cache=host on CUDA among them). The files left out
+# hold none and need what the machine lacks at import:
 # openpyxl (covid, sample) or ../shared (chexpert, folder, images). CI runs them.
 # The longest one (pretrain.py compiled on CUDA) first, so that a stage cut short loses only quick ones.
 gpu_tests() {
@@ -58,9 +59,11 @@ gpu_tests() {
 export -f gpu_tests
 export PY
 stage gpu_tests 135 bash -c gpu_tests
-# Native alone on JPEG and on npy first (seconds), then native beside the study's baseline, for the ratio.
+# Loader alone, no model: native on JPEG with no cache (nvJPEG every batch), the host cache (pinned staging, one
+# copy per batch) and the device cache (a gather on the GPU; target 30,000 pairs/s on an H200), each cache's one fill
+# timed apart (fill_s); then native on npy, then native beside the study's baseline, for the ratio.
 stage pipeline 75 bash -c "$PY bench/pipeline.py --data $work/jpeg --device $DEVICE --backends native \
-  --batch-size 256 --batches 40 --json $res/pipeline-native.json && \
+  --caches none,host,device --batch-size 256 --batches 40 --json $res/pipeline-native.json && \
   $PY bench/pipeline.py --data $work/npy --device $DEVICE --backends native \
   --batch-size 256 --batches 40 --json $res/pipeline-npy.json && \
   $PY bench/pipeline.py --data $work/jpeg --device $DEVICE --backends native,baseline \

@@ -120,6 +120,8 @@ def choose(
 
 def resolve(mode: str, data, rows: np.ndarray, device: torch.device) -> tuple[str, str]:
     """`choose` with this machine's numbers: the index's sizes, free device memory and available RAM."""
+    if mode == "none":  # nothing to measure
+        return choose(mode, 0, device.type, None, 0)
     cuda = device.type == "cuda"
     return choose(
         mode,
@@ -196,8 +198,8 @@ class ImageCache:
         sizes = self.sizes[slots]
         h, w = (int(v) for v in sizes.max(0).values)
         window = self.pixels[:, :, :h, :w]
-        if self.storage.type == "cuda":
-            return window.index_select(0, slots.to(self.storage, non_blocking=True)), sizes
+        if self.storage.type == "cuda":  # the slot numbers go over pinned, so this thread never waits for the copy
+            return window.index_select(0, slots.pin_memory().to(self.storage, non_blocking=True)), sizes
         batch = torch.empty(len(slots), 1, h, w, dtype=torch.uint8, pin_memory=self.pin)
         torch.index_select(window, 0, slots, out=batch)
         return batch.to(self.device, non_blocking=True), sizes
