@@ -12,8 +12,8 @@ Each op is split the way torchvision's transforms v2 splits a transform:
 - Kernels apply them (torchvision's functional kernels). Native (`Augment`): a geometric op gives a 3x3 matrix
   (output -> input coordinates), and each run of consecutive geometric ops is resampled once (`geometry.warp`); a
   pixel op's `native` kernel gets a float batch in [0, 1] of the samples its coin picked. DALI (`augment.dali`): a
-  geometric run is one `fn.resize` of a region of interest when every op in it is axis-aligned (crop, flips), else
-  one `warp_perspective`; a pixel op's `dali` kernel builds its DALI operators.
+  geometric run is `fn.slice` of the crop's box and one `fn.resize` when every op in it is axis-aligned (crop,
+  flips), else one `warp_perspective`; a pixel op's `dali` kernel builds its DALI operators.
 
 `dali_deviation` is the one place that says where DALI's kernel does not compute what the native one does
 (docs/augmentation.md lists them with their measured size; tests/test_parity.py pins them down).
@@ -54,14 +54,15 @@ class Op:
     native(x, params, recipe, generator_device): pixel ops, float B' x 1 x S x S in [0, 1] of the selected samples,
     with `params` cut to those samples.
     dali(x, params, recipe, dali): pixel ops, DALI nodes: x is float HWC in [0, 1]; `params` maps keys to per-sample
-    CPU nodes; `dali` is the walker's context (fn, types, on_device, clamp).
+    CPU nodes; `dali` is the walker's context (`augment.dali.Context`: fn, types, on_device, clamp, op).
     """
 
     name: str
     keys: tuple[str, ...] = ()
     per_batch: tuple[str, ...] = ()
     make_params: Callable[..., dict[str, Any]] = _no_params
-    coin: bool = True  # False: applied to every sample whenever `probability` is above 0 (the crop, normalisation)
+    coin: bool = True  # False: applied to every sample, or to none, as `enabled` says (the crop, normalisation)
+    enabled: Callable[..., bool] = lambda recipe: True  # ops without a coin: whether the recipe uses them
     matrix: Callable[..., torch.Tensor] | None = None
     axis_aligned: bool = False  # geometric ops that only scale, shift and mirror each axis
     interpolation: str = "interpolation"  # geometric ops: the Recipe field naming their filter
@@ -74,10 +75,9 @@ class Op:
         return self.matrix is not None
 
     def probability(self, recipe: Recipe) -> float:
-        if self.name == "crop":
-            return 1.0
-        if self.name == "normalize":
-            return 1.0 if recipe.normalize is not None else 0.0
+        """The recipe's probability for this op; 1 or 0 for an op without a coin."""
+        if not self.coin:
+            return 1.0 if self.enabled(recipe) else 0.0
         return float(getattr(recipe, self.name))
 
 
@@ -241,6 +241,7 @@ def _normalize_dali(x, p, r: Recipe, dali):
 NORMALIZE = Op(
     "normalize",
     coin=False,
+    enabled=lambda recipe: recipe.normalize is not None,
     native=lambda x, p, r, device: (x - r.normalize[0]) / r.normalize[1],
     dali=_normalize_dali,
 )
