@@ -153,6 +153,8 @@ def main() -> None:
         "encoding": data.encoding,
         "results": results,
     }
+    if report["images"] < args.batch_size:  # every epoch would be empty, and cycling them would never return
+        parser.error(f"--batch-size {args.batch_size} is larger than the train split ({report['images']} images)")
     # The baseline first: its workers fork before any loader has started a thread (forking beside a busy thread
     # can leave a child holding a lock forever).
     backends = sorted(args.backends.split(","), key=lambda b: b != "baseline")
