@@ -151,6 +151,17 @@ def _cuda():
     return torch.device("cuda")
 
 
+def _gather_without_waiting(cache, rows) -> torch.Tensor:
+    """cache.gather under torch's sync debug mode: anything that would make the loader's thread wait for the GPU
+    raises."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        images, _ = cache.gather(rows)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return images
+
+
 @pytest.mark.gpu
 def test_cuda_device_cache_lives_on_the_gpu_and_gives_the_same_views(mixed_sizes):
     device = _cuda()
@@ -158,6 +169,14 @@ def test_cuda_device_cache_lives_on_the_gpu_and_gives_the_same_views(mixed_sizes
     assert loader.gpu_jpeg and loader.cache_mode == "device"
     batch = next(iter(loader))
     assert loader.cache.pixels.is_cuda and batch.views[0].is_cuda
+    rows = loader.rows[[4, 0, 9]]
+    images = _gather_without_waiting(loader.cache, rows)
+    expected = [torch.from_numpy(loader.data.image(int(r))) for r in rows]  # cv2 on the CPU
+    h, w = max(e.shape[0] for e in expected), max(e.shape[1] for e in expected)
+    assert images.is_cuda and images.shape == (3, 1, h, w)
+    for image, cpu in zip(images.cpu(), expected):  # nvJPEG's IDCT may round some pixels unlike libjpeg's
+        error = (image[0, : cpu.shape[0], : cpu.shape[1]].float() - cpu.float()).abs()
+        assert error.mean() < 1 and error.max() <= 8  # another row's texture would be tens of levels off
     # nvJPEG fills it: the pixels are the ones the uncached CUDA path decodes, so the views match bit for bit
     assert_same_batches(epochs(mixed_sizes, "none", device=device), epochs(mixed_sizes, "device", device=device))
     resumed = epochs(mixed_sizes, "device", device=device, start_step=2)
@@ -170,7 +189,7 @@ def test_cuda_host_cache_stays_in_ram_and_gives_the_same_views(mixed_sizes):
     loader = build_loader(str(mixed_sizes), batch_size=7, size=16, seed=3, device=device, cache="host")
     next(iter(loader))
     assert loader.cache.pixels.device.type == "cpu" and loader.cache.full
-    images, _ = loader.cache.gather(loader.rows[:5])
+    images = _gather_without_waiting(loader.cache, loader.rows[:5])
     assert images.is_cuda
     assert_same_batches(epochs(mixed_sizes, "none", device=device), epochs(mixed_sizes, "host", device=device))
 
