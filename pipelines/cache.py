@@ -105,16 +105,14 @@ def choose(
         return mode, f"cache {mode} (asked for): {size} in {where}; {on_ram}"
     fits_host = host_needed <= HOST_FRACTION * ram_available
     host_words = f"{'fits' if fits_host else 'does not fit'} in {HOST_FRACTION:.0%} of the {on_ram}"
+    fallback = "host" if fits_host else "none"
     if cpu:
-        return ("host" if fits_host else "none"), f"cache auto -> {'host' if fits_host else 'none'}: {size}, which " + (
-            f"{host_words} (on the CPU, host and device memory are one)"
-        )
+        return fallback, f"cache auto -> {fallback}: {size}, which {host_words} (on the CPU, host and device are one)"
     device_words = f"{_gb(device_free)} free on the device"
     if needed <= DEVICE_FRACTION * device_free:
         return "device", f"cache auto -> device: {size}, which fits in {DEVICE_FRACTION:.0%} of the {device_words}"
-    return ("host" if fits_host else "none"), (
-        f"cache auto -> {'host' if fits_host else 'none'}: {size}, more than {DEVICE_FRACTION:.0%} of the "
-        f"{device_words}, and {host_words}"
+    return fallback, (
+        f"cache auto -> {fallback}: {size}, more than {DEVICE_FRACTION:.0%} of the {device_words}, and {host_words}"
     )
 
 

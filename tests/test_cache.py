@@ -99,7 +99,7 @@ def test_auto_picks_device_then_host_then_none_and_says_why():
     assert choose("auto", int(DEVICE_FRACTION * 8 * GB) + 1, "cuda", 8 * GB, 10**12)[0] == "host"
     assert choose("auto", int(HOST_FRACTION * 8 * GB), "cpu", None, 8 * GB)[0] == "host"
     mode, why = choose("auto", int(HOST_FRACTION * 8 * GB) + 1, "cpu", None, 8 * GB)
-    assert mode == "none" and "on the CPU, host and device memory are one" in why
+    assert mode == "none" and "on the CPU, host and device are one" in why
     assert choose("device", 3 * GB, "cpu", None, 4 * GB)[0] == "device"  # host memory on the CPU: all of it may go
     assert choose("none", 10**15, "cuda", None, 0)[0] == "none"
 
