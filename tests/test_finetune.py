@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from twinray.prep.format import SPLITS
 from twinray.train import transfer
-from twinray.train.finetune import multilabel_targets
 from twinray.train.label_fractions import label_fraction
+from twinray.train.labels import policy_targets
 from twinray.train.metrics import multiclass_metrics, multilabel_metrics
 from twinray.train.model import build_backbone
 
@@ -57,9 +57,9 @@ def test_fractions_are_nested_stratified_and_hold_every_class():
 
 def test_multilabel_fractions_and_uncertain_policies():
     codes = torch.tensor([[1, -1, -128], [0, -1, 1], [-128, 0, -1]], dtype=torch.int8)
-    assert multilabel_targets(codes, [0, 1, 2], "ones").tolist() == [[1, 1, 0], [0, 1, 1], [0, 0, 1]]
-    assert multilabel_targets(codes, [0, 1, 2], "zeros").tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 0]]
-    assert multilabel_targets(codes, [1, 2], "ignore").tolist() == [[-1, 0], [-1, 1], [0, -1]]
+    assert policy_targets(codes, [0, 1, 2], "ones").tolist() == [[1, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert policy_targets(codes, [0, 1, 2], "zeros").tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 0]]
+    assert policy_targets(codes, [1, 2], "ignore").tolist() == [[-1, 0], [-1, 1], [0, -1]]
     rows = np.arange(3)
     assert len(label_fraction(rows, codes.numpy(), 0.1, seed=0)) == 3  # strata: label 0, label 2, none
 

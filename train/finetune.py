@@ -30,9 +30,10 @@ from twinray.prep.format import PackedDataset
 from twinray.train import checkpoint, transfer
 from twinray.train.config import ConfigError, check_batch_size
 from twinray.train.label_fractions import check_fraction, label_fraction
+from twinray.train.labels import UNCERTAIN_POLICIES, policy_targets, targets_bce
 from twinray.train.metrics import draw_confusion, multiclass_metrics, multilabel_metrics
 from twinray.train.model import BACKBONES
-from twinray.train.online_eval import EVAL_RECIPE, masked_bce
+from twinray.train.online_eval import EVAL_RECIPE
 
 from twinray.atomic import write_json
 from twinray.cli import InputError, OneLineParser, run_cli
@@ -41,7 +42,6 @@ from twinray.storage import location
 # The CheXpert competition pathologies, used by default when the dataset has them all.
 COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 TRAIN_RECIPE = EVAL_RECIPE.replace(name="finetune", hflip=0.5)  # the study's downstream augmentation
-UNCERTAIN = ("ones", "zeros", "ignore")
 # A run directory resumes only a run with the same settings; --epochs may grow, and the device or backend may change.
 RESUME_MUST_MATCH = ("data", "init", "mode", "fraction", "seed", "size", "batch_size", "lr", "weight_decay",
                      "backbone", "channels", "labels", "uncertain")  # fmt: skip
@@ -64,18 +64,6 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
-def multilabel_targets(codes: torch.Tensor, columns: list[int], uncertain: str) -> torch.Tensor:
-    """Codes (1, 0, -1 uncertain, -128 unmentioned) -> 1, 0 or -1 (masked). Unmentioned counts as negative, as in
-    the CheXpert competition; uncertain follows the policy."""
-    codes = codes[:, columns].long()
-    out = (codes == 1).long()
-    if uncertain == "ones":
-        out[codes == -1] = 1
-    elif uncertain == "ignore":
-        out[codes == -1] = -1
-    return out
-
-
 class Task:
     """What the dataset asks for: its classes or labels, the loss, the metrics and the selection score."""
 
@@ -96,12 +84,12 @@ class Task:
         self.uncertain = uncertain
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
-        return multilabel_targets(labels, self.columns, self.uncertain) if self.multilabel else labels.long()
+        return policy_targets(labels, self.columns, self.uncertain) if self.multilabel else labels.long()
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if not self.multilabel:
             return F.cross_entropy(logits.float(), targets)
-        return masked_bce(logits, targets.clamp(min=0), targets >= 0)
+        return targets_bce(logits, targets)
 
     def metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict:
         if self.multilabel:
@@ -132,7 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--channels", type=int, default=1, choices=(1, 3), help="for imagenet and random")
     parser.add_argument("--backend", default="native", choices=BACKENDS)
     parser.add_argument("--labels", default=None, help="multilabel: comma-separated (default: the 5 competition ones)")
-    parser.add_argument("--uncertain", default="ones", choices=UNCERTAIN, help="multilabel: what -1 means")
+    parser.add_argument("--uncertain", default="ones", choices=UNCERTAIN_POLICIES, help="multilabel: what -1 means")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=None, help="CPU decode threads (native backend)")
     parser.add_argument(

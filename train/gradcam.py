@@ -22,6 +22,7 @@ from twinray.pipelines import build_loader
 from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
 from twinray.train.finetune import Classifier
+from twinray.train.labels import POSITIVE
 from twinray.train.model import build_backbone
 from twinray.train.online_eval import EVAL_RECIPE
 
@@ -57,7 +58,7 @@ def pick_rows(data: PackedDataset, classes: list[str], per_class: int) -> tuple[
         if data.task == "multiclass":
             hits = test[labels == c]
         else:
-            hits = test[labels[:, data.classes.index(name)] == 1]
+            hits = test[labels[:, data.classes.index(name)] == POSITIVE]
         rows += hits[:per_class].tolist()
         targets += [c] * len(hits[:per_class])
     if not rows:

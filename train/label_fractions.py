@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from twinray.train.labels import POSITIVE
 
 
 def check_fraction(fraction: float) -> float:
@@ -20,11 +21,11 @@ def check_fraction(fraction: float) -> float:
 
 def strata(labels: np.ndarray) -> np.ndarray:
     """One stratum per sample: the class (multiclass, 1-d labels) or the first positive label, -1 for none
-    (multilabel codes, 2-d, where 1 is positive)."""
+    (multilabel codes, 2-d; see train/labels.py)."""
     labels = np.asarray(labels)
     if labels.ndim == 1:
         return labels.astype(np.int64)
-    positive = labels == 1
+    positive = labels == POSITIVE
     return np.where(positive.any(1), positive.argmax(1), -1)
 
 

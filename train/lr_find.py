@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from twinray.pipelines import build_loader
 from twinray.prep import shard_cache
 from twinray.train.loss import barlow_twins_loss
+from twinray.train.labels import certain_bce
 from twinray.train.model import BarlowTwins
-from twinray.train.online_eval import certain_targets
 
 from twinray.cli import InputError, OneLineParser, run_cli
 from twinray.storage import location
@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             return barlow_twins_loss(model(batch.views[0])[1], model(batch.views[1])[1])[0]
         logits = head(model.backbone(batch.views[0]))
         if multilabel:
-            target, mask = certain_targets(batch.labels)
-            return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * mask).sum() / mask.sum()
+            return certain_bce(logits, batch.labels)  # 0, not NaN, for a batch with no certain label
         return F.cross_entropy(logits, batch.labels)
 
     lrs, losses = range_test(step_loss, optimizer, args.min_lr, args.max_lr, args.steps)

@@ -10,21 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from twinray.pipelines.augment import Recipe
+from twinray.train.labels import MASKED, certain_targets, masked_bce
 
 # No randomness: the whole image (a centre square for non-square ones), resized.
 EVAL_RECIPE = Recipe(name="eval", crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0)
-
-
-def certain_targets(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multilabel codes (1, 0, -1 uncertain, -128 blank) -> float targets and the mask of certain ones."""
-    mask = (codes == 0) | (codes == 1)
-    return (codes == 1).float(), mask
-
-
-def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy averaged over the masked-in targets only (uncertain or blank ones count for nothing)."""
-    loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
-    return (loss * mask).sum() / mask.sum().clamp(min=1)
 
 
 class LinearProbe(nn.Module):
@@ -88,6 +77,6 @@ def knn_metrics(scores: torch.Tensor, labels: torch.Tensor, multilabel: bool) ->
         return {"knn_acc": (scores.argmax(1) == labels).float().mean().item(), "knn_balanced_acc": knn_balanced}
 
     target, mask = certain_targets(labels)
-    masked = torch.where(mask, target.long(), -1)  # -1: left out, as the downstream metrics take it
+    masked = torch.where(mask, target.long(), MASKED)  # left out, as the downstream metrics take it
     mean = multilabel_metrics(scores, masked, [str(c) for c in range(scores.shape[1])])["mean_auroc"]
     return {"knn_auroc": float("nan") if mean is None else mean}
