@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from twinray.pipelines import build_loader
 from twinray.prep import shard_cache
-from twinray.train.loss import barlow_twins_loss
 from twinray.train.labels import certain_bce
+from twinray.train.loss import barlow_twins_loss
 from twinray.train.model import BarlowTwins
 
 from twinray.cli import InputError, OneLineParser, run_cli
