@@ -26,6 +26,7 @@ from twinray.pipelines import build_loader
 from twinray.pipelines.cache import CACHES
 from twinray.pipelines.loader import BACKENDS
 from twinray.prep import shard_cache
+from twinray.prep.datasets.chexpert import COMPETITION  # used by default when the dataset has them all
 from twinray.prep.format import PackedDataset
 from twinray.train import checkpoint, transfer
 from twinray.train.config import ConfigError, check_batch_size
@@ -39,8 +40,6 @@ from twinray.atomic import write_json
 from twinray.cli import InputError, OneLineParser, run_cli
 from twinray.storage import location
 
-# The CheXpert competition pathologies, used by default when the dataset has them all.
-COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 TRAIN_RECIPE = EVAL_RECIPE.replace(name="finetune", hflip=0.5)  # the study's downstream augmentation
 # A run directory resumes only a run with the same settings; --epochs may grow, and the device or backend may change.
 RESUME_MUST_MATCH = ("data", "init", "mode", "fraction", "seed", "size", "batch_size", "lr", "weight_decay",

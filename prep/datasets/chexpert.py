@@ -41,6 +41,7 @@ LABELS = [
     "Fracture",
     "Support Devices",
 ]
+# The CheXpert competition pathologies (Irvin et al. 2019), which fine-tuning picks by default.
 COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *LABELS]
 VIEWS = ("frontal", "all")
