@@ -17,6 +17,7 @@ from twinray.pipelines.cache import CACHES
 from twinray.train.model import BACKBONES, parse_projector
 
 from twinray.cli import OneLineParser
+from twinray.config import check_fields
 
 CHOICES = {
     "optimizer": ("adam", "adamw", "lars", "sgd"),
@@ -147,10 +148,7 @@ def load_yaml(path: str | Path) -> dict:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config is a mapping of field: value")
-    known = {f.name for f in fields(PretrainConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}")
+    check_fields(data, (f.name for f in fields(PretrainConfig)), str(path), error=ConfigError)
     return data
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import yaml
 
 from twinray.cli import InputError, OneLineParser, run_cli
+from twinray.config import check_fields
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"data", "out", "seeds", "finetune", "pretrain", "grid", "then", "metric"}
@@ -51,9 +52,7 @@ def load_config(path: Path) -> dict:
         raise InputError(f"{path}: cannot read the scan ({type(e).__name__})") from None
     if not isinstance(cfg, dict):
         raise InputError(f"{path}: a scan is a YAML mapping")
-    unknown = sorted(set(cfg) - KEYS)
-    if unknown:
-        raise InputError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(KEYS))})")
+    check_fields(cfg, KEYS, str(path), what="key")
     for key in ("data", "out", "grid"):
         if key not in cfg:
             raise InputError(f"{path}: missing {key!r}")

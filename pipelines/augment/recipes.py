@@ -13,6 +13,8 @@ from pathlib import Path
 import yaml
 from twinray.pipelines.augment.ops import PROBABILITIES
 
+from twinray.config import check_fields
+
 # Each token of a recipe name switches on one op with the study's probability of 0.5: the spec's ops that have a
 # probability, named with '-' for '_' (brightness-contrast).
 TOKENS = {name.replace("_", "-"): name for name in PROBABILITIES}
@@ -121,9 +123,7 @@ def load_recipe(name_or_path: str | Path, **overrides) -> Recipe:
             raise ValueError(f"{path}: a recipe is a mapping of fields")
         start = load_recipe(data.pop("base", "base"))
         name = data.pop("name", path.stem)
-        unknown = sorted(set(data) - {f.name for f in fields(Recipe)})
-        if unknown:
-            raise ValueError(f"{path}: unknown recipe field(s) {', '.join(unknown)}")
+        check_fields(data, (f.name for f in fields(Recipe)), str(path), what="recipe field", error=ValueError)
         data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}  # YAML lists -> ranges
         return start.replace(name=name, **data, **overrides)
     recipe = RECIPES.get(text)
