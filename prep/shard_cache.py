@@ -257,6 +257,10 @@ def _clean_stale(local: Path) -> None:
         match = re.search(r"\.(\d+)-\d+\.part$", part.name)
         if match and not _pid_alive(int(match.group(1))):
             part.unlink(missing_ok=True)
+    for reservation in local.glob(".locks/*.reserve"):  # space reserved by a download that never finished
+        pid = reservation.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            reservation.unlink(missing_ok=True)
 
 
 def _fetch_checked(fs, remote: str, path: Path, sha256: str, url: str, local: Path, size: int | None = None) -> None:
@@ -287,6 +291,7 @@ class Remote:
     """The shards of one cached dataset: fetched on demand (`ensure`) or in the background (`want`)."""
 
     _open: dict[tuple[int, Path], Remote] = {}  # (pid, local dir) -> Remote; a forked child makes its own
+    _pinned: set[Path] = set()  # shards of the splits this process opened, of any dataset: never evicted by it
 
     def __init__(self, local: Path, marker: dict):
         self.root = local
@@ -299,7 +304,6 @@ class Remote:
         self._fs = None
         self._fs_lock = threading.Lock()
         self._ready: set[str] = set()  # shards this process has checked are in place
-        self._pinned: set[str] = set()  # shards of the splits this process opened: never evicted by it
         self._failed: dict[str, InputError] = {}  # background fetches that failed, raised on use
         self._queued: set[str] = set()
         self._queue: queue.Queue | None = None
@@ -355,7 +359,10 @@ class Remote:
                     finally:
                         if reservation is not None:
                             reservation.unlink(missing_ok=True)
-        os.utime(path)  # least recently used = oldest mtime
+        try:
+            os.utime(path)  # least recently used = oldest mtime
+        except FileNotFoundError:  # evicted by another process in the meantime: fetch it again
+            return self.ensure(name)
         self._ready.add(name)
         return path
 
@@ -377,7 +384,7 @@ class Remote:
                 f"{self.limit / 1e9:.2f} GB: raise --shard-cache-limit or point --shard-cache at a larger disk "
                 "(each epoch reads the whole split, so a smaller cache would fetch it again every epoch)"
             )
-        self._pinned.update(names)
+        Remote._pinned.update(self.root / name for name in names)
         todo = [name for name in names if name not in self._queued and name not in self._ready]
         if not todo:
             return
@@ -429,7 +436,7 @@ class Remote:
             for _, shard_size, path in sorted(shards, key=lambda s: s[0]):
                 if total + size <= self.limit:
                     break
-                if path.parent == self.root and path.name in self._pinned:
+                if path in Remote._pinned:
                     continue
                 path.unlink(missing_ok=True)
                 total -= shard_size
