@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from twinray.pipelines import build_loader
@@ -128,6 +129,14 @@ def test_a_damaged_remote_shard_is_caught_by_its_sha256(s3, covid_packed, cache,
     attempts = [e for e in shard_cache.read_log(local) if e["file"] == "train-00001.tar"]
     assert [(e["attempt"], e["ok"]) for e in attempts] == [(1, False), (2, False)]  # fetched again once, no more
     assert not (local / "train-00001.tar").exists() and not list(local.glob(".*.part"))
+
+
+def test_a_read_fetches_the_shard_it_needs_without_waiting_for_the_split(s3_covid, cache):
+    data = PackedDataset(s3_covid)  # no split opened yet, so nothing queued in the background
+    last_val_row = int(np.flatnonzero(data.index["split"] == 1)[-1])
+    assert data.image(last_val_row).shape == (256, 256)
+    fetched = [e["file"] for e in shard_cache.read_log(data.root) if e["event"] == "fetch"]
+    assert fetched == ["index.npy", "val-00000.tar"]  # that one shard, not the dataset
 
 
 def test_a_cached_copy_cut_short_is_fetched_again(s3_covid, cache):
