@@ -1,0 +1,228 @@
+"""SimCLR, MoCo v2, BYOL and VICReg losses (train/losses/) against float64 references written from the papers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from twinray.train.losses import byol_loss, byol_momentum, info_nce_loss, nt_xent_loss, vicreg_loss
+
+N, D, K = 6, 5, 9
+
+
+def _views(n=N, d=D, seed=0, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    z1 = torch.randn(n, d, generator=g) * torch.linspace(0.5, 2, d) + torch.linspace(-1, 1, d)
+    z2 = 0.6 * z1 + torch.randn(n, d, generator=g)
+    return z1.to(dtype), z2.to(dtype)
+
+
+def _cos(a, b) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# --- float64 references, one formula each, with loops over the papers' indices ------------------------------------
+
+
+def _nt_xent_reference(z1, z2, t) -> float:
+    """SimCLR eq. 1 with the paper's layout: views 2k and 2k+1 are the two views of image k."""
+    views = [v for pair in zip(z1.double().numpy(), z2.double().numpy(), strict=True) for v in pair]
+    total = 0.0
+    for i in range(len(views)):
+        j = i + 1 if i % 2 == 0 else i - 1
+        denominator = sum(math.exp(_cos(views[i], views[k]) / t) for k in range(len(views)) if k != i)
+        total += -math.log(math.exp(_cos(views[i], views[j]) / t) / denominator)
+    return total / len(views)
+
+
+def _info_nce_reference(q, k, queue, t) -> float:
+    """MoCo eq. 1 for each query, averaged."""
+    q, k, queue = q.double().numpy(), k.double().numpy(), queue.double().numpy()
+    total = 0.0
+    for i in range(len(q)):
+        positive = math.exp(_cos(q[i], k[i]) / t)
+        negatives = sum(math.exp(_cos(q[i], key) / t) for key in queue)
+        total += -math.log(positive / (positive + negatives))
+    return total / len(q)
+
+
+def _byol_reference(p1, p2, t1, t2) -> float:
+    """BYOL eq. 2 as a squared distance of unit vectors (not the 2 - 2 cos form), symmetrised, averaged."""
+    p1, p2, t1, t2 = (x.double().numpy() for x in (p1, p2, t1, t2))
+    total = 0.0
+    for i in range(len(p1)):
+        for p, t in ((p1[i], t2[i]), (p2[i], t1[i])):
+            total += float(np.sum((p / np.linalg.norm(p) - t / np.linalg.norm(t)) ** 2))
+    return total / len(p1)
+
+
+def _vicreg_reference(z1, z2, lam=25.0, mu=25.0, nu=1.0, gamma=1.0, eps=1e-4) -> tuple[float, float, float, float]:
+    """VICReg eqs. 1-6 (invariance averaged over features too, as in Algorithm 1): (loss, s, v + v', c + c')."""
+    a, b = z1.double().numpy(), z2.double().numpy()
+    n, d = a.shape
+    s = sum((a[i, j] - b[i, j]) ** 2 for i in range(n) for j in range(d)) / (n * d)
+
+    def v(z):
+        stds = []
+        for j in range(d):
+            mean = sum(z[:, j]) / n
+            stds.append(math.sqrt(sum((z[i, j] - mean) ** 2 for i in range(n)) / (n - 1) + eps))
+        return sum(max(0.0, gamma - s_j) for s_j in stds) / d
+
+    def c(z):
+        mean = z.sum(axis=0) / n
+        cov = [
+            [sum((z[k, i] - mean[i]) * (z[k, j] - mean[j]) for k in range(n)) / (n - 1) for j in range(d)]
+            for i in range(d)
+        ]
+        return sum(cov[i][j] ** 2 for i in range(d) for j in range(d) if i != j) / d
+
+    var, covar = v(a) + v(b), c(a) + c(b)
+    return lam * s + mu * var + nu * covar, s, var, covar
+
+
+# --- values ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.1, 0.5, 1.0])
+def test_nt_xent_matches_paper(temperature):
+    z1, z2 = _views(seed=1)
+    loss, stats = nt_xent_loss(z1, z2, temperature)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert loss.item() == pytest.approx(_nt_xent_reference(z1, z2, temperature), rel=1e-5)
+    positive = np.mean([_cos(a, b) for a, b in zip(z1.double().numpy(), z2.double().numpy(), strict=True)])
+    assert float(stats["positive_similarity"]) == pytest.approx(positive, rel=1e-5)
+
+
+def test_nt_xent_closed_form():
+    """Orthogonal unit images, two identical views: l = -log(e^(1/t) / (e^(1/t) + 2N - 2)) for every view."""
+    z = torch.eye(N, D + N)  # N orthogonal unit rows
+    t = 0.2
+    loss, _ = nt_xent_loss(z, z.clone(), t)
+    assert loss.item() == pytest.approx(-math.log(math.exp(1 / t) / (math.exp(1 / t) + 2 * N - 2)), rel=1e-6)
+
+
+@pytest.mark.parametrize("temperature, queue_size", [(0.2, K), (0.07, K), (1.0, 1), (0.2, 64)])
+def test_info_nce_matches_paper(temperature, queue_size):
+    q, k = _views(seed=2)
+    queue = torch.randn(queue_size, D, generator=torch.Generator().manual_seed(3))
+    loss, stats = info_nce_loss(q, k, queue, temperature)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert loss.item() == pytest.approx(_info_nce_reference(q, k, queue, temperature), rel=1e-5)
+    positive = np.mean([_cos(a, b) for a, b in zip(q.double().numpy(), k.double().numpy(), strict=True)])
+    assert float(stats["positive_similarity"]) == pytest.approx(positive, rel=1e-5)
+
+
+def test_info_nce_closed_form_and_no_key_gradient():
+    """q = k and a queue orthogonal to every query: l = -log(e^(1/t) / (e^(1/t) + K)); keys get no gradient."""
+    q = torch.eye(N, 2 * N).requires_grad_()
+    k = q.detach().clone().requires_grad_()
+    queue = torch.eye(2 * N)[N:]  # N keys orthogonal to all queries
+    loss, _ = info_nce_loss(q * 3.0, k, queue, 0.5)  # the scale of q does not matter
+    assert loss.item() == pytest.approx(-math.log(math.exp(2) / (math.exp(2) + N)), rel=1e-6)
+    loss.backward()
+    assert k.grad is None and q.grad is not None
+
+
+def test_byol_matches_paper_and_bounds():
+    p1, p2 = _views(seed=4)
+    t1, t2 = _views(seed=5)
+    loss, stats = byol_loss(p1, p2, t1, t2)
+    assert loss.item() == pytest.approx(_byol_reference(p1, p2, t1, t2), rel=1e-5)
+    cosines = [_cos(a, b) for x, y in ((p1, t2), (p2, t1)) for a, b in zip(x.numpy(), y.numpy(), strict=True)]
+    assert float(stats["cosine"]) == pytest.approx(np.mean(cosines), rel=1e-5)
+    assert byol_loss(p1, p2, 2 * p2, 3 * p1)[0].item() == pytest.approx(0.0, abs=1e-6)  # aligned: 0
+    assert byol_loss(p1, p2, -p2, -p1)[0].item() == pytest.approx(8.0, rel=1e-6)  # opposed: 2 x 4
+
+
+def test_byol_target_gets_no_gradient():
+    p1, p2, t1, t2 = (x.requires_grad_() for x in (*_views(seed=6), *_views(seed=7)))
+    byol_loss(p1, p2, t1, t2)[0].backward()
+    assert t1.grad is None and t2.grad is None and p1.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "base, step, total, expected",
+    [
+        (0.996, 0, 100, 0.996),
+        (0.996, 100, 100, 1.0),
+        (0.996, 50, 100, 0.998),
+        (0.99, 25, 100, None),
+        (0.996, 150, 100, 1.0),
+    ],
+)
+def test_byol_momentum_cosine_schedule(base, step, total, expected):
+    if expected is None:
+        expected = 1 - (1 - base) * (math.cos(math.pi / 4) + 1) / 2
+    assert byol_momentum(step, total, base) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("coefficients", [{}, {"sim_coeff": 1.0, "std_coeff": 2.0, "cov_coeff": 3.0, "gamma": 2.0}])
+def test_vicreg_matches_paper(coefficients):
+    z1, z2 = _views(seed=8)
+    loss, stats = vicreg_loss(z1, z2, **coefficients)
+    keys = {"sim_coeff": "lam", "std_coeff": "mu", "cov_coeff": "nu", "gamma": "gamma"}
+    ref, s, v, c = _vicreg_reference(z1, z2, **{keys[k]: x for k, x in coefficients.items()})
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+    assert [float(stats[k]) for k in ("invariance", "variance", "covariance")] == pytest.approx([s, v, c], rel=1e-5)
+    assert v > 0 and c > 0  # both terms are exercised
+
+
+def test_vicreg_variance_hinge_is_zero_above_gamma():
+    z1, _ = _views(seed=9)
+    _, stats = vicreg_loss(z1 * 10, z1 * 10)  # std well above 1 in every feature, identical views
+    assert float(stats["variance"]) == 0.0 and float(stats["invariance"]) == 0.0
+
+
+# --- precision, gradients, errors -----------------------------------------------------------------------------
+
+QUEUE = torch.randn(K, D, generator=torch.Generator().manual_seed(10))
+TARGETS = _views(seed=13)  # BYOL's targets: constants, as the loss detaches them
+LOSSES = {
+    "simclr": lambda a, b: nt_xent_loss(a, b, 0.3),
+    "moco": lambda a, b: info_nce_loss(a, b, QUEUE[:, : a.shape[1]], 0.3),
+    "byol": lambda a, b: byol_loss(a, b, *(t[: a.shape[0], : a.shape[1]] for t in TARGETS)),
+    "vicreg": lambda a, b: vicreg_loss(a, b),
+}
+
+
+@pytest.mark.parametrize("method", LOSSES)
+def test_float64_gradients_match_finite_differences(method):
+    z1, z2 = (z.requires_grad_() for z in _views(n=4, d=3, seed=11, dtype=torch.float64))
+    assert LOSSES[method](z1, z2)[0].dtype == torch.float64
+    inputs = (z1,) if method == "moco" else (z1, z2)  # MoCo's keys carry no gradient
+    fn = (lambda a: LOSSES[method](a, z2)[0]) if method == "moco" else (lambda a, b: LOSSES[method](a, b)[0])
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("method", LOSSES)
+def test_half_inputs_and_autocast_computed_in_float32(method):
+    z1, z2 = _views(seed=12)
+    exact = LOSSES[method](z1.double(), z2.double())[0].item()
+    low1, low2 = z1.bfloat16(), z2.bfloat16()
+    rounded = LOSSES[method](low1.double(), low2.double())[0].item()  # float64 on the same rounded inputs
+    loss = LOSSES[method](low1, low2)[0]
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(rounded, rel=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = LOSSES[method](z1, z2)[0]
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(exact, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: nt_xent_loss(torch.randn(4, 3), torch.randn(4, 2)), "equal shapes"),
+        (lambda: nt_xent_loss(torch.randn(1, 3), torch.randn(1, 3)), "at least 2"),
+        (lambda: nt_xent_loss(torch.randn(4, 3), torch.randn(4, 3), 0.0), "temperature"),
+        (lambda: info_nce_loss(torch.randn(4, 3), torch.randn(4, 3), torch.randn(5, 2)), "queue"),
+        (lambda: info_nce_loss(torch.randn(4, 3), torch.randn(3, 3), torch.randn(5, 3)), "equal shapes"),
+        (lambda: byol_loss(*(torch.randn(4, 3),) * 3, torch.randn(4, 2)), "t2"),
+        (lambda: vicreg_loss(torch.randn(1, 3), torch.randn(1, 3)), "at least 2"),
+        (lambda: byol_momentum(1, 0), "total_steps"),
+    ],
+)
+def test_rejects_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
