@@ -6,7 +6,6 @@ python -m twinray.pipelines.preview --data data/demo/packed --recipe seed-final 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import cv2
@@ -73,18 +72,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     shard_cache.configure_from(args)
-    try:
-        grid = preview_grid(args.data, args.recipe, args.n, args.views, args.split, args.seed)
-    except (InputError, ValueError) as e:
-        print(f"preview: error: {e}", file=sys.stderr)
-        return 2
+    grid = preview_grid(args.data, args.recipe, args.n, args.views, args.split, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(args.out), grid):
-        print(f"preview: error: could not write {args.out}", file=sys.stderr)
-        return 2
+        raise InputError(f"could not write {args.out}")
     print(f"wrote {args.out} ({grid.shape[1]}x{grid.shape[0]})")
     return 0
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, prog="preview", errors=(ValueError,))

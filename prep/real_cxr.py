@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 from pathlib import Path
 
 from twinray.atomic import atomic
@@ -122,11 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.patients_per_class is not None and args.patients_per_class < 1:
         parser.error(f"--patients-per-class {args.patients_per_class} must be at least 1")
-    try:
-        rows = build_rows(args.src, args.patients_per_class)
-    except InputError as e:
-        print(f"real_cxr: error: {e}", file=sys.stderr)
-        return 2
+    rows = build_rows(args.src, args.patients_per_class)
     write_csv(rows, args.out)
     counts = {}
     for r in rows:
@@ -139,4 +134,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, prog="real_cxr")

@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import cv2
 from twinray.pipelines.preview import HEADER, main
+
+from tests.conftest import REPO, assert_one_line_error
 
 
 def test_preview_writes_originals_beside_views(covid_packed, tmp_path, capsys):
@@ -14,7 +19,9 @@ def test_preview_writes_originals_beside_views(covid_packed, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-def test_preview_bad_recipe_is_one_line(covid_packed, tmp_path, capsys):
-    assert main(["--data", str(covid_packed), "--recipe", "base+sharpen", "--out", str(tmp_path / "g.png")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unknown recipe 'base+sharpen'" in err[0]
+def test_preview_bad_recipe_is_one_line(covid_packed, tmp_path):
+    args = ["--data", str(covid_packed), "--recipe", "base+sharpen", "--out", str(tmp_path / "g.png")]
+    result = subprocess.run(
+        [sys.executable, "-m", "twinray.pipelines.preview", *args], cwd=REPO, capture_output=True, text=True
+    )
+    assert_one_line_error(result, "preview: error:", "unknown recipe 'base+sharpen'")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from twinray.cli import InputError
+from twinray.cli import InputError, run_cli
 from twinray.config import check_fields
 
 
@@ -16,3 +16,17 @@ def test_unknown_fields_are_named_in_one_line_with_the_known_ones():
     with pytest.raises(ValueError) as raised:
         check_fields({"z": 1, "y": 2}, ["a"], "r.yaml", what="recipe field", error=ValueError)
     assert str(raised.value) == "r.yaml: unknown recipe fields 'y', 'z' (known: a)"
+
+
+def test_run_cli_turns_an_input_error_into_one_line_and_exit_2(capsys):
+    def main() -> int:
+        raise InputError("data/x: no index")
+
+    with pytest.raises(SystemExit) as exited:
+        run_cli(main, prog="tool")
+    assert exited.value.code == 2 and capsys.readouterr().err == "tool: error: data/x: no index\n"
+    with pytest.raises(SystemExit) as exited:
+        run_cli(lambda: int("x"), prog="tool", errors=(ValueError,))  # a library's ValueError, when the CLI asks
+    assert exited.value.code == 2 and "tool: error: invalid literal" in capsys.readouterr().err
+    with pytest.raises(InputError):  # without prog, the error is the caller's
+        run_cli(main)

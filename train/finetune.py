@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -296,14 +295,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (InputError, ValueError, FloatingPointError) as e:
-        print(f"finetune: error: {e}", file=sys.stderr)
-        return 2
+    run(parse_args(argv))
     return 0
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, prog="finetune", errors=(ValueError, FloatingPointError))

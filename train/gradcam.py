@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -142,14 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     shard_cache.configure_from(args)
     if args.per_class < 1:
         parser.error(f"--per-class {args.per_class} must be at least 1")
-    try:
-        out = run(args)
-    except (InputError, ValueError) as e:
-        print(f"gradcam: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
+    print(f"wrote {run(args)}")
     return 0
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, prog="gradcam", errors=(ValueError,))

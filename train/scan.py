@@ -247,36 +247,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="overrides the YAML's out")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and stop")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-        if args.out is not None:
-            cfg["out"] = str(args.out)
-        runs = plan(cfg)
-        out = Path(cfg["out"])
-        done = sum(finished(r) for r in runs)
-        print(f"scan: {len(runs)} runs, {done} already finished, in {out}")
-        for k, run in enumerate(runs, 1):
-            if args.dry_run or finished(run):
-                print(f"[{k}/{len(runs)}] {'skip' if finished(run) else 'plan'} {run['kind']} {run['dir']}")
-                continue
-            print(f"[{k}/{len(runs)}] {run['kind']} {run['dir']}", flush=True)
-            execute(run)
-        if args.dry_run:
-            return 0
-        keys = list(cfg["grid"]) + (["mode"] if "pretrain" in cfg else [])
-        rows = collect(runs)
-        summary = summarise(rows, keys)
-        out.mkdir(parents=True, exist_ok=True)
-        write_csv(out / "runs.csv", rows)
-        write_csv(out / "summary.csv", summary)
-        metric = cfg.get("metric") or ("accuracy" if rows and "accuracy" in rows[0] else "mean_auroc")
-        png = draw(rows, summary, keys, metric, out / "scan.png")
-    except InputError as e:
-        print(f"scan: error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config)
+    if args.out is not None:
+        cfg["out"] = str(args.out)
+    runs = plan(cfg)
+    out = Path(cfg["out"])
+    done = sum(finished(r) for r in runs)
+    print(f"scan: {len(runs)} runs, {done} already finished, in {out}")
+    for k, run in enumerate(runs, 1):
+        if args.dry_run or finished(run):
+            print(f"[{k}/{len(runs)}] {'skip' if finished(run) else 'plan'} {run['kind']} {run['dir']}")
+            continue
+        print(f"[{k}/{len(runs)}] {run['kind']} {run['dir']}", flush=True)
+        execute(run)
+    if args.dry_run:
+        return 0
+    keys = list(cfg["grid"]) + (["mode"] if "pretrain" in cfg else [])
+    rows = collect(runs)
+    summary = summarise(rows, keys)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "runs.csv", rows)
+    write_csv(out / "summary.csv", summary)
+    metric = cfg.get("metric") or ("accuracy" if rows and "accuracy" in rows[0] else "mean_auroc")
+    png = draw(rows, summary, keys, metric, out / "scan.png")
     print(f"wrote {out / 'runs.csv'}, {out / 'summary.csv'}, {png}")
     return 0
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, prog="scan")

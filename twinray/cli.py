@@ -21,12 +21,20 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def run_cli(main: Callable[[], int]) -> NoReturn:
-    """Every CLI's entry point: exits with `main()`'s code. When stdout's reader has gone (`... | head`), it says
-    nothing more and exits as a shell expects (141) instead of printing a traceback. The CLIs save their work before
-    they print about it, so this loses nothing."""
+def run_cli(main: Callable[[], int], prog: str | None = None, errors: tuple[type[Exception], ...] = ()) -> NoReturn:
+    """Every CLI's entry point: exits with `main()`'s code.
+
+    With `prog`, an InputError (or one of `errors`, such as ValueError for a library that names the bad value) that
+    reaches here becomes one line, "PROG: error: MESSAGE", on stderr and exit code 2, never a traceback. When
+    stdout's reader has gone (`... | head`), it says nothing more and exits as a shell expects (141) instead of
+    printing a traceback. The CLIs save their work before they print about it, so this loses nothing."""
+    caught = (InputError, *errors) if prog else ()
     try:
-        code = main()
+        try:
+            code = main()
+        except caught as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            code = 2
         sys.stdout.flush()  # a closed pipe shows up here, where it is handled, rather than at exit
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's own flush stays quiet
