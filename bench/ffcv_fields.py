@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 from twinray.bench.report import device_name
 from twinray.bench.report import save as report_save
-from twinray.pipelines.ffcv_backend import _ffcv, _torch_threads_kept, write_beton
+from twinray.prep.ffcv_pack import require_ffcv, torch_threads_kept, write_beton
 from twinray.prep.format import PackedDataset
 
 PASSES = 7  # a pass over a small split takes milliseconds: one pass is noise
@@ -61,7 +61,7 @@ def read_all(path: Path, image_decoder, batch_size: int, workers: int, rgb: bool
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToTensor
 
-    with _torch_threads_kept():
+    with torch_threads_kept():
         loader = Loader(
             str(path),
             batch_size=batch_size,
@@ -76,7 +76,7 @@ def read_all(path: Path, image_decoder, batch_size: int, workers: int, rgb: bool
     rates, seen = [], []
     for _ in range(1 + PASSES):
         start, seen = time.perf_counter(), []
-        with _torch_threads_kept():
+        with torch_threads_kept():
             for images, rows in loader:
                 grey = images[..., 0] if rgb else images  # one channel back
                 seen.append((grey.clone(), rows.reshape(-1).clone()))
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    _ffcv()
+    require_ffcv()
     from ffcv.fields.decoders import NDArrayDecoder, SimpleRGBImageDecoder
 
     data = PackedDataset(args.data)
@@ -120,7 +120,7 @@ def main() -> None:
         for name, (write, decoder, rgb) in layouts.items():
             path = Path(work) / f"{len(results)}.beton"
             start = time.perf_counter()
-            with _torch_threads_kept():
+            with torch_threads_kept():
                 write(path)
             written = time.perf_counter() - start
             skip = () if rgb else ("size", "label")  # the backend's beton holds these too; the others do not

@@ -150,7 +150,7 @@ def cmd_all(args) -> int:
 
 def cmd_ffcv(args) -> int:
     """One .beton per split for the FFCV backend (it also writes them itself when missing)."""
-    from twinray.pipelines.ffcv_backend import write_beton
+    from twinray.prep.ffcv_pack import write_beton
 
     shard_cache.configure_from(args)
     data = PackedDataset(args.dir)

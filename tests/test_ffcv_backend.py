@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 from twinray.pipelines.augment import Recipe
-from twinray.pipelines.ffcv_backend import FFCVLoader, write_beton
+from twinray.pipelines.ffcv_backend import FFCVLoader
 from twinray.pipelines.native import NativeLoader
+from twinray.prep.ffcv_pack import write_beton
 from twinray.prep.format import LABEL_MISSING, PackedDataset, PackWriter, encode_image
 
 from twinray.cli import InputError
