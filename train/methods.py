@@ -19,7 +19,7 @@ class MethodDefaults:
 
     projector: the head's spec string (train/model.py's format, e.g. '2048-128': hidden 2048, output 128; sizes are
         the papers', which use a ResNet-50); projector_batch_norm: whether its hidden layers have BatchNorm
-        (train/momentum.py build_head). predictor: BYOL's predictor spec, else None.
+        (train/heads.py build_head). predictor: BYOL's predictor spec, else None.
     temperature: the contrastive temperature (SimCLR, MoCo), else None. momentum: the EMA rate of the momentum
         encoder (its base for a cosine schedule), else None; momentum_schedule: 'constant' or 'cosine'.
     queue_size: MoCo's number of negative keys. key_bn_chunk: rows per BatchNorm batch of MoCo's key encoder

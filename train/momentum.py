@@ -1,9 +1,9 @@
-"""The model pieces of the momentum and predictor methods: an EMA copy of an encoder (MoCo's key encoder, BYOL's
-target network), MoCo's queue of keys, the projection heads and BYOL's predictor, and MoCo's shuffled BatchNorm.
+"""The model pieces of the momentum methods: an EMA copy of an encoder (MoCo's key encoder, BYOL's target
+network), MoCo's queue of keys, and MoCo's shuffled BatchNorm.
 
 They are modules, so a model that holds them puts their weights and buffers (the EMA weights, the queue and its
-pointer) in its state_dict, and so in every checkpoint. Losses live in train/losses/; which defaults each method
-takes is train/methods.py.
+pointer) in its state_dict, and so in every checkpoint. The heads and BYOL's predictor are in train/heads.py, the
+losses in train/losses/, each method's defaults in train/methods.py.
 """
 
 from __future__ import annotations
@@ -14,33 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from twinray.train.losses.collectives import gather_rows_no_grad
-from twinray.train.model import build_projector, parse_projector
-
-
-def build_head(in_features: int, spec: str, batch_norm: bool = True) -> nn.Sequential:
-    """A projection head (or BYOL's predictor) from a spec string such as '4096-256' (train/model.py's format).
-
-    batch_norm=True: train/model.py's build_projector (Linear without bias, BatchNorm1d, ReLU per hidden layer;
-    a last Linear alone), as SimCLR's, BYOL's and VICReg's heads are built. batch_norm=False: Linear (with bias),
-    ReLU per hidden layer, a last Linear: MoCo v2's head (its official code has no BatchNorm in the head).
-    """
-    if batch_norm:
-        return build_projector(in_features, spec)
-    dims = [in_features, *parse_projector(spec)]
-    layers: list[nn.Module] = []
-    for k in range(len(dims) - 2):
-        layers += [nn.Linear(dims[k], dims[k + 1]), nn.ReLU(inplace=True)]
-    layers.append(nn.Linear(dims[-2], dims[-1]))
-    return nn.Sequential(*layers)
-
-
-def build_predictor(dim: int = 256, spec: str = "4096-256") -> nn.Sequential:
-    """BYOL's predictor q: the same MLP shape as its projector (hidden 4096 with BatchNorm and ReLU, output 256;
-    BYOL section 3.3), from `dim` (the projector's output) to the last size of `spec`, which must equal `dim`
-    (the prediction is compared with the target's projection). Raises ValueError otherwise."""
-    if parse_projector(spec)[-1] != dim:
-        raise ValueError(f"predictor {spec!r} must end with the projection size {dim}")
-    return build_head(dim, spec, batch_norm=True)
 
 
 class MomentumEncoder(nn.Module):
