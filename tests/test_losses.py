@@ -1,13 +1,16 @@
-"""SimCLR, MoCo v2, BYOL and VICReg losses (train/losses/) against float64 references written from the papers."""
+"""SimCLR, MoCo v2, BYOL and VICReg losses (train/losses/) against float64 references written from the papers; the
+defaults table of train/methods.py against docs/methods.md."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from twinray.train.losses import byol_loss, byol_momentum, info_nce_loss, nt_xent_loss, vicreg_loss
+from twinray.train.methods import METHODS, defaults_table
 
 N, D, K = 6, 5, 9
 
@@ -226,3 +229,12 @@ def test_half_inputs_and_autocast_computed_in_float32(method):
 def test_rejects_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_docs_table_matches_the_defaults():
+    assert defaults_table() in (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+    for key, method in METHODS.items():
+        assert method.sources, key  # every method says where its values come from
+    assert METHODS["moco"].lr(128) == pytest.approx(0.015)  # the official README's batch-128 value
+    assert METHODS["byol"].lr(4096) == pytest.approx(3.2)  # BYOL's 0.2 x 4096 / 256
+    assert METHODS["barlow"].lr(512) == METHODS["barlow"].lr(128)  # no rule: not scaled
