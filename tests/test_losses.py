@@ -185,8 +185,8 @@ QUEUE = torch.randn(K, D, generator=torch.Generator().manual_seed(10))
 TARGETS = _views(seed=13)  # BYOL's targets: constants, as the loss detaches them
 LOSSES = {
     "simclr": lambda a, b: nt_xent_loss(a, b, 0.3),
-    "moco": lambda a, b: info_nce_loss(a, b, QUEUE[:, : a.shape[1]], 0.3),
-    "byol": lambda a, b: byol_loss(a, b, *(t[: a.shape[0], : a.shape[1]] for t in TARGETS)),
+    "moco": lambda a, b: info_nce_loss(a, b, QUEUE[:, : a.shape[1]].to(a.device), 0.3),
+    "byol": lambda a, b: byol_loss(a, b, *(t[: a.shape[0], : a.shape[1]].to(a.device) for t in TARGETS)),
     "vicreg": lambda a, b: vicreg_loss(a, b),
 }
 
@@ -211,6 +211,26 @@ def test_half_inputs_and_autocast_computed_in_float32(method):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = LOSSES[method](z1, z2)[0]
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(exact, rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", LOSSES)
+def test_cuda_matches_cpu_without_host_sync(method):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    z1, z2 = _views(seed=14)
+    results = []
+    for device in ("cpu", "cuda"):
+        a, b = (z.to(device).requires_grad_() for z in (z1, z2))
+        torch.cuda.set_sync_debug_mode("error")  # a host sync in the forward or backward raises
+        try:
+            loss, stats = LOSSES[method](a, b)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        results.append([loss.detach().cpu(), a.grad.cpu(), *[v.cpu() for v in stats.values()]])
+    for cpu, cuda in zip(*results, strict=True):
+        torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -106,3 +106,23 @@ def test_heads_and_predictor():
     assert predictor(torch.randn(4, 256)).shape == (4, 256)
     with pytest.raises(ValueError, match="must end with"):
         build_predictor(256, "4096-128")
+
+
+@pytest.mark.gpu
+def test_cuda_pieces_do_not_wait_for_the_device():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    online = _net().cuda()
+    target = MomentumEncoder(online)
+    queue = KeyQueue(size=8, dim=3).cuda()
+    x = torch.randn(6, 4, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")  # any host sync raises
+    try:
+        keys = shuffled_forward(target, x, chunk=3)
+        queue.enqueue(keys)
+        queue.enqueue(keys)  # wraps around: rows 6, 7, 0..3
+        target.update(online, 0.99)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert queue.ptr.item() == 4
+    torch.testing.assert_close(queue.keys[[6, 7, 0, 1, 2, 3]], torch.nn.functional.normalize(keys, dim=1))

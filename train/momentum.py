@@ -102,14 +102,13 @@ def shuffled_forward(
     if chunk < 1:
         raise ValueError(f"the chunk must have at least one row, got {chunk}")
     order = torch.randperm(x.shape[0], generator=generator).to(x.device, non_blocking=True)
-    parts = x[order].tensor_split(max(1, x.shape[0] // chunk))  # near-equal chunks of at least `chunk` rows
+    # near-equal chunks of at least `chunk` rows
+    parts = x.index_select(0, order).tensor_split(max(1, x.shape[0] // chunk))
     outputs = [encoder(part) for part in parts]
 
     def restore(pieces: list[torch.Tensor]) -> torch.Tensor:
         joined = torch.cat(pieces)
-        restored = torch.empty_like(joined)
-        restored[order] = joined
-        return restored
+        return torch.empty_like(joined).index_copy_(0, order, joined)  # row order[i] gets output i
 
     if isinstance(outputs[0], torch.Tensor):
         return restore(outputs)
