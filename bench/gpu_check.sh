@@ -68,13 +68,21 @@ stage pipeline 75 bash -c "$PY bench/pipeline.py --data $work/jpeg --device $DEV
   --batch-size 256 --batches 40 --json $res/pipeline-npy.json && \
   $PY bench/pipeline.py --data $work/jpeg --device $DEVICE --backends native,baseline \
   --batch-size 256 --batches 10 --json $res/pipeline.json"
-# Both benchmarks below save after every row or cell: a stage cut short by its limit keeps what it measured.
-# The study's (a) and twinray's (d) settings first, so that a stage cut short still holds the ratio.
+# The benchmarks below save after every row or cell: a stage cut short by its limit keeps what it measured.
+# The trainer's step and loop (train_speed: build_run, train_step, StepMeter), warm-up excluded, CUDA events: the
+# study's (a) and twinray's (d) settings first, so that a stage cut short still holds the ratio; end to end with the
+# native loader without a cache and with the device cache.
 stage train_speed 85 $PY bench/train_speed.py --device "$DEVICE" --data "$work/jpeg" --backends native \
-  --configs a,d,c,b --batch-sizes 128 --steps 20 --warmup 5 --json "$res/train_speed.json"
+  --caches none,device --configs a,d,c,b --batch-sizes 128 --steps 20 --warmup 5 --json "$res/train_speed.json"
+# torch.compile's modes on twinray's step (d), synthetic batches: the default (its graph is in the FX cache from the
+# stage above), CUDA graphs, then max-autotune without CUDA graphs (the longest compile, last). The CUDA default
+# (config compile_mode) changes only on this measurement.
+stage compile_modes 60 $PY bench/train_speed.py --device "$DEVICE" --configs d \
+  --compile-modes default,reduce-overhead,max-autotune-no-cudagraphs --batch-sizes 128 --steps 20 --warmup 5 \
+  --json "$res/compile_modes.json"
 # The study's setting (fp32, eager) over a small grid, then --compare: the study's against twinray's at 224 px.
-stage resources 150 $PY bench/resources.py --device "$DEVICE" --resolutions 128,224 --batch-sizes 64,128,256 \
-  --backbones "$BACKBONES" --channels 1 --steps 5 --warmup 2 --memory-cap 8GiB --timeout 80 --compare \
+stage resources 90 $PY bench/resources.py --device "$DEVICE" --resolutions 128,224 --batch-sizes 64,128,256 \
+  --backbones "$BACKBONES" --channels 1 --steps 5 --warmup 2 --memory-cap 8GiB --timeout 60 --compare \
   --out "$res/resources"
 echo "results in $OUT/results.tar.gz"
 cat "$res/status.txt"

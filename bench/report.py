@@ -57,3 +57,30 @@ def time_calls(call, warmup: int, count: int, device) -> float:
     if cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+class Stopwatch:
+    """Elapsed seconds of device work. CUDA: two events on the current stream, so the time runs from when the
+    stream reaches `start()` to when it has finished the work queued before `stop()`. CPU: perf_counter, since each
+    op has finished when it returns."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = torch.device(device).type == "cuda"
+        if self.cuda:
+            self._events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def start(self) -> None:
+        if self.cuda:
+            self._events[0].record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        """Waits for the work queued so far, then returns the seconds since `start()`."""
+        if self.cuda:
+            self._events[1].record()
+            self._events[1].synchronize()
+            return self._events[0].elapsed_time(self._events[1]) / 1000
+        return time.perf_counter() - self._t0

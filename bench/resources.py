@@ -5,8 +5,9 @@ resolution x batch size x backbone x channels, under a memory cap, drawn as heat
     python bench/resources.py --device cpu --resolutions 32,48 --batch-sizes 2,4 --backbones resnet18 \\
         --channels 1,3 --steps 2 --out DIR                                        # a tiny CPU grid
 
-Each cell runs in its own process (so one cell's memory never leaks into the next): a real step with two views,
-the projector, the loss and Adam, timed after warm-up (CUDA events on a GPU). The cap is emulated with
+Each cell runs in its own process (so one cell's memory never leaks into the next): the trainer's own step
+(train/step.py: two views through backbone and projector, the Barlow Twins loss, Adam), without the online probe,
+timed after warm-up (CUDA events on a GPU). The cap is emulated with
 `torch.cuda.set_per_process_memory_fraction` on a GPU and with an address-space limit on the CPU; a cell that
 runs out of memory is recorded as OOM (grey) and the grid goes on. Hours per 100 epochs = step time x
 ceil(dataset size / batch) x 100. `--compare` adds the study's setting (fp32, eager, NCHW) against twinray's
@@ -47,11 +48,19 @@ def parse_bytes(text: str) -> int:
     return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(float(t))
 
 
+def hours_for_epochs(step_s: float, dataset_size: int, batch_size: int, epochs: int = 100) -> float:
+    """Hours for `epochs` epochs at `step_s` seconds per step. An epoch is ceil(dataset_size / batch_size) steps:
+    the last, partial batch is a step too, as in the study's DataLoader (drop_last off)."""
+    return step_s * math.ceil(dataset_size / batch_size) * epochs / 3600
+
+
 def run_cell(cell: dict) -> dict:
     """One grid cell, in this process: returns the row (status ok, oom or error)."""
     import torch
-    from twinray.train.loss import barlow_twins_loss
+    from twinray.bench.report import Stopwatch
     from twinray.train.model import BarlowTwins
+    from twinray.train.optim import build_optimizer
+    from twinray.train.step import Autocast, BarlowTwinsMethod, compile_model, train_step
 
     device = torch.device(cell["device"])
     if device.type == "cuda" and device.index is None:  # set_per_process_memory_fraction wants an index
@@ -71,48 +80,35 @@ def run_cell(cell: dict) -> dict:
         model = BarlowTwins(cell["backbone"], cell["channels"], "512").to(device)
         layout = torch.channels_last if cell["channels_last"] else torch.contiguous_format
         model = model.to(memory_format=layout)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        forward = torch.compile(model) if cell["compile"] else model
+        optimizer = build_optimizer(model, "adam", lr=2e-3, weight_decay=1e-5)  # the study's, as in pretrain
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cell["precision"])
-        scaler = torch.amp.GradScaler(device.type, enabled=cell["precision"] == "fp16")
+        forward = Autocast(compile_model(model, cell["compile"]), dtype)
+        scaler = torch.amp.GradScaler(device.type) if cell["precision"] == "fp16" else None
         shape = (cell["batch_size"], cell["channels"], cell["resolution"], cell["resolution"])
         views = [torch.rand(shape, device=device).contiguous(memory_format=layout) for _ in range(2)]
+        method = BarlowTwinsMethod()
 
-        def step():
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                z1, z2 = forward(views[0])[1], forward(views[1])[1]
-            loss, _ = barlow_twins_loss(z1, z2)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        def step():  # the trainer's step (train/step.py), without the online probe
+            train_step(forward, method, views, optimizer, scaler=scaler)
 
         for _ in range(cell["warmup"]):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(cell["steps"]):
-                step()
-            end.record()
-            torch.cuda.synchronize()
-            step_s = start.elapsed_time(end) / 1000 / cell["steps"]
+        clock = Stopwatch(device)
+        clock.start()
+        for _ in range(cell["steps"]):
+            step()
+        step_s = clock.stop() / cell["steps"]
+        if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) / 2**20
         else:
-            t0 = time.perf_counter()
-            for _ in range(cell["steps"]):
-                step()
-            step_s = (time.perf_counter() - t0) / cell["steps"]
             import resource
 
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process' peak RSS
-        steps_per_epoch = math.ceil(cell["dataset_size"] / cell["batch_size"])
+        hours = hours_for_epochs(step_s, cell["dataset_size"], cell["batch_size"], epochs=100)
         row.update(
-            status="ok",
-            step_s=round(step_s, 5),
-            peak_memory_mb=round(peak, 1),
-            hours_per_100_epochs=round(step_s * steps_per_epoch * 100 / 3600, 3),
+            status="ok", step_s=round(step_s, 5), peak_memory_mb=round(peak, 1), hours_per_100_epochs=round(hours, 3)
         )
     except (torch.OutOfMemoryError, MemoryError) as e:
         row.update(status="oom", error=str(e).splitlines()[0][:200])

@@ -1,15 +1,24 @@
-"""Barlow Twins training steps/s and images/s: the study's setting against twinray's, compute ceiling and end to end.
+"""The trainer's own speed: images/s of pretrain's step and loop, at the compute ceiling and end to end.
 
     python bench/train_speed.py --device cuda --data data/demo/packed --json out.json
+    python bench/train_speed.py --configs d --compile-modes default,max-autotune-no-cudagraphs,reduce-overhead
     python bench/train_speed.py --device cpu --size 64 --batch-sizes 32 --steps 5 --data data/demo/packed
 
+What runs is the trainer's: the run is built by train/state.py's `build_run` (model, optimizer, lr schedule, online
+probe) and each step is train/step.py's `train_step` followed by train/meter.py's `StepMeter.push`, which reads the
+previous step's figures, as train/pretrain.py's loop does. Sources of batches:
+    synthetic  batches already on the device, made once: the compute ceiling
+    <backend>  the loader (native, dali, ffcv), epoch after epoch as pretrain iterates it: end to end; with
+               --caches, the native loader once per cache mode (`native-host`, ...), as bench/pipeline.py names them
+    baseline   the study's per-image PIL + torchvision DataLoader (config a only)
 Configurations, each adding one thing to the one before:
-    a  the study's: eager, fp32, NCHW (end to end with the study's per-image DataLoader)
+    a  the study's: eager, fp32, NCHW (end to end with the study's loader)
     b  a + channels_last
-    c  b + bf16 autocast
-    d  c + torch.compile
-Each runs on synthetic batches kept on the device (the compute ceiling), and end to end with every loader backend
-given in --backends (a uses the baseline loader). Images/s counts images, not pairs (two views each). The JSON goes to
+    c  b + bf16 autocast (on the forward, as Accelerate applies it)
+    d  c + torch.compile: twinray's CUDA default; once per --compile-modes entry
+The first --warmup steps (compilation, cuDNN autotuning, allocator growth) are not timed. The timed steps are
+measured with CUDA events on CUDA and perf_counter on the CPU, and data_wait is the fraction of that time spent
+waiting for the loader. Images/s counts images, each seen as two views. The JSON (naming the device) goes to
 bench/results/train_speed-<device>.json, and to --json too when given.
 """
 
@@ -18,21 +27,23 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import sys
 from datetime import date
 from pathlib import Path
 
 import torch
-from twinray.bench.pipeline import PngPairs, cycle, export_pngs, study_transform
-from twinray.bench.report import (
-    device_name,
-    time_calls,
-)
+from twinray.bench.pipeline import PngPairs, export_pngs, study_transform
+from twinray.bench.report import Stopwatch, device_name
 from twinray.bench.report import save as report_save
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment import load_recipe
+from twinray.pipelines.cache import CACHES
+from twinray.pipelines.loader import Batch
 from twinray.prep.format import PackedDataset
-from twinray.train.loss import barlow_twins_loss
-from twinray.train.model import BarlowTwins
+from twinray.train.config import PretrainConfig
+from twinray.train.meter import StepMeter
+from twinray.train.state import build_run
+from twinray.train.step import COMPILE_MODES, Autocast, compile_model, train_step
 
 COVID_IMAGES = 21_165
 CONFIGS = {
@@ -43,136 +54,207 @@ CONFIGS = {
 }
 
 
-def make_step(device: torch.device, channels_last: bool, bf16: bool, compile: bool):
-    model = BarlowTwins("resnet18", 1, "512").to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-5)
-    forward = torch.compile(model) if compile else model
-    layout = torch.channels_last if channels_last else torch.contiguous_format
+class Labels:
+    """The dataset's label shape, for the probe: `classes` and whether they are multilabel codes."""
 
-    def step(v1: torch.Tensor, v2: torch.Tensor) -> None:
-        v1, v2 = v1.contiguous(memory_format=layout), v2.contiguous(memory_format=layout)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            _, z1 = forward(v1)
-            _, z2 = forward(v2)
-        loss, _ = barlow_twins_loss(z1, z2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def __init__(self, data: Path | None):
+        packed = PackedDataset(data) if data else None
+        self.classes = len(packed.classes) if packed else 4
+        self.multilabel = packed is not None and packed.task == "multilabel"
 
-    return step
+    def make(self, batch: int, device, random: bool = True) -> torch.Tensor:
+        """int64 B class indices, or int8 B x C codes (1, 0, -1 uncertain); random, or all 0."""
+        low, high = (-1 if self.multilabel else 0, 2 if self.multilabel else self.classes) if random else (0, 1)
+        shape, dtype = ((batch, self.classes), torch.int8) if self.multilabel else ((batch,), torch.int64)
+        return torch.randint(low, high, shape, dtype=dtype, device=device)
 
 
-def timed(step, batches, warmup: int, steps: int, device) -> float:
-    """Seconds for `steps` training steps, each on the next pair of views."""
-    return time_calls(lambda: step(*next(batches)), warmup, steps, device)
+class Trainer:
+    """pretrain's model, optimizer, probe and step for one configuration, on one device."""
+
+    def __init__(self, cfg, device, labels: Labels, channels_last: bool, bf16: bool, compile: bool, mode: str):
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        self.run = build_run(cfg, device, 1000, labels.classes, labels.multilabel, memory_format=layout)
+        self.forward = Autocast(compile_model(self.run.model, compile, mode), torch.bfloat16 if bf16 else None)
+        self.layout = layout
+
+    def step(self, batch: Batch, meter: StepMeter) -> int:
+        """One step of pretrain's loop; returns the images it trained on."""
+        views = [v.contiguous(memory_format=self.layout) for v in batch.views]  # a no-op but for a's NCHW
+        run = self.run
+        figures = train_step(self.forward, run.method, views, run.optimizer, probe=run.probe, labels=batch.labels)
+        run.scheduler.step()
+        meter.push(figures, images=views[0].shape[0])
+        return views[0].shape[0]
 
 
-def main() -> None:
+def measure(trainer: Trainer, batches, warmup: int, steps: int, device) -> dict:
+    """`warmup` untimed steps, then `steps` timed ones, each on the next batch of `batches`. Returns seconds, the
+    images trained on in the timed steps, and the fraction of the time spent waiting for batches."""
+    meter, clock = StepMeter(), Stopwatch(device)
+    batches = meter.batches(batches)
+    for _ in range(warmup):
+        trainer.step(next(batches), meter)
+    meter.settle()  # the warm-up's last step has finished: the clock starts on an idle device
+    meter.restart()
+    clock.start()
+    images = sum(trainer.step(next(batches), meter) for _ in range(steps))
+    meter.settle()
+    seconds = clock.stop()
+    return {"seconds": seconds, "images": images, "data_wait": meter.window()["data_wait"]}
+
+
+def epochs(loader):
+    """The loader's batches epoch after epoch, as pretrain iterates it (set_epoch, then the epoch)."""
+    for epoch in itertools.count():
+        loader.set_epoch(epoch)
+        yield from loader
+
+
+def synthetic(batch: int, size: int, device, layout: torch.memory_format, labels: Labels, count: int = 2):
+    """`count` batches of random views (in `layout`) and labels made once on the device, yielded in turn forever."""
+    made = [
+        Batch(
+            views=tuple(
+                torch.rand(batch, 1, size, size, device=device).contiguous(memory_format=layout) for _ in range(2)
+            ),
+            labels=labels.make(batch, device),
+            indices=torch.arange(batch),
+        )
+        for _ in range(count)
+    ]
+    return itertools.cycle(made)
+
+
+def study_batches(data: Path, batch: int, size: int, device, labels: Labels):
+    """The study's DataLoader over the train images written out as PNGs, moved to the device. Its pairs carry no
+    labels; the probe gets zeros."""
+    packed = PackedDataset(data)
+    files = export_pngs(packed, packed.indices("train"), Path(f"/tmp/twinray-train-speed-{batch}"))
+    loader = torch.utils.data.DataLoader(
+        PngPairs(files, study_transform(load_recipe("seed-final", size=size))),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=len(os.sched_getaffinity(0)),  # every core, as in bench/pipeline.py
+        persistent_workers=True,
+        pin_memory=torch.device(device).type == "cuda",
+    )
+    zeros = labels.make(batch, device, random=False)
+    while True:
+        for v1, v2 in loader:
+            yield Batch((v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)), zeros, None)
+
+
+def loader_batches(data: Path, backend: str, cache: str, batch: int, size: int, device):
+    """The trainer's loader (pretrain's arguments, with `cache`), epoch after epoch. A cache fills on the first
+    batch, inside the untimed warm-up."""
+    kw = dict(backend=backend, batch_size=batch, device=device, recipe="seed-final", size=size, views=2, cache=cache)
+    return epochs(build_loader(str(data), "train", drop_last=True, **kw))
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data", type=Path, default=None, help="a packed dataset for the end-to-end runs")
     parser.add_argument("--backends", default="native,dali,ffcv")
+    parser.add_argument("--caches", default="none", help=f"loader cache modes, of {', '.join(CACHES)}")
     parser.add_argument("--configs", default="a,b,c,d")
+    parser.add_argument("--compile-modes", default="default", help=f"for config d, of {', '.join(COMPILE_MODES)}")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-sizes", default="128,256")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (at least 1: compilation)")
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    configs, caches = args.configs.split(","), args.caches.split(",")
+    modes = args.compile_modes.split(",")
+    bad = [c for c in configs if c not in CONFIGS] + [m for m in modes if m not in COMPILE_MODES]
+    bad += [c for c in caches if c not in CACHES]
+    if bad or args.warmup < 1 or args.steps < 1:
+        why = f"unknown {', '.join(bad)}" if bad else "need --warmup >= 1 and --steps >= 1"
+        print(f"train_speed: error: {why}", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
-    recipe = load_recipe("seed-final", size=args.size)
-    rows = []
+    rows: list[dict] = []
+    report = {
+        "benchmark": "train_speed",
+        "date": date.today().isoformat(),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "size": args.size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "results": rows,
+        "ratios": {},
+    }
 
-    def record(config: str, batch: int, source: str, seconds: float) -> None:
+    def record(config: str, mode: str | None, batch: int, source: str, measured: dict) -> None:
+        seconds = measured["seconds"]
         row = {
             "config": config,
+            "compile_mode": mode,
             "batch_size": batch,
             "source": source,
             "steps_per_s": round(args.steps / seconds, 3),
-            "images_per_s": round(args.steps * batch / seconds, 1),
+            "images_per_s": round(measured["images"] / seconds, 1),
+            "images": measured["images"],
+            "seconds": round(seconds, 4),
+            "data_wait": round(measured["data_wait"], 3),
         }
         rows.append(row)
-        write_report()
-        print(
-            f"{config} batch {batch:>4} {source:<10} {row['steps_per_s']:>8.2f} steps/s "
-            f"{row['images_per_s']:>9.1f} img/s"
-        )
+        report["ratios"] = ratios(rows)
+        # Saved after every row, so that a run cut short by a time limit keeps what it measured.
+        report_save(report, f"train_speed-{device.type}", args.json, quiet=True)
+        name = f"{config}/{mode}" if mode else config
+        speed = f"{row['steps_per_s']:>8.2f} steps/s {row['images_per_s']:>9.1f} img/s"
+        print(f"{name:<30} batch {batch:>4} {source:<12} {speed}  data wait {row['data_wait']:.0%}", flush=True)
 
-    def write_report(quiet: bool = True) -> None:
-        """Saved after every row, so a stage cut short by a time limit still leaves its results."""
-
-        def best(config, source, batch):
-            return next(
-                (
-                    r["images_per_s"]
-                    for r in rows
-                    if (r["config"], r["source"], r["batch_size"]) == (config, source, batch)
-                ),
-                None,
-            )
-
-        ratios = {}
-        for batch in {r["batch_size"] for r in rows}:
-            a, d = best("a", "synthetic", batch), best("d", "synthetic", batch)
-            if a and d:
-                ratios[f"d_over_a_synthetic_b{batch}"] = round(d / a, 2)
-            native = best("d", "native", batch)
-            if native and d:
-                ratios[f"native_end_to_end_over_ceiling_b{batch}"] = round(native / d, 2)
-            if native:  # 300 epochs of the COVID-19 Radiography Database, two views per image
-                ratios[f"minutes_300_epochs_covid_native_d_b{batch}"] = round(300 * COVID_IMAGES / native / 60, 1)
-        name = device_name(device)
-        report = {
-            "benchmark": "train_speed",
-            "date": date.today().isoformat(),
-            "device": name,
-            "size": args.size,
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "results": rows,
-            "ratios": ratios,
-        }
-        report_save(report, f"train_speed-{device.type}", args.json, quiet=quiet)
-
+    labels = Labels(args.data)
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        for config in args.configs.split(","):
-            settings = CONFIGS[config]
-            step = make_step(device, **settings)
-            views = torch.rand(2, batch, 1, args.size, args.size, device=device)
-            record(
-                config,
-                batch,
-                "synthetic",
-                timed(step, itertools.repeat((views[0], views[1])), args.warmup, args.steps, device),
-            )
-            if args.data is None:
-                continue
-            if config == "a":  # the study's own loader
-                data = PackedDataset(args.data)
-                files = export_pngs(data, data.indices("train"), Path(f"/tmp/twinray-train-speed-{batch}"))
-                loader = torch.utils.data.DataLoader(
-                    PngPairs(files, study_transform(recipe)),
-                    batch_size=batch,
-                    shuffle=True,
-                    drop_last=True,
-                    num_workers=len(os.sched_getaffinity(0)),  # every core, as in bench/pipeline.py
-                    persistent_workers=True,
-                    pin_memory=device.type == "cuda",
-                )
-                pairs = ((v1.to(device), v2.to(device)) for v1, v2 in cycle(loader))
-                record(config, batch, "baseline", timed(step, pairs, args.warmup, args.steps, device))
-                continue
-            for backend in args.backends.split(","):
-                loader = build_loader(
-                    str(args.data), backend=backend, batch_size=batch, device=device, recipe=recipe, size=args.size
-                )
-                pairs = (b.views for b in cycle(loader))
-                record(config, batch, backend, timed(step, pairs, args.warmup, args.steps, device))
+        cfg = PretrainConfig(size=args.size, batch_size=batch)  # the study's settings: model, optimizer, lambda
+        for config in configs:
+            for mode in modes if CONFIGS[config]["compile"] else [None]:
+                torch.manual_seed(0)
+                trainer = Trainer(cfg, device, labels, **CONFIGS[config], mode=mode or "default")
+                ceiling = synthetic(batch, args.size, device, trainer.layout, labels)
+                measured = measure(trainer, ceiling, args.warmup, args.steps, device)
+                record(config, mode, batch, "synthetic", measured)
+                if args.data is None:
+                    continue
+                if config == "a":  # the study's own loader
+                    batches = study_batches(args.data, batch, args.size, device, labels)
+                    record(config, mode, batch, "baseline", measure(trainer, batches, args.warmup, args.steps, device))
+                    batches.close()
+                    continue
+                for backend, cache in itertools.product(args.backends.split(","), caches):
+                    batches = loader_batches(args.data, backend, cache, batch, args.size, device)
+                    measured = measure(trainer, batches, args.warmup, args.steps, device)
+                    record(config, mode, batch, backend if cache == "none" else f"{backend}-{cache}", measured)
+                    batches.close()  # ends the loader's epoch, and with it its background thread
+    report_save(report, f"train_speed-{device.type}", args.json)
+    return 0
 
-    write_report(quiet=False)
+
+def ratios(rows: list[dict]) -> dict:
+    """Headline ratios per batch size: twinray's default (d, compile mode default) over the study's (a) on synthetic
+    batches; each end-to-end source over d's ceiling, with the minutes 300 COVID-sized epochs would take at that
+    speed; and each other compile mode over the default on synthetic batches."""
+    speed = {(r["config"], r["compile_mode"], r["source"], r["batch_size"]): r["images_per_s"] for r in rows}
+    out = {}
+    for (config, mode, source, batch), value in speed.items():
+        ceiling = speed.get(("d", "default", "synthetic", batch))
+        if not ceiling:
+            continue
+        if (config, source) == ("a", "synthetic"):
+            out[f"d_over_a_synthetic_b{batch}"] = round(ceiling / value, 2)
+        elif (config, mode) == ("d", "default") and source != "synthetic":
+            out[f"{source}_end_to_end_over_ceiling_b{batch}"] = round(value / ceiling, 2)
+            out[f"minutes_300_epochs_covid_{source}_d_b{batch}"] = round(300 * COVID_IMAGES / value / 60, 1)
+        elif config == "d" and mode != "default" and source == "synthetic":
+            out[f"{mode}_over_default_b{batch}"] = round(value / ceiling, 2)
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,8 +19,13 @@ import torch
 from safetensors.torch import load_file
 from twinray.train import checkpoint
 from twinray.train.config import ConfigError, PretrainConfig, from_args
+from twinray.train.loss import barlow_twins_loss
+from twinray.train.meter import NonFiniteLoss, StepMeter
 from twinray.train.model import BarlowTwins, build_projector
+from twinray.train.online_eval import LinearProbe
 from twinray.train.optim import build_optimizer, lr_factor
+from twinray.train.state import Position, build_run, mismatch
+from twinray.train.step import BarlowTwinsMethod, train_step
 
 from tests.conftest import REPO, assert_one_line_error
 from twinray import atomic
@@ -37,6 +42,19 @@ def pretrain(*args, env=None, **kw) -> subprocess.CompletedProcess:
         env={**os.environ, **(env or {})},
         **kw,
     )
+
+
+def pretrain_here(capsys, *args) -> subprocess.CompletedProcess:
+    """pretrain's main() in this process, for errors found before any training (flags, config values): the same
+    lines and exit code as a subprocess, without its seconds of start-up."""
+    from twinray.train.pretrain import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse
+        code = e.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 def test_defaults_are_the_studys_final_settings():
@@ -78,10 +96,11 @@ def test_yaml_then_flags(tmp_path):
         (["--projector", "512-x"], ["projector '512-x'"]),
         (["--backend", "tfrecord"], ["backend 'tfrecord'", "native, dali, ffcv"]),
         (["--knn-bank", "0"], ["knn_bank must be at least 1, got 0"]),
+        (["--compile-mode", "fast"], ["compile_mode 'fast'", "max-autotune-no-cudagraphs, reduce-overhead"]),
     ],
 )
-def test_bad_values_are_one_line_with_choices(args, needles, tmp_path):
-    assert_one_line_error(pretrain("--data", tmp_path, "--out", tmp_path / "run", *args), *needles)
+def test_bad_values_are_one_line_with_choices(args, needles, tmp_path, capsys):
+    assert_one_line_error(pretrain_here(capsys, "--data", tmp_path, "--out", tmp_path / "run", *args), *needles)
 
 
 def test_the_knn_bank_is_a_fixed_subset_of_large_train_splits(covid_packed):
@@ -148,7 +167,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(damage, tmp_path):
 
 def test_a_run_whose_checkpoint_is_damaged_stops_with_one_line(covid_packed, tmp_path):
     out = tmp_path / "run"
-    assert pretrain("--data", covid_packed, "--out", out, "--epochs", "1", *TINY).returncode == 0
+    assert pretrain("--data", covid_packed, "--out", out, "--max-steps", "1", *TINY).returncode == 0
     saved = checkpoint.latest(out)
     (saved / "tensors.safetensors").write_bytes(b"\0" * 10)
     result = pretrain("--data", covid_packed, "--out", out, "--epochs", "2", *TINY)
@@ -198,6 +217,107 @@ def test_schedules():
     assert lr_factor(99, 100, 0, "constant") == 1.0
 
 
+def _figures(loss: float, acc: float = 0.5) -> dict[str, torch.Tensor]:
+    return {"loss": torch.tensor(loss), "probe_acc": torch.tensor(acc)}
+
+
+def test_the_meter_reads_each_step_after_the_next_is_queued():
+    meter = StepMeter()
+    meter.push(_figures(9.0), images=4, step=0)  # the first step is read at once: it is the warm-up
+    assert meter.last["loss"] == 9.0
+    meter.push(_figures(8.0), images=4, step=1)
+    assert meter.last["loss"] == 9.0  # step 1 is held, unread, while the device works on it
+    meter.push(_figures(7.0), images=4, step=2)
+    assert meter.last["loss"] == 8.0  # queueing step 2 read step 1
+    meter.settle()  # before logging or saving: read what is held now
+    assert meter.last["loss"] == 7.0
+    assert meter.epoch_means() == {"loss": 8.0, "probe_acc": 0.5}
+    meter.new_epoch()
+    assert meter.epoch_means() == {}
+
+
+def test_the_first_window_is_the_warm_up_and_leaves_the_first_step_out():
+    meter = StepMeter()
+    meter.push(_figures(1.0), images=16)
+    first = meter.window()
+    assert first["warmup"] is True and "images_per_s" not in first  # only the warm-up step: no rate
+    meter.push(_figures(1.0), images=16)
+    meter.settle()
+    second = meter.window()
+    assert "warmup" not in second and second["images_per_s"] > 0 and 0 <= second["data_wait"] <= 1
+    late = StepMeter()  # a window that runs past the warm-up step is still the warm-up window
+    late.push(_figures(1.0), images=16)
+    late.push(_figures(1.0), images=16)
+    late.settle()
+    assert late.window()["warmup"] is True and "warmup" not in late.window()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_loss_is_caught_when_read_naming_its_step(bad):
+    meter = StepMeter()
+    meter.push(_figures(1.0), images=4, step=0, epoch=0)
+    meter.push(_figures(bad), images=4, step=1, epoch=0)  # held: nothing is known yet
+    with pytest.raises(NonFiniteLoss, match=rf"loss is {bad} at step 1 \(epoch 0\)"):
+        meter.push(_figures(1.0), images=4, step=2, epoch=0)
+
+
+def test_the_step_is_the_barlow_twins_loss_of_both_views_then_one_update():
+    """train_step against the step written out by hand: the same loss, the same weights after SGD, no gradient
+    left behind, and the probe trained on the first view's features."""
+    torch.manual_seed(0)
+    model = BarlowTwins(projector="16")
+    twin = BarlowTwins(projector="16")
+    twin.load_state_dict(model.state_dict())
+    views = [torch.rand(6, 1, 16, 16), torch.rand(6, 1, 16, 16)]
+    probe = LinearProbe(512, 3, multilabel=False)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    figures = train_step(model, BarlowTwinsMethod(lambd=0.01), views, sgd, probe=probe, labels=labels)
+
+    loss, terms = barlow_twins_loss(twin(views[0])[1], twin(views[1])[1], 0.01)
+    loss.backward()
+    with torch.no_grad():
+        expected = {k: p - 0.1 * p.grad for k, p in twin.named_parameters()}
+    assert float(figures["loss"]) == pytest.approx(float(loss.detach()), rel=1e-6)
+    assert float(figures["off_diag"]) == pytest.approx(float(terms["off_diag"]), rel=1e-6)
+    assert set(figures) == {"loss", "on_diag", "off_diag", "probe_loss", "probe_acc"}
+    assert not figures["loss"].requires_grad  # detached: reading it later keeps no graph alive
+    for name, p in model.named_parameters():
+        assert torch.allclose(p, expected[name], atol=1e-6), name
+        assert p.grad is None  # zeroed for the next step
+    assert probe.head[1].weight.grad is not None  # the probe took its own step
+
+
+def test_the_run_state_round_trips_through_a_checkpoint(tmp_path):
+    """Everything resume needs, through safetensors + JSON: weights, optimizer moments, schedule, probe, RNG and
+    position; a new --lr replaces the saved base lr at the same point of the schedule."""
+    cfg = PretrainConfig(projector="16", epochs=4, lr=1e-3)
+    torch.manual_seed(0)
+    run = build_run(cfg, torch.device("cpu"), steps_per_epoch=5, classes=3, multilabel=False)
+    views = [torch.rand(4, 1, 16, 16), torch.rand(4, 1, 16, 16)]
+    for _ in range(2):
+        train_step(run.model, run.method, views, run.optimizer, probe=run.probe, labels=torch.tensor([0, 1, 2, 0]))
+        run.scheduler.step()
+    run.position = Position(step=2, epoch=0, in_epoch=2)
+    saved = checkpoint.save(tmp_path, 2, {**run.state_dict(), "config": cfg.to_dict()})
+    draw = torch.rand(3)  # what the RNG gives next
+
+    torch.manual_seed(1)  # another initialisation and RNG state, overwritten by the load
+    fresh = build_run(PretrainConfig(projector="16", epochs=4, lr=2e-3), torch.device("cpu"), 5, 3, False)
+    fresh.load_state_dict(checkpoint.load(saved), lr=2e-3)
+    assert fresh.position == Position(step=2, epoch=0, in_epoch=2)
+    assert torch.equal(torch.rand(3), draw)
+    for part in ("model", "probe"):
+        a, b = getattr(run, part).state_dict(), getattr(fresh, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    a, b = run.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k]["exp_avg_sq"], b[k]["exp_avg_sq"]) for k in a)
+    assert fresh.scheduler.last_epoch == 2
+    assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(2 * run.optimizer.param_groups[0]["lr"])
+    assert mismatch(cfg.to_dict(), PretrainConfig(projector="16")) is None
+    assert mismatch(cfg.to_dict(), PretrainConfig(projector="32")) == "projector '16', not '32'"
+
+
 def test_short_run_logs_checkpoints_and_exports_a_timm_backbone(covid_packed, tmp_path):
     out = tmp_path / "run"
     args = ["--epochs", "2", "--log-every", "1", "--eval-every", "1", "--knn-bank", "40", *TINY]
@@ -206,6 +326,9 @@ def test_short_run_logs_checkpoints_and_exports_a_timm_backbone(covid_packed, tm
     assert "epoch 2/2" in result.stdout and result.stdout.count("knn_acc") == 2  # every epoch, as asked
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if not r.get("epoch_end")]
+    # The first window holds the first step (compilation, allocator growth) alone here: marked, and no images/s.
+    assert steps[0]["warmup"] is True and "images_per_s" not in steps[0]
+    assert not any("warmup" in r for r in rows[1:])
     for key in (
         "step",
         "epoch",
@@ -218,8 +341,13 @@ def test_short_run_logs_checkpoints_and_exports_a_timm_backbone(covid_packed, tm
         "peak_memory_mb",
         "probe_acc",
     ):
-        assert key in steps[0], key
+        assert key in steps[1], key
     assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))  # no step repeated
+    # Each epoch line is the mean of its steps' figures (every step is logged here, at --log-every 1).
+    for end in (r for r in rows if r.get("epoch_end")):
+        mine = [r for r in steps if r["epoch"] == end["epoch"]]
+        for key in ("loss", "on_diag", "probe_loss", "probe_acc"):
+            assert end[key] == pytest.approx(sum(r[key] for r in mine) / len(mine), rel=1e-6), key
     assert any("knn_acc" in r for r in rows)
     assert json.loads((out / "config.json").read_text())["world_size"] == 1
     info = json.loads((out / "backbone.json").read_text())
@@ -275,7 +403,8 @@ def test_killed_mid_epoch_resumes_to_the_same_weights(covid_packed, tmp_path):
 
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(covid_packed, tmp_path):
     out = tmp_path / "run"
-    assert pretrain("--data", covid_packed, "--out", out, "--epochs", "1", "--optimizer", "sgd", *TINY).returncode == 0
+    first = pretrain("--data", covid_packed, "--out", out, "--max-steps", "1", "--optimizer", "sgd", *TINY)
+    assert first.returncode == 0, first.stderr[-2000:]
     before = checkpoint.latest(out)
     result = pretrain(
         "--data", covid_packed, "--out", out, "--epochs", "3", "--optimizer", "sgd", "--lr", "1e30", *TINY
@@ -325,7 +454,7 @@ def test_two_processes_on_gloo_then_resume_on_one(covid_packed, tmp_path):
 
 def test_resume_with_another_architecture_is_one_line(covid_packed, tmp_path):
     out = tmp_path / "run"
-    assert pretrain("--data", covid_packed, "--out", out, "--epochs", "1", *TINY).returncode == 0
+    assert pretrain("--data", covid_packed, "--out", out, "--max-steps", "1", *TINY).returncode == 0
     changed = [a if a != "64" else "32" for a in TINY]  # another projector
     assert_one_line_error(
         pretrain("--data", covid_packed, "--out", out, "--epochs", "2", *changed), "projector '64'", "'32'"
@@ -335,14 +464,14 @@ def test_resume_with_another_architecture_is_one_line(covid_packed, tmp_path):
 def test_wandb_offline_run_and_disabled_without_wandb(covid_packed, tmp_path):
     out = tmp_path / "run"
     tiny = [a for a in TINY if a not in ("--wandb", "disabled")]
-    args = ["--data", covid_packed, "--out", out, "--epochs", "1", *tiny]
+    args = ["--data", covid_packed, "--out", out, "--max-steps", "1", *tiny]
     result = pretrain(*args, "--wandb", "offline", env={"WANDB_API_KEY": "", "WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert list((out / "wandb").glob("offline-run-*")), "no offline wandb run was written"
 
     no_wandb = "import sys; sys.modules['wandb'] = None; sys.argv[0] = 'train/pretrain.py'\n"
-    code = no_wandb + "from train.pretrain import main; sys.exit(main(sys.argv[1:]))"
-    base = [sys.executable, "-c", code, "--data", str(covid_packed), "--epochs", "1", *tiny]
+    code = no_wandb + "from twinray.train.pretrain import main; sys.exit(main(sys.argv[1:]))"
+    base = [sys.executable, "-c", code, "--data", str(covid_packed), "--max-steps", "1", *tiny]
     disabled = subprocess.run(
         [*base, "--out", str(tmp_path / "d"), "--wandb", "disabled"], cwd=REPO, capture_output=True, text=True
     )
@@ -412,7 +541,8 @@ def test_a_reader_that_leaves_stops_the_run_quietly_after_saving_its_epoch(covid
     """`pretrain.py ... | head -0`: the first epoch line finds no reader. The epoch is saved before that line, the
     run exits as a shell expects for SIGPIPE (141) without a traceback, and a re-run finishes from there."""
     out = tmp_path / "run"
-    args = ["--data", covid_packed, "--out", out, "--epochs", "2", *TINY]
+    # --cache none: auto's line saying which cache it chose would otherwise be the first line with no reader.
+    args = ["--data", covid_packed, "--out", out, "--epochs", "2", "--cache", "none", *TINY]
     proc = subprocess.Popen([sys.executable, "train/pretrain.py", *map(str, args)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     proc.stdout.close()

@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import cv2
+import pytest
+from twinray.bench.resources import hours_for_epochs
 
 from tests.conftest import REPO
 
@@ -51,8 +53,8 @@ def test_tiny_cpu_grid_records_every_cell_and_survives_oom(tmp_path):
     assert by_cell[(256, 64)]["status"] == "oom"  # 256 px x 64 x 2 views does not fit in 400 MiB
     small = by_cell[(32, 2)]
     assert small["status"] == "ok" and float(small["step_s"]) > 0 and float(small["peak_memory_mb"]) > 0
-    # hours per 100 epochs = step time x ceil(21165 / batch) x 100 / 3600
-    assert abs(float(small["hours_per_100_epochs"]) - float(small["step_s"]) * 10583 * 100 / 3600) < 0.01
+    hours = hours_for_epochs(float(small["step_s"]), 21165, 2, epochs=100)  # checked on its own below
+    assert float(small["hours_per_100_epochs"]) == pytest.approx(hours, abs=0.001)
     report = json.loads((out / "cells.json").read_text())
     assert (
         report["device"].startswith("cpu") and len(report["cells"]) == 4 and report["memory_cap_bytes"] == 400 * 2**20
@@ -63,6 +65,15 @@ def test_tiny_cpu_grid_records_every_cell_and_survives_oom(tmp_path):
     heat = cv2.imread(str(out / "heatmaps.png"))
     grey = (abs(heat[..., 0].astype(int) - 211) < 3) & (abs(heat[..., 1].astype(int) - 211) < 3)
     assert grey.sum() > 1000  # the OOM cell is drawn in light grey
+
+
+def test_hours_per_100_epochs_matches_the_studys_figure_and_counts_a_partial_batch():
+    # The study: 15 h for 300 epochs of 21,165 images at batch 128, i.e. 5 h per 100 epochs of 166 steps (165 full
+    # batches and one of 45 images), i.e. 1.0843 s per step.
+    assert hours_for_epochs(1.0843, 21165, 128, epochs=100) == pytest.approx(5.0, abs=0.001)
+    assert hours_for_epochs(1.0843, 21165, 128, epochs=300) == pytest.approx(15.0, abs=0.003)
+    assert hours_for_epochs(36.0, 10, 5, epochs=100) == pytest.approx(2.0)  # 2 steps an epoch
+    assert hours_for_epochs(36.0, 11, 5, epochs=100) == pytest.approx(3.0)  # 11 images: a third step, of one
 
 
 def test_compare_plot_draws_both_settings_and_skips_oom(tmp_path):

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from twinray.pipelines import build_loader
 from twinray.prep import shard_cache
 from twinray.train.labels import certain_bce
-from twinray.train.loss import barlow_twins_loss
 from twinray.train.model import BarlowTwins
+from twinray.train.step import BarlowTwinsMethod, train_step
 
 from twinray.cli import InputError, OneLineParser, run_cli
 from twinray.storage import location
@@ -40,18 +40,15 @@ def suggest(lrs: list[float], losses: list[float]) -> float:
     return lrs[min(slopes, key=slopes.get)]
 
 
-def range_test(step_loss, optimizer, min_lr: float, max_lr: float, steps: int, smooth: float = 0.98):
-    """Runs `step_loss()` (one batch -> loss tensor) at exponentially rising lrs; stops when the loss explodes."""
+def range_test(update, optimizer, min_lr: float, max_lr: float, steps: int, smooth: float = 0.98):
+    """Runs `update()` (one training step on the next batch, returning its loss as a tensor or float) at
+    exponentially rising lrs, set in `optimizer`'s groups; stops when the loss explodes."""
     lrs, losses, avg, best = [], [], 0.0, math.inf
     for k in range(steps):
         lr = min_lr * (max_lr / min_lr) ** (k / max(1, steps - 1))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = step_loss()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        value = loss.item()
+        value = float(update())
         if not math.isfinite(value):
             break
         avg = smooth * avg + (1 - smooth) * value
@@ -123,16 +120,26 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.Adam(params, lr=args.min_lr)
     batches = (b for epoch in range(10**6) for b in (loader.set_epoch(epoch) or loader))
 
-    def step_loss() -> torch.Tensor:
+    def step_loss() -> torch.Tensor:  # finetune's loss on the next batch
         batch = next(batches)
-        if args.task == "pretrain":
-            return barlow_twins_loss(model(batch.views[0])[1], model(batch.views[1])[1])[0]
         logits = head(model.backbone(batch.views[0]))
         if multilabel:
             return certain_bce(logits, batch.labels)  # 0, not NaN, for a batch with no certain label
         return F.cross_entropy(logits, batch.labels)
 
-    lrs, losses = range_test(step_loss, optimizer, args.min_lr, args.max_lr, args.steps)
+    method = BarlowTwinsMethod()
+
+    def update() -> torch.Tensor:
+        """One training step at the lr range_test has set; returns its loss."""
+        if args.task == "pretrain":  # the trainer's own step (train/step.py)
+            return train_step(model, method, next(batches).views, optimizer)["loss"]
+        loss = step_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    lrs, losses = range_test(update, optimizer, args.min_lr, args.max_lr, args.steps)
     if not lrs:
         print("lr_find: error: the loss was not finite at the first step", file=sys.stderr)
         return 1

@@ -1,0 +1,113 @@
+"""A pretraining run's state in one object: what a checkpoint holds, and the one place that builds it.
+
+`RunState` gathers the model, its optimizer and lr schedule, the online probe, the fp16 loss scaler, the RNG and
+the position in the data (step, epoch, step within the epoch). `state_dict()` is the checkpoint's content
+(train/checkpoint.py stores it as safetensors + JSON, no pickle) and `load_state_dict()` puts a run back exactly
+where it stopped. `build_run()` makes a fresh state for a config; pretrain and bench/train_speed.py both use it, so
+the benchmark trains the very model, optimizer and probe that a run does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from twinray.train.model import BarlowTwins
+from twinray.train.online_eval import LinearProbe
+from twinray.train.optim import build_optimizer, build_scheduler
+from twinray.train.step import BarlowTwinsMethod, Method
+
+# The saved tensors fit only the same architecture and optimizer: a re-run must keep these config fields.
+MUST_MATCH = ("backbone", "channels", "projector", "optimizer")
+
+
+@dataclass
+class Position:
+    """Where the run is: `step` counts every step taken; `in_epoch` steps of `epoch` are done."""
+
+    step: int = 0
+    epoch: int = 0
+    in_epoch: int = 0
+
+
+@dataclass
+class RunState:
+    model: nn.Module  # the bare module; compile and DDP wrap it, and it holds the weights
+    method: Method  # the loss; stateless for Barlow Twins (a momentum method keeps its state in `model`)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    probe: LinearProbe
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scale (Accelerate's), else None
+    position: Position = field(default_factory=Position)
+
+    def state_dict(self) -> dict:
+        """Tensors and plain values only (no pickle needed): model, optimizer, scheduler, probe, probe_optimizer,
+        rng (torch's CPU generator, and each CUDA device's), position, and scaler under fp16."""
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "probe": self.probe.state_dict(),
+            "probe_optimizer": self.probe.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else []},
+            "position": vars(self.position).copy(),
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict, lr: float | None = None) -> None:
+        """Restores a `state_dict()`. `lr`: this run's base learning rate, which replaces the saved one (a
+        re-run may change --lr; the schedule's position is kept)."""
+        self.model.load_state_dict(state["model"])
+        self.probe.load_state_dict(state["probe"])
+        self.probe.optimizer.load_state_dict(state["probe_optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if lr is not None:  # the schedule (a LambdaLR: train/optim.py) at its saved step, from the new base lr
+            self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+            for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+                group["lr"] = lr * factor(self.scheduler.last_epoch)
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"].get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.position = Position(**state["position"])
+
+
+def mismatch(saved_config: dict, cfg) -> str | None:
+    """The first MUST_MATCH field where a checkpoint's config differs from `cfg`, said in words; None if none."""
+    for name in MUST_MATCH:
+        if saved_config[name] != getattr(cfg, name):
+            return f"{name} {saved_config[name]!r}, not {getattr(cfg, name)!r}"
+    return None
+
+
+def build_run(
+    cfg,
+    device: torch.device,
+    steps_per_epoch: int,
+    classes: int,
+    multilabel: bool,
+    sync_batchnorm: bool = False,
+    memory_format: torch.memory_format = torch.channels_last,
+) -> RunState:
+    """A fresh run for a PretrainConfig: the model on `device` (channels_last unless told otherwise; the study's
+    NCHW is `torch.contiguous_format`), its optimizer, the lr schedule over `cfg.epochs` epochs of optimizer steps
+    (so a larger --epochs stretches a resumed run), and the online probe for `classes` outputs. Draws the initial
+    weights from torch's global generator: seed it first. `sync_batchnorm`: the projector's BatchNorms compute
+    their statistics over all processes (GPUs only)."""
+    model = BarlowTwins(cfg.backbone, cfg.channels, cfg.projector)
+    if sync_batchnorm:
+        model.projector = nn.SyncBatchNorm.convert_sync_batchnorm(model.projector)
+    model = model.to(device, memory_format=memory_format)
+    probe = LinearProbe(model.backbone.num_features, classes, multilabel).to(device)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.exclude_bias_norm)
+    updates_per_epoch = steps_per_epoch // cfg.grad_accum
+    scheduler = build_scheduler(
+        optimizer, cfg.schedule, cfg.epochs * updates_per_epoch, round(cfg.warmup_epochs * updates_per_epoch)
+    )
+    return RunState(model, BarlowTwinsMethod(cfg.lambd), optimizer, scheduler, probe)

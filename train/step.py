@@ -1,0 +1,131 @@
+"""The training step, written once: pretrain, lr_find and both training benchmarks run this very code.
+
+A step is: the method's loss on the batch's views, backward, the optimizer update, then (optionally) the online
+probe on the first view's detached features. The method supplies the forward and the loss (`Method`), so the loop
+never branches on a method's name; Barlow Twins (`BarlowTwinsMethod`) is the one implemented.
+
+Nothing here waits for the device: the figures come back as detached 0-dim device tensors, which the trainer reads
+one step later (train/meter.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+from twinray.train.loss import barlow_twins_loss
+
+# torch.compile's modes that the trainer accepts (`--compile-mode`). `reduce-overhead` records CUDA graphs, which
+# need fixed shapes: the trainer's drop_last loaders give them. `max-autotune` also records CUDA graphs.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+
+
+@dataclass
+class StepOutput:
+    """What a method's forward returns for one batch.
+
+    loss: 0-dim float32 (or float64) tensor with its graph; the step backpropagates it.
+    features: N x F backbone features of the first view (any float dtype), for the online probe.
+    terms: named detached 0-dim tensors logged beside the loss (Barlow Twins: on_diag, off_diag).
+    """
+
+    loss: torch.Tensor
+    features: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+
+class Method(Protocol):
+    """A self-supervised method as the step sees it. `model` is what the trainer built and wrapped (compiled,
+    DDP); a method whose model holds more (a predictor, a momentum encoder, a queue) keeps it in that module, so
+    that the run's checkpoint holds it. `after_update` runs after each optimizer step (a momentum encoder's EMA)."""
+
+    def __call__(self, model: nn.Module, views: Sequence[torch.Tensor]) -> StepOutput: ...
+
+    def after_update(self, model: nn.Module) -> None: ...
+
+
+class BarlowTwinsMethod:
+    """Barlow Twins (Zbontar et al. 2021): both views through the same model (backbone, then projector), the
+    cross-correlation loss of train/loss.py between the two embeddings. `lambd` weighs the off-diagonal term
+    (5e-3, the paper's and the study's value)."""
+
+    name = "barlow_twins"
+
+    def __init__(self, lambd: float = 5e-3):
+        self.lambd = lambd
+
+    def __call__(self, model: nn.Module, views: Sequence[torch.Tensor]) -> StepOutput:
+        features, z1 = model(views[0])
+        _, z2 = model(views[1])
+        loss, terms = barlow_twins_loss(z1, z2, self.lambd)
+        return StepOutput(loss, features, terms)
+
+    def after_update(self, model: nn.Module) -> None:
+        """Nothing: Barlow Twins has no momentum encoder."""
+
+
+def train_step(
+    model: nn.Module,
+    method: Method,
+    views: Sequence[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    probe=None,
+    labels: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """One training step on one batch of views (each B x C x S x S on the model's device).
+
+    backward: how the loss is backpropagated; `loss.backward()` by default. pretrain passes Accelerate's
+        `accelerator.backward`, which scales fp16 losses and divides by the gradient-accumulation steps (its
+        prepared optimizer then skips the update on accumulation steps).
+    scaler: a GradScaler for fp16 without Accelerate (bench/resources.py); None otherwise.
+    probe, labels: the online linear probe (train/online_eval.py) and the batch's labels; the probe learns from
+        the first view's detached features after the update.
+
+    Returns the step's figures, detached 0-dim device tensors, unread: "loss", the method's terms, and
+    "probe_loss"/"probe_acc" with a probe. Reading them is a device sync, which the caller does one step later.
+    """
+    # CUDA graphs (compile mode reduce-overhead) reuse their output buffers; this marks where an iteration starts,
+    # since the model runs twice (two views) before its backward. A counter bump, and a no-op in any other mode.
+    torch.compiler.cudagraph_mark_step_begin()
+    out = method(model, views)
+    if scaler is not None:
+        scaler.scale(out.loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        (backward or torch.Tensor.backward)(out.loss)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    method.after_update(model)
+    figures = {"loss": out.loss.detach(), **out.terms}
+    if probe is not None:
+        figures.update(probe.step(out.features, labels))
+    return figures
+
+
+def compile_model(model: nn.Module, compile: bool, mode: str = "default") -> nn.Module:
+    """`torch.compile(model, mode=mode)` when `compile`, else the model itself. Compilation happens at the first
+    step (and again for a new shape or for eval mode), which is why the first metrics window is a warm-up."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    return torch.compile(model, mode=mode) if compile else model
+
+
+class Autocast(nn.Module):
+    """Runs `module`'s forward under torch.autocast(dtype), as Accelerate's prepared model does for
+    `--mixed-precision bf16`: the forward only, so that the loss (which turns autocast off itself), the backward
+    and the probe stay outside. For code that times the step without an Accelerator (the benchmarks)."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype | None):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, x: torch.Tensor):
+        with torch.autocast(x.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.module(x)
