@@ -312,7 +312,7 @@ def test_finetune_on_cuda(covid_packed, mode, tmp_path):
 
 
 def test_a_three_channel_backbone_takes_grey_views():
-    from twinray.train.finetune import Classifier
+    from twinray.train.model import Classifier
 
     model = Classifier(build_backbone("resnet18", 3), 4, in_chans=3).eval()
     grey = torch.rand(2, 1, 32, 32)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from twinray.pipelines import build_loader
+from twinray.pipelines.augment import EVAL_RECIPE, FINETUNE_RECIPE
 from twinray.pipelines.cache import CACHES
 from twinray.pipelines.loader import BACKENDS
 from twinray.prep import shard_cache
@@ -32,34 +33,15 @@ from twinray.train.config import ConfigError, check_batch_size
 from twinray.train.label_fractions import check_fraction, label_fraction
 from twinray.train.labels import UNCERTAIN_POLICIES, policy_targets, targets_bce
 from twinray.train.metrics import draw_confusion, multiclass_metrics, multilabel_metrics
-from twinray.train.model import BACKBONES
-from twinray.train.online_eval import EVAL_RECIPE
+from twinray.train.model import BACKBONES, Classifier
 
 from twinray.atomic import write_json
 from twinray.cli import InputError, OneLineParser, run_cli
 from twinray.storage import location
 
-TRAIN_RECIPE = EVAL_RECIPE.replace(name="finetune", hflip=0.5)  # the study's downstream augmentation
 # A run directory resumes only a run with the same settings; --epochs may grow, and the device or backend may change.
 RESUME_MUST_MATCH = ("data", "init", "mode", "fraction", "seed", "size", "batch_size", "lr", "weight_decay",
                      "backbone", "channels", "labels", "uncertain")  # fmt: skip
-
-
-class Classifier(nn.Module):
-    """Backbone, then a linear head on standardised features (BatchNorm without affine): with zero-initialised
-    residual branches, fresh features are tiny, and a plain head would sit at the majority class."""
-
-    def __init__(self, backbone: nn.Module, outputs: int, in_chans: int = 1):
-        super().__init__()
-        self.backbone, self.in_chans = backbone, in_chans
-        self.head = nn.Sequential(
-            nn.BatchNorm1d(backbone.num_features, affine=False), nn.Linear(backbone.num_features, outputs)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != self.in_chans:  # grey views are repeated for 3-channel stems, as in pretraining
-            x = x.expand(-1, self.in_chans, -1, -1)
-        return self.head(self.backbone(x))
 
 
 class Task:
@@ -152,7 +134,7 @@ def _loader(args, split: str, rows=None, train: bool = False, cache: str = "none
         backend=args.backend,
         batch_size=args.batch_size,
         device=args.device,
-        recipe=TRAIN_RECIPE if train else EVAL_RECIPE,
+        recipe=FINETUNE_RECIPE if train else EVAL_RECIPE,
         size=args.size,
         views=1,
         seed=args.seed,

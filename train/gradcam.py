@@ -18,12 +18,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from twinray.pipelines import build_loader
+from twinray.pipelines.augment import EVAL_RECIPE
 from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
-from twinray.train.finetune import Classifier
 from twinray.train.labels import POSITIVE
-from twinray.train.model import build_backbone
-from twinray.train.online_eval import EVAL_RECIPE
+from twinray.train.model import Classifier, build_backbone
 
 from twinray.cli import InputError, OneLineParser, run_cli
 from twinray.storage import location

@@ -1,4 +1,5 @@
-"""The twins: a timm backbone without classifier and a projector built from a spec string."""
+"""The twins: a timm backbone without classifier and a projector built from a spec string; and the downstream
+Classifier (backbone and linear head) that finetune trains and gradcam explains."""
 
 from __future__ import annotations
 
@@ -53,3 +54,20 @@ class BarlowTwins(nn.Module):
             x = x.expand(-1, self.in_chans, -1, -1)
         features = self.backbone(x)
         return features, self.projector(features)
+
+
+class Classifier(nn.Module):
+    """Backbone, then a linear head on standardised features (BatchNorm without affine): with zero-initialised
+    residual branches, fresh features are tiny, and a plain head would sit at the majority class."""
+
+    def __init__(self, backbone: nn.Module, outputs: int, in_chans: int = 1):
+        super().__init__()
+        self.backbone, self.in_chans = backbone, in_chans
+        self.head = nn.Sequential(
+            nn.BatchNorm1d(backbone.num_features, affine=False), nn.Linear(backbone.num_features, outputs)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.in_chans:  # grey views are repeated for 3-channel stems, as in pretraining
+            x = x.expand(-1, self.in_chans, -1, -1)
+        return self.head(self.backbone(x))

@@ -9,11 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from twinray.pipelines.augment import Recipe
-from twinray.train.labels import MASKED, certain_targets, masked_bce
 
-# No randomness: the whole image (a centre square for non-square ones), resized.
-EVAL_RECIPE = Recipe(name="eval", crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0)
+# EVAL_RECIPE lives with the other recipes; re-exported here for the importers not yet moved (pretrain, shortcuts).
+from twinray.pipelines.augment import EVAL_RECIPE as EVAL_RECIPE
+from twinray.train.labels import MASKED, certain_targets, masked_bce
 
 
 class LinearProbe(nn.Module):

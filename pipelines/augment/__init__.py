@@ -5,10 +5,12 @@ from twinray.pipelines.augment.geometry import warp
 from twinray.pipelines.augment.intensity import brightness_contrast, equalize, gaussian_blur, gaussian_noise
 from twinray.pipelines.augment.ops import SPEC, Op
 from twinray.pipelines.augment.pipeline import Augment, Params
-from twinray.pipelines.augment.recipes import RECIPES, Recipe, load_recipe
+from twinray.pipelines.augment.recipes import EVAL_RECIPE, FINETUNE_RECIPE, RECIPES, Recipe, load_recipe
 
 __all__ = [
     "Augment",
+    "EVAL_RECIPE",
+    "FINETUNE_RECIPE",
     "Op",
     "Params",
     "RECIPES",

@@ -110,6 +110,11 @@ STUDY_RECIPES = [
 RECIPES: dict[str, Recipe] = {name: _from_tokens(name) for name in STUDY_RECIPES}
 RECIPES["seed-final"] = RECIPES[SEED_FINAL].replace(name="seed-final")
 
+# Downstream recipes, used by code rather than named on a command line (so not in RECIPES).
+# Evaluation has no randomness: the whole image (a centre square for non-square ones), resized.
+EVAL_RECIPE = Recipe(name="eval", crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0)
+FINETUNE_RECIPE = EVAL_RECIPE.replace(name="finetune", hflip=0.5)  # the study's downstream augmentation
+
 
 def load_recipe(name_or_path: str | Path, **overrides) -> Recipe:
     """A named recipe, a `base+op+...` name, or a YAML file of Recipe fields (which may start from `base: NAME`)."""
