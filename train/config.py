@@ -12,13 +12,12 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import yaml
 from twinray.pipelines.cache import CACHES
 from twinray.train.model import BACKBONES, parse_projector
 from twinray.train.step import COMPILE_MODES
 
 from twinray.cli import OneLineParser
-from twinray.config import check_fields
+from twinray.config import check_fields, read_mapping
 
 CHOICES = {
     "optimizer": ("adam", "adamw", "lars", "sgd"),
@@ -143,12 +142,7 @@ def _base_type(annotation) -> type:
 
 
 def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config is a mapping of field: value")
+    data = read_mapping(path, "config", error=ConfigError)
     check_fields(data, (f.name for f in fields(PretrainConfig)), str(path), error=ConfigError)
     return data
 

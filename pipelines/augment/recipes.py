@@ -10,10 +10,9 @@ import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import yaml
 from twinray.pipelines.augment.ops import PROBABILITIES
 
-from twinray.config import check_fields
+from twinray.config import check_fields, read_mapping
 
 # Each token of a recipe name switches on one op with the study's probability of 0.5: the spec's ops that have a
 # probability, named with '-' for '_' (brightness-contrast).
@@ -121,11 +120,7 @@ def load_recipe(name_or_path: str | Path, **overrides) -> Recipe:
     text = str(name_or_path)
     if text.endswith((".yaml", ".yml")):
         path = Path(text)
-        if not path.is_file():
-            raise ValueError(f"recipe file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a recipe is a mapping of fields")
+        data = read_mapping(path, "recipe", error=ValueError)
         start = load_recipe(data.pop("base", "base"))
         name = data.pop("name", path.stem)
         check_fields(data, (f.name for f in fields(Recipe)), str(path), what="recipe field", error=ValueError)
