@@ -57,3 +57,10 @@ lint: install
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache
+
+# The real-data label-efficiency study (README: "Does pretraining pay? Real X-rays"); re-running skips finished runs.
+REAL_CXR ?= ../shared/data/real-cxr
+STUDY_PROFILE ?= auto
+.PHONY: study-real
+study-real: install
+	$(PY) train/study_real.py configs/study-real.yaml --profile $(STUDY_PROFILE) --raw $(REAL_CXR)

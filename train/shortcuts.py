@@ -151,8 +151,8 @@ def fast_scores(probs: np.ndarray, y: np.ndarray, source: int | None) -> dict:
     return out
 
 
-def bootstrap(logits, y, patients, classes, source_class, seed: int = 0) -> dict:
-    """95% percentile intervals of each score, resampling test patients (with all their images) 1000 times."""
+def bootstrap(logits, y, patients, classes, source_class, resamples: int = BOOTSTRAP, seed: int = 0) -> dict:
+    """95% percentile intervals of each score, resampling test patients (with all their images)."""
     groups = sorted(set(patients))
     members = {g: [] for g in groups}
     for i, p in enumerate(patients):
@@ -161,7 +161,7 @@ def bootstrap(logits, y, patients, classes, source_class, seed: int = 0) -> dict
     source = classes.index(source_class) if source_class is not None else None
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {}
-    for _ in range(BOOTSTRAP):
+    for _ in range(resamples):
         pick = np.concatenate([members[groups[k]] for k in rng.integers(0, len(groups), len(groups))])
         if len(np.unique(y[pick])) < len(classes):  # a resample without some class has no macro AUROC
             continue
@@ -171,7 +171,7 @@ def bootstrap(logits, y, patients, classes, source_class, seed: int = 0) -> dict
             for k, v in draws.items()}  # fmt: skip
 
 
-def check(root: str | Path, size: int = 96, source_class: str | None = "COVID-19") -> dict:
+def check(root: str | Path, size: int = 96, source_class: str | None = "COVID-19", resamples: int = BOOTSTRAP) -> dict:
     """The three probes' val and test scores, with intervals: {"probes": {name: {...}}, "classes", "n", ...}."""
     root = Path(root)
     data = PackedDataset(root)
@@ -208,7 +208,7 @@ def check(root: str | Path, size: int = 96, source_class: str | None = "COVID-19
             "l2": l2,
             "val": val,
             "test": _scores(logits, y, classes, source_class),
-            "test_ci95": bootstrap(logits, y, patients, classes, source_class),
+            "test_ci95": bootstrap(logits, y, patients, classes, source_class, resamples),
         }
     n = {s: len(v["rows"]) for s, v in splits.items()}
     return {"data": str(root), "size": size, "classes": classes, "source_class": source_class, "n": n,

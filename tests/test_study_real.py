@@ -1,0 +1,178 @@
+"""The real-data study: its CSV (patient-level split, the issue's counts), the shortcut check, and
+configs/study-real.yaml shrunk and run end to end (train/study_real.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from twinray.prep import real_cxr
+from twinray.prep.datasets import folder
+from twinray.prep.format import PackWriter, encode_image
+from twinray.prep.images import read_grey
+from twinray.train import shortcuts
+from twinray.train.metrics import multiclass_metrics
+from twinray.train.study_real import summarise
+
+from tests.conftest import REPO
+from tests.layouts import REAL_CXR
+
+
+def test_real_csv_has_the_studys_classes_and_keeps_every_patient_in_one_split(tmp_path):
+    rows = real_cxr.build_rows(REAL_CXR)
+    images = Counter(r["label"] for r in rows)
+    patients = {label: {r["patient"] for r in rows if r["label"] == label} for label in images}
+    assert images == {"No_findings": 150, "Pneumonia": 150, "COVID-19": 243}
+    assert {k: len(v) for k, v in patients.items()} == {"No_findings": 150, "Pneumonia": 150, "COVID-19": 71}
+    nih = [r for r in rows if r["source"] == "nih-cxr14"]
+    assert len({r["patient"] for r in nih}) == len(nih) == 300  # one image per NIH patient
+    assert {r["source"] for r in rows if r["label"] == "COVID-19"} == {"mhh-covid19"}  # one hospital: a shortcut risk
+    assert all((REAL_CXR / r["path"]).is_file() for r in rows)
+
+    out = real_cxr.write_csv(rows, tmp_path / "labels.csv")
+    assert real_cxr.main(["--src", str(REAL_CXR), "--out", str(tmp_path / "again.csv")]) == 0
+    assert (tmp_path / "again.csv").read_bytes() == out.read_bytes()  # generated, and the same every time
+
+    plan = folder.plan(REAL_CXR, csv_file=out, patient_col="patient", split="70/15/15")
+    split_of = defaultdict(set)
+    for record in plan.records:
+        split_of[record.meta["patient"]].add(record.split)
+    assert len(split_of) == 371 and all(len(s) == 1 for s in split_of.values())  # no patient in two splits
+    per = Counter((r.meta["class"], r.split) for r in plan.records)
+    for label in images:
+        assert all(per[(label, s)] > 0 for s in ("train", "val", "test")), per
+    assert per[("No_findings", "test")] == per[("Pneumonia", "test")] == 22  # 15% of 150 patients, rounded
+
+    # The two RGBA images among the NIH files become ordinary grey images.
+    rgba = [r for r in nih if r["path"].endswith(("00000773_001.png", "00004808_003.png"))]
+    assert len(rgba) == 2
+    for row in rgba:
+        grey = read_grey(REAL_CXR / row["path"])
+        assert grey.shape == (1024, 1024) and grey.dtype == np.uint8 and 40 < grey.mean() < 215
+
+
+def test_patients_per_class_keeps_whole_patients(tmp_path):
+    rows = real_cxr.build_rows(REAL_CXR, patients_per_class=3)
+    by_label = defaultdict(set)
+    for r in rows:
+        by_label[r["label"]].add(r["patient"])
+    assert {k: len(v) for k, v in by_label.items()} == {"No_findings": 3, "Pneumonia": 3, "COVID-19": 3}
+    every = real_cxr.build_rows(REAL_CXR)
+    kept = set().union(*by_label.values())
+    assert len(rows) == sum(r["patient"] in kept for r in every)  # all of a kept patient's images
+
+
+def test_fast_scores_equal_torchmetrics():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(60, 3, generator=gen).round(decimals=1)  # rounding makes ties, which AUROC must handle
+    y = torch.arange(60) % 3
+    probs = logits.softmax(1)
+    ours = shortcuts.fast_scores(probs.numpy(), y.numpy(), source=2)
+    ref = multiclass_metrics(logits, y, ["a", "b", "c"])
+    assert ours["balanced_accuracy"] == pytest.approx(ref["balanced_accuracy"], abs=1e-6)
+    assert ours["auroc"] == pytest.approx(ref["auroc"], abs=1e-5)
+    assert ours["source_class_auroc"] == pytest.approx(ref["per_class"]["c"]["auroc"], abs=1e-5)
+
+
+def test_shortcut_check_finds_a_planted_source_mark(tmp_path):
+    """Class "marked" has a bright frame (a hospital's collimation, say); content is noise for both classes."""
+    rng = np.random.default_rng(0)
+    writer = PackWriter(tmp_path, "planted", "multiclass", ["marked", "plain"], "png", 64, shard_samples=64)
+    for k in range(96):
+        label = k % 2
+        image = rng.integers(60, 190, (48, 48)).astype(np.uint8)
+        if label == 0:
+            image[:3, :] = image[-3:, :] = image[:, :3] = image[:, -3:] = 250
+        split = ("train", "train", "train", "train", "val", "test")[(k // 2) % 6]  # both classes in each split
+        writer.add(split, encode_image(image, "png"), 48, 48, {"label": label, "patient": f"p{k // 2}"})
+    writer.finish({"skipped": []})
+    report = shortcuts.check(tmp_path, size=32, source_class="marked", resamples=100)
+    border = report["probes"]["border"]["test"]
+    assert border["balanced_accuracy"] == 1.0 and border["source_class_auroc"] == 1.0
+    assert report["probes"]["geometry"]["test"]["balanced_accuracy"] == 0.5  # all 48 x 48: nothing to learn
+    assert report["n"] == {"train": 64, "val": 16, "test": 16} and report["test_patients"] == 8
+
+
+def test_summary_gives_mean_and_t_interval_per_cell():
+    rows = [{"init": init, "mode": "linear", "fraction": 0.1, "seed": s, "train_images": 37,
+             "balanced_accuracy": value} for init, values in (("random", (0.4, 0.5, 0.6)), ("barlow", (0.7,) * 3))
+            for s, value in enumerate(values)]  # fmt: skip
+    summary = summarise(rows)
+    assert [s["init"] for s in summary] == ["barlow", "random"]  # Barlow first in each cell
+    random = summary[1]
+    assert random["seeds"] == 3 and random["balanced_accuracy_mean"] == pytest.approx(0.5)
+    assert random["balanced_accuracy_ci95"] == pytest.approx(4.303 * 0.1 / 3**0.5, abs=1e-3)  # t(0.975, 2) = 4.303
+    assert summary[0]["balanced_accuracy_ci95"] == 0.0
+
+
+def study(config, *args) -> subprocess.CompletedProcess:
+    command = [sys.executable, "train/study_real.py", str(config), "--raw", str(REAL_CXR), *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+
+
+def test_shrunk_study_runs_end_to_end_and_resumes(tmp_path):
+    """configs/study-real.yaml with 6 patients per class, 1 epoch at 32 px, 1 seed and one label fraction."""
+    cfg = yaml.safe_load((REPO / "configs" / "study-real.yaml").read_text())
+    tiny = {"epochs": 1, "size": 32, "batch_size": 8, "workers": 1}
+    cfg.update(work=str(tmp_path / "work"), results=str(tmp_path / "results"), patients_per_class=6, fractions=[1.0])
+    cfg["profiles"]["tiny"] = {"seeds": [0], "pretrain": tiny, "finetune": tiny}
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    result = study(config, "--profile", "tiny")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "results" / "tiny"
+
+    summary = list(csv.DictReader(open(out / "summary.csv")))
+    assert sorted((s["init"], s["mode"]) for s in summary) == [
+        ("barlow", "full"), ("barlow", "linear"), ("random", "full"), ("random", "linear")]  # fmt: skip
+    runs = list(csv.DictReader(open(out / "runs.csv")))
+    assert len(runs) == 4 and {r["seed"] for r in runs} == {"0"}
+    packed = next((tmp_path / "work").glob("packed-*"))
+    from twinray.prep.format import PackedDataset
+
+    train = len(PackedDataset(packed).indices("train"))
+    for s in summary:
+        assert s["seeds"] == "1" and float(s["train_images"]) == train and float(s["balanced_accuracy_ci95"]) == 0
+        run = next(r for r in runs if (r["init"], r["mode"]) == (s["init"], s["mode"]))
+        test = json.loads((REPO / run["dir"] / "results.json").read_text())["test"]
+        assert float(s["balanced_accuracy_mean"]) == pytest.approx(test["balanced_accuracy"], abs=1e-4)
+        assert 0.0 <= float(s["auroc_mean"]) <= 1.0
+
+    table = (out / "table.md").read_text()
+    assert table.count("| barlow |") == 2 and table.count("| random |") == 2
+    for name in ("statistics", "border", "geometry", "all"):
+        assert f"| {name} |" in table
+    report = json.loads((out / "shortcuts.json").read_text())
+    assert report["size"] == 32 and report["classes"] == ["COVID-19", "No_findings", "Pneumonia"]
+    assert (out / "study.png").stat().st_size > 5000
+
+    configs = out / "configs"
+    pretrain = json.loads((configs / "pretrain-seed-0.json").read_text())
+    assert pretrain["epochs"] == 1 and pretrain["size"] == 32 and pretrain["seed"] == 0
+    tunes = [json.loads(line) for line in (configs / "finetunes.jsonl").read_text().splitlines()]
+    assert len(tunes) == 4 and {t["init"] for t in tunes} == {"random", pretrain["out"]}
+    assert yaml.safe_load((configs / "study.yaml").read_text())["profile"] == "tiny"
+    first = json.loads((out / "timings.json").read_text())["invocations"]
+    assert len(first) == 1 and set(first[0]["steps"]) == {"csv", "prep", "scan-barlow", "scan-random", "shortcuts"}
+
+    again = study(config, "--profile", "tiny")  # every run is finished: nothing is trained again
+    assert again.returncode == 0, again.stderr[-3000:]
+    # Barlow: the pretraining and 2 fine-tunes; random init: 2 fine-tunes.
+    assert "3 runs, 3 already finished" in again.stdout and "2 runs, 2 already finished" in again.stdout
+    assert len(list(csv.DictReader(open(out / "runs.csv")))) == 4
+    assert len(json.loads((out / "timings.json").read_text())["invocations"]) == 2  # the first one's figures kept
+
+
+def test_a_missing_data_folder_is_one_line(tmp_path):
+    command = [sys.executable, "train/study_real.py", "configs/study-real.yaml", "--raw", str(tmp_path / "nowhere"),
+               "--profile", "cpu"]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "nowhere: no such folder" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,370 @@
+"""The real-data label-efficiency study from one YAML file: does Barlow Twins pretraining pay on real X-rays?
+
+    python train/study_real.py configs/study-real.yaml [--profile auto|cpu|gpu|quick] [--raw DIR]
+    make study-real [STUDY_PROFILE=gpu] [REAL_CXR=DIR]
+
+Steps, each skipped when its output is already complete (so a re-run resumes):
+1. the CSV (prep/real_cxr.py): one row per image with label and patient id -> WORK/labels.csv;
+2. `prep folder --csv ... --patient-col patient`: no patient spans two splits -> WORK/packed-<hash of CSV and args>;
+3. a train/scan.py pretraining sweep: per seed, one Barlow Twins pretraining, then `modes` (linear probe, full
+   fine-tune) at each label fraction -> WORK/<profile>/barlow;
+4. a train/scan.py grid from random init, same fractions, modes and seeds -> WORK/<profile>/random;
+5. train/shortcuts.py: how far image statistics, the border or geometry alone separate the classes;
+6. the report in RESULTS/<profile>/: runs.csv (one row per fine-tune), summary.csv (mean and 95% t-interval over
+   seeds per init x mode x fraction), table.md, study.png, shortcuts.json, timings.json (wall and CPU seconds per
+   step) and configs/ (the resolved study, both scan YAMLs, each pretraining's config.json, each finetune's config).
+
+The YAML's keys: raw, work, results, patients_per_class, prep {split, seed, size}, seeds, fractions, modes,
+source_class, pretrain and finetune (flags for every run), profile (the default) and profiles {name: {pretrain,
+finetune, seeds, fractions, modes}}, merged over the top level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from twinray.atomic import write_json
+from twinray.cli import InputError, OneLineParser, run_cli
+
+KEYS = {"raw", "work", "results", "patients_per_class", "prep", "seeds", "fractions", "modes", "source_class",
+        "pretrain", "finetune", "profile", "profiles"}  # fmt: skip
+PROFILE_KEYS = {"pretrain", "finetune", "seeds", "fractions", "modes"}
+METRICS = ("balanced_accuracy", "auroc", "source_class_auroc", "accuracy", "macro_f1")
+INITS = ("barlow", "random")
+
+
+def load(path: Path, profile: str | None = None) -> dict:
+    """The study config with its profile applied: top-level keys, then the profile's (pretrain/finetune merged)."""
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(f"{path}: cannot read the study ({type(e).__name__})") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path}: a study is a YAML mapping")
+    unknown = sorted(set(cfg) - KEYS)
+    if unknown:
+        raise InputError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(KEYS))})")
+    profiles = cfg.get("profiles") or {}
+    name = profile or cfg.get("profile") or "auto"
+    if name == "auto":
+        import torch
+
+        name = "gpu" if torch.cuda.is_available() else "cpu"
+    if name not in profiles:
+        raise InputError(f"{path}: no profile {name!r} (profiles: {', '.join(profiles) or 'none'})")
+    chosen = profiles[name] or {}
+    bad = sorted(set(chosen) - PROFILE_KEYS)
+    if bad:
+        raise InputError(f"{path}: profile {name!r} has unknown key {bad[0]!r} (known: {', '.join(PROFILE_KEYS)})")
+    out = {k: copy.deepcopy(v) for k, v in cfg.items() if k not in ("profiles", "profile")}
+    for key, value in chosen.items():
+        out[key] = {**(out.get(key) or {}), **value} if key in ("pretrain", "finetune") else value
+    out["profile"] = name
+    for key, default in (("seeds", [0]), ("modes", ["linear", "full"]), ("source_class", None), ("prep", {})):
+        out.setdefault(key, default)
+    for key in ("raw", "work", "results", "fractions"):
+        if key not in out:
+            raise InputError(f"{path}: missing {key!r}")
+    return out
+
+
+class Clock:
+    """Wall and CPU seconds (this process and its children, user + system) per step."""
+
+    def __init__(self):
+        self.steps: dict[str, dict] = {}
+
+    @staticmethod
+    def _cpu() -> float:
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def time(self, name: str, fn, *args):
+        wall, cpu = time.perf_counter(), self._cpu()
+        result = fn(*args)
+        self.steps[name] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(self._cpu() - cpu, 1)}
+        return result
+
+
+def make_csv(cfg: dict) -> Path:
+    from twinray.prep import real_cxr
+
+    out = Path(cfg["work"]) / "labels.csv"
+    rows = real_cxr.build_rows(cfg["raw"], cfg.get("patients_per_class"))
+    return real_cxr.write_csv(rows, out)
+
+
+def pack(cfg: dict, labels: Path) -> Path:
+    """`prep folder` on the CSV; the folder's name carries a hash of the CSV and the prep arguments, so a changed
+    CSV or split never reuses a stale pack."""
+    from twinray.prep.cli import main as prep_main
+
+    prep = {"split": "70/15/15", "seed": 0, "size": 256, **cfg["prep"]}
+    digest = hashlib.sha256(labels.read_bytes() + json.dumps(prep, sort_keys=True).encode()).hexdigest()[:10]
+    out = Path(cfg["work"]) / f"packed-{digest}"
+    argv = ["folder", "--src", str(cfg["raw"]), "--csv", str(labels), "--path-col", "path", "--label-col", "label",
+            "--patient-col", "patient", "--name", "real-cxr", "--out", str(out), "--split", str(prep["split"]),
+            "--seed", str(prep["seed"]), "--size", str(prep["size"])]  # fmt: skip
+    if prep_main(argv) != 0:
+        raise InputError(f"prep folder failed for {labels}")
+    return out
+
+
+def scan_configs(cfg: dict, packed: Path) -> dict[str, dict]:
+    """The two train/scan.py configs: the pretraining sweep (Barlow) and the random-init grid."""
+    work = Path(cfg["work"]) / cfg["profile"]
+    finetune = dict(cfg.get("finetune") or {})
+    barlow = {
+        "data": str(packed), "out": str(work / "barlow"), "seeds": list(cfg["seeds"]),
+        "pretrain": dict(cfg.get("pretrain") or {}), "finetune": finetune,
+        "grid": {"fraction": list(cfg["fractions"])}, "then": list(cfg["modes"]), "metric": "balanced_accuracy",
+    }  # fmt: skip
+    random = {
+        "data": str(packed), "out": str(work / "random"), "seeds": list(cfg["seeds"]), "finetune": finetune,
+        "grid": {"init": ["random"], "mode": list(cfg["modes"]), "fraction": list(cfg["fractions"])},
+        "metric": "balanced_accuracy",
+    }  # fmt: skip
+    return {"barlow": barlow, "random": random}
+
+
+def run_scan(path: Path) -> None:
+    from twinray.train import scan
+
+    if scan.main([str(path)]) != 0:
+        raise InputError(f"the scan {path} failed (its error is above)")
+
+
+def collect(cfg: dict, scans: dict[str, dict]) -> list[dict]:
+    """One row per finished fine-tune: init, mode, fraction, seed, train images, test metrics, its directory."""
+    from twinray.train import scan
+
+    rows = []
+    for init, scan_cfg in scans.items():
+        for run in scan.plan(scan_cfg):
+            results = run["dir"] / "results.json"
+            if run["kind"] != "finetune" or not results.is_file():
+                continue
+            found = json.loads(results.read_text())
+            test = found["test"]
+            per_class = (test.get("per_class") or {}).get(cfg["source_class"]) or {}
+            metrics = {**{m: test.get(m) for m in METRICS if m != "source_class_auroc"},
+                       "source_class_auroc": per_class.get("auroc")}  # fmt: skip
+            rows.append({
+                "init": init, "mode": run["cell"]["mode"], "fraction": float(run["cell"]["fraction"]),
+                "seed": run["seed"], "train_images": found["train_samples"], "test_images": test["n"],
+                **{k: v for k, v in metrics.items() if v is not None}, "dir": str(run["dir"]),
+            })  # fmt: skip
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and 95% t-interval half-width over seeds, per init x mode x fraction (train/scan.py's t_interval)."""
+    from twinray.train.scan import t_interval
+
+    cells: dict[tuple, list[dict]] = {}
+    for row in rows:
+        cells.setdefault((row["init"], row["mode"], row["fraction"]), []).append(row)
+    order = {name: k for k, name in enumerate(INITS)}
+    summary = []
+    for (init, mode, fraction), members in sorted(cells.items(), key=lambda c: (c[0][1], c[0][2], order[c[0][0]])):
+        entry = {"init": init, "mode": mode, "fraction": fraction, "seeds": len(members),
+                 "train_images": round(sum(r["train_images"] for r in members) / len(members), 1)}  # fmt: skip
+        for m in METRICS:
+            values = [r[m] for r in members if r.get(m) is not None]
+            if values:
+                entry[f"{m}_mean"] = round(sum(values) / len(values), 4)
+                entry[f"{m}_ci95"] = round(t_interval(values), 4)
+        summary.append(entry)
+    return summary
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    from twinray.atomic import atomic
+
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _cell(entry: dict, metric: str) -> str:
+    mean = entry.get(f"{metric}_mean")
+    if mean is None:
+        return "n/a"
+    return f"{mean:.3f} ± {entry[f'{metric}_ci95']:.3f}" if entry["seeds"] > 1 else f"{mean:.3f}"
+
+
+def table(cfg: dict, summary: list[dict], shortcuts: dict, packed: Path, command: str) -> str:
+    """The markdown report: the command, the data, the results table and the shortcut table."""
+    from twinray.prep.format import SPLITS, PackedDataset
+
+    data = PackedDataset(packed)
+    counts = ", ".join(f"{s} {data.manifest['splits'][s]}" for s in SPLITS)
+    seeds = len(cfg["seeds"])
+    spread = "mean ± 95% t-interval over" if seeds > 1 else "one seed, no interval:"
+    source = cfg["source_class"]
+    lines = [
+        f"Profile `{cfg['profile']}`: `{command}`",
+        "",
+        f"Data: {len(data)} images ({counts}), split by patient. Pretraining: {_flags(cfg['pretrain'])}. "
+        f"Downstream: {_flags(cfg['finetune'])}. Test split, {spread} {seeds} seed{'s' if seeds > 1 else ''}.",
+        "",
+        f"| init | mode | label fraction | train images | balanced accuracy | macro AUROC | {source} AUROC |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        scores = " | ".join(_cell(s, m) for m in ("balanced_accuracy", "auroc", "source_class_auroc"))
+        lines.append(f"| {s['init']} | {s['mode']} | {s['fraction']:g} | {s['train_images']:g} | {scores} |")
+    lines += [
+        "",
+        f"Source-shortcut check (train/shortcuts.py; logistic regression on features that carry no disease, eval view "
+        f"at {shortcuts['size']} px; 95% bootstrap over {shortcuts['test_patients']} test patients):",
+        "",
+        f"| features | count | balanced accuracy | macro AUROC | {source} AUROC |",
+        "|---|---|---|---|---|",
+    ]
+    for name, probe in shortcuts["probes"].items():
+        t, ci = probe["test"], probe["test_ci95"]
+        cells = [f"{t[m]:.3f} [{ci[m][0]:.3f}, {ci[m][1]:.3f}]" if m in ci else f"{t.get(m, 'n/a')}"
+                 for m in ("balanced_accuracy", "auroc", "source_class_auroc")]  # fmt: skip
+        lines.append(f"| {name} | {probe['features']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _flags(options: dict) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in options.items())
+
+
+def draw(summary: list[dict], rows: list[dict], shortcuts: dict, modes: list[str], out: Path) -> Path:
+    """One panel per mode: test balanced accuracy against label fraction (log x), Barlow and random init as lines
+    with 95% bands and seeds as dots; the shortcut probes as dashed horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "balanced_accuracy"
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), sharey=True, squeeze=False)
+    colours = {"barlow": "tab:blue", "random": "tab:orange"}
+    for ax, mode in zip(axes[0], modes):
+        for init in INITS:
+            points = sorted((s["fraction"], s) for s in summary if s["init"] == init and s["mode"] == mode)
+            if not points:
+                continue
+            x = [p for p, _ in points]
+            mean = [s.get(f"{metric}_mean", math.nan) for _, s in points]
+            ci = [s.get(f"{metric}_ci95", 0.0) for _, s in points]
+            label = "Barlow Twins init" if init == "barlow" else "random init"
+            ax.plot(x, mean, marker="o", color=colours[init], label=label)
+            ax.fill_between(x, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)],
+                            color=colours[init], alpha=0.15)  # fmt: skip
+            seeds = [r for r in rows if r["init"] == init and r["mode"] == mode and metric in r]
+            ax.scatter([r["fraction"] for r in seeds], [r[metric] for r in seeds], color=colours[init], s=10)
+        for name, style in (("statistics", ":"), ("all", "--")):
+            if name in shortcuts["probes"]:
+                value = shortcuts["probes"][name]["test"][metric]
+                ax.axhline(value, color="grey", linestyle=style, label=f"shortcut probe: {name}")
+        ax.axhline(1 / len(shortcuts["classes"]), color="lightgrey", linewidth=0.8, label="chance")
+        ax.set_xscale("log")
+        ax.set_xticks(
+            sorted({s["fraction"] for s in summary}), [f"{f:g}" for f in sorted({s["fraction"] for s in summary})]
+        )
+        ax.set_xlabel("label fraction of the train split")
+        ax.set_title("linear probe" if mode == "linear" else f"{mode} fine-tune")
+    axes[0][0].set_ylabel("test balanced accuracy")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def save_configs(cfg: dict, scans: dict[str, dict], rows: list[dict], results: Path) -> None:
+    folder = results / "configs"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "study.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))  # the scans' YAMLs are already here
+    for seed in cfg["seeds"]:
+        found = Path(scans["barlow"]["out"]) / "pretrain" / f"seed-{seed}" / "pretrain" / "config.json"
+        if found.is_file():
+            shutil.copyfile(found, folder / f"pretrain-seed-{seed}.json")
+    lines = [json.dumps({"dir": r["dir"], **json.loads((Path(r["dir"]) / "results.json").read_text())["config"]})
+             for r in rows]  # fmt: skip
+    (folder / "finetunes.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def study(cfg: dict, command: str) -> Path:
+    clock, started = Clock(), time.strftime("%Y-%m-%dT%H:%M:%S")
+    work, results = Path(cfg["work"]), Path(cfg["results"]) / cfg["profile"]
+    work.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
+    labels = clock.time("csv", make_csv, cfg)
+    packed = clock.time("prep", pack, cfg, labels)
+    scans = scan_configs(cfg, packed)
+    (results / "configs").mkdir(exist_ok=True)
+    for name, scan_cfg in scans.items():
+        path = results / "configs" / f"scan-{name}.yaml"
+        path.write_text(yaml.safe_dump(scan_cfg, sort_keys=False))
+        clock.time(f"scan-{name}", run_scan, path)
+    from twinray.train import shortcuts
+
+    size = int((cfg.get("finetune") or {}).get("size", 224))
+    report = clock.time("shortcuts", shortcuts.check, packed, size, cfg["source_class"])
+    write_json(results / "shortcuts.json", report)
+    rows = collect(cfg, scans)
+    summary = summarise(rows)
+    write_csv(results / "runs.csv", rows)
+    write_csv(results / "summary.csv", summary)
+    (results / "table.md").write_text(table(cfg, summary, report, packed, command))
+    draw(summary, rows, report, list(cfg["modes"]), results / "study.png")
+    save_configs(cfg, scans, rows, results)
+    timings_file = results / "timings.json"
+    earlier = json.loads(timings_file.read_text())["invocations"] if timings_file.is_file() else []
+    this = {"command": command, "started": started, "cpus": len(os.sched_getaffinity(0)), "steps": clock.steps}
+    timings = {"note": "wall_s and cpu_s (user + system seconds of this process and its children) per step and "
+                       "invocation; a step whose outputs were already finished takes ~0",
+               "invocations": [*earlier, this][-20:]}  # fmt: skip
+    write_json(results / "timings.json", timings)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="train/study_real.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("config", type=Path, help="the study's YAML (configs/study-real.yaml)")
+    parser.add_argument("--profile", default=None, help="a profile of the YAML, or auto (gpu with CUDA, else cpu)")
+    parser.add_argument("--raw", type=Path, default=None, help="overrides the YAML's raw (the real-cxr folder)")
+    parser.add_argument("--work", type=Path, default=None, help="overrides the YAML's work")
+    parser.add_argument("--results", type=Path, default=None, help="overrides the YAML's results")
+    args = parser.parse_args(argv)
+    command = " ".join(["python", "train/study_real.py", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        cfg = load(args.config, args.profile)
+        for key in ("raw", "work", "results"):
+            if getattr(args, key) is not None:
+                cfg[key] = str(getattr(args, key))
+        if not Path(cfg["raw"]).is_dir():
+            raise InputError(f"{cfg['raw']}: no such folder (the real-cxr data; give --raw or REAL_CXR=...)")
+        results = study(cfg, command)
+    except InputError as e:
+        print(f"study_real: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {results}: table.md, summary.csv, runs.csv, study.png, shortcuts.json, timings.json, configs/")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
