@@ -23,7 +23,7 @@ from twinray.train.labels import certain_bce
 from twinray.train.model import BarlowTwins
 from twinray.train.step import BarlowTwinsMethod, train_step
 
-from twinray.cli import InputError, OneLineParser, run_cli
+from twinray.cli import OneLineParser, run_cli
 from twinray.storage import location
 
 
@@ -98,21 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lr_find: error: need 0 < --min-lr ({args.min_lr}) < --max-lr ({args.max_lr})", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    try:
-        recipe = "seed-final" if args.task == "pretrain" else "base"
-        loader = build_loader(
-            str(args.data),
-            "train",
-            batch_size=args.batch_size,
-            device=args.device,
-            recipe=recipe,
-            size=args.size,
-            views=2 if args.task == "pretrain" else 1,
-            seed=args.seed,
-        )
-    except (InputError, ValueError) as e:
-        print(f"lr_find: error: {e}", file=sys.stderr)
-        return 2
+    recipe = "seed-final" if args.task == "pretrain" else "base"
+    loader = build_loader(
+        str(args.data),
+        "train",
+        batch_size=args.batch_size,
+        device=args.device,
+        recipe=recipe,
+        size=args.size,
+        views=2 if args.task == "pretrain" else 1,
+        seed=args.seed,
+    )
     model = BarlowTwins().to(args.device, memory_format=torch.channels_last)
     multilabel = loader.data.task == "multilabel"
     head = torch.nn.Linear(model.backbone.num_features, len(loader.data.classes)).to(args.device)
@@ -155,4 +151,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, prog="lr_find", errors=(ValueError,))
