@@ -82,10 +82,20 @@ def load(path: Path, profile: str | None = None) -> dict:
 
 
 class Clock:
-    """Wall and CPU seconds (this process and its children, user + system) per step."""
+    """Wall and CPU seconds (this process and its children, user + system) per step, saved to `path` after every
+    step (a run that stops part-way keeps what it measured). The file keeps the last 20 invocations."""
 
-    def __init__(self):
-        self.steps: dict[str, dict] = {}
+    NOTE = ("wall_s and cpu_s (user + system seconds of the study's process and its children) per step and "
+            "invocation; a step whose outputs were already finished takes ~0")  # fmt: skip
+
+    def __init__(self, path: Path, command: str):
+        self.path = path
+        try:
+            self.earlier = json.loads(path.read_text())["invocations"][-19:]
+        except (OSError, ValueError, KeyError, TypeError):  # none yet, or not ours: start afresh
+            self.earlier = []
+        self.this = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     "cpus": len(os.sched_getaffinity(0)), "steps": {}}  # fmt: skip
 
     @staticmethod
     def _cpu() -> float:
@@ -94,9 +104,16 @@ class Clock:
 
     def time(self, name: str, fn, *args):
         wall, cpu = time.perf_counter(), self._cpu()
-        result = fn(*args)
-        self.steps[name] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(self._cpu() - cpu, 1)}
-        return result
+        try:
+            return fn(*args)
+        except BaseException:
+            self.this["steps"][name] = {"failed": True}
+            raise
+        finally:
+            self.this["steps"].setdefault(name, {}).update(
+                wall_s=round(time.perf_counter() - wall, 1), cpu_s=round(self._cpu() - cpu, 1)
+            )
+            write_json(self.path, {"note": self.NOTE, "invocations": [*self.earlier, self.this]})
 
 
 def make_csv(cfg: dict) -> Path:
@@ -286,7 +303,7 @@ def draw(summary: list[dict], rows: list[dict], shortcuts: dict, modes: list[str
         ax.set_xlabel("label fraction of the train split")
         ax.set_title("linear probe" if mode == "linear" else f"{mode} fine-tune")
     axes[0][0].set_ylabel("test balanced accuracy")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][0].legend(fontsize=7, loc="lower right")  # the linear panel's lower right is empty
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -307,10 +324,10 @@ def save_configs(cfg: dict, scans: dict[str, dict], rows: list[dict], results: P
 
 
 def study(cfg: dict, command: str) -> Path:
-    clock, started = Clock(), time.strftime("%Y-%m-%dT%H:%M:%S")
     work, results = Path(cfg["work"]), Path(cfg["results"]) / cfg["profile"]
     work.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
+    clock = Clock(results / "timings.json", command)
     labels = clock.time("csv", make_csv, cfg)
     packed = clock.time("prep", pack, cfg, labels)
     scans = scan_configs(cfg, packed)
@@ -331,13 +348,6 @@ def study(cfg: dict, command: str) -> Path:
     (results / "table.md").write_text(table(cfg, summary, report, packed, command))
     draw(summary, rows, report, list(cfg["modes"]), results / "study.png")
     save_configs(cfg, scans, rows, results)
-    timings_file = results / "timings.json"
-    earlier = json.loads(timings_file.read_text())["invocations"] if timings_file.is_file() else []
-    this = {"command": command, "started": started, "cpus": len(os.sched_getaffinity(0)), "steps": clock.steps}
-    timings = {"note": "wall_s and cpu_s (user + system seconds of this process and its children) per step and "
-                       "invocation; a step whose outputs were already finished takes ~0",
-               "invocations": [*earlier, this][-20:]}  # fmt: skip
-    write_json(results / "timings.json", timings)
     return results
 
 
