@@ -288,6 +288,16 @@ def test_the_step_is_the_barlow_twins_loss_of_both_views_then_one_update():
     assert probe.head[1].weight.grad is not None  # the probe took its own step
 
 
+def test_the_barlow_twins_step_is_written_once():
+    """pretrain, the LR finder and both training benchmarks run train/step.py's step, so the benchmarks time the
+    step a run takes: no other library file computes the loss itself."""
+    library = [p for folder in ("prep", "pipelines", "train", "bench") for p in (REPO / folder).rglob("*.py")]
+    callers = [str(p.relative_to(REPO)) for p in library if "barlow_twins_loss(" in p.read_text()]
+    assert sorted(callers) == ["train/loss.py", "train/step.py"]
+    for path in ("train/pretrain.py", "train/lr_find.py", "bench/train_speed.py", "bench/resources.py"):
+        assert "train_step(" in (REPO / path).read_text(), path
+
+
 def test_the_run_state_round_trips_through_a_checkpoint(tmp_path):
     """Everything resume needs, through safetensors + JSON: weights, optimizer moments, schedule, probe, RNG and
     position; a new --lr replaces the saved base lr at the same point of the schedule."""
@@ -489,8 +499,12 @@ def test_a_short_run_lowers_the_loss(demo_packed, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "epoch_end" in line]
     assert len(epochs) == 4
-    assert epochs[-1]["loss"] < 0.9 * epochs[0]["loss"]  # epoch means; measured 422 -> 332
-    assert 0.0 <= epochs[-1]["probe_acc"] <= 1.0 and 0.0 <= epochs[-1]["knn_acc"] <= 1.0
+    assert epochs[-1]["loss"] < 0.9 * epochs[0]["loss"]  # epoch means; measured 435 -> 341
+    # The online probe starts from nothing and learns as the run goes (measured 0.25 -> 0.34; the majority class is
+    # 48% of train, so it is still short of the class prior). At the default --eval-every (10), kNN runs at the last
+    # epoch only.
+    assert epochs[-1]["probe_acc"] > epochs[0]["probe_acc"]
+    assert ["knn_acc" in e for e in epochs] == [False, False, False, True]
 
 
 def test_bf16_accumulation_lars_and_compile_run_on_the_cpu(covid_packed, tmp_path):

@@ -41,16 +41,21 @@ class StepMeter:
 
     # --- data wait ---------------------------------------------------------------------------------------------
     def batches(self, loader: Iterable) -> Iterator:
-        """Yields `loader`'s batches, adding the time spent waiting for each to the window's data wait."""
+        """Yields `loader`'s batches, adding the time spent waiting for each to the window's data wait. Closing this
+        generator (a loop left early) closes the loader's epoch iterator too, which stops its threads."""
         it = iter(loader)
-        while True:
-            start = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            self._waited += time.perf_counter() - start
-            yield batch
+        try:
+            while True:
+                start = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+                self._waited += time.perf_counter() - start
+                yield batch
+        finally:
+            if hasattr(it, "close"):
+                it.close()
 
     # --- figures -----------------------------------------------------------------------------------------------
     def push(self, figures: dict[str, torch.Tensor], images: int, step: int = 0, epoch: int = 0) -> None:

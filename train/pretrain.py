@@ -34,7 +34,7 @@ from twinray.train.distributed import StopVote, count_nodes
 from twinray.train.meter import NonFiniteLoss, StepMeter
 from twinray.train.online_eval import EVAL_RECIPE, knn_metrics, knn_scores
 from twinray.train.state import RunState, build_run, mismatch
-from twinray.train.step import compile_model, train_step
+from twinray.train.step import compile_model, new_iteration, train_step
 
 from twinray.atomic import write_json
 from twinray.cli import InputError, run_cli
@@ -75,7 +75,7 @@ def _trackers(cfg: PretrainConfig):
 def _features(model, loader, accelerator):
     feats, labels = [], []
     for batch in loader:
-        torch.compiler.cudagraph_mark_step_begin()
+        new_iteration()
         f, _ = model(batch.views[0])
         feats.append(f.to(torch.float32, copy=True))  # a copy: CUDA graphs reuse their output buffers
         labels.append(batch.labels)

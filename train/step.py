@@ -10,6 +10,7 @@ one step later (train/meter.py).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -90,9 +91,7 @@ def train_step(
     Returns the step's figures, detached 0-dim device tensors, unread: "loss", the method's terms, and
     "probe_loss"/"probe_acc" with a probe. Reading them is a device sync, which the caller does one step later.
     """
-    # CUDA graphs (compile mode reduce-overhead) reuse their output buffers; this marks where an iteration starts,
-    # since the model runs twice (two views) before its backward. A counter bump, and a no-op in any other mode.
-    torch.compiler.cudagraph_mark_step_begin()
+    new_iteration()
     out = method(model, views)
     if scaler is not None:
         scaler.scale(out.loss).backward()
@@ -107,6 +106,14 @@ def train_step(
     if probe is not None:
         figures.update(probe.step(out.features, labels))
     return figures
+
+
+def new_iteration() -> None:
+    """Tells CUDA graphs (compile modes reduce-overhead and max-autotune) that an iteration starts: they reuse their
+    output buffers, and the model runs twice (two views) before its backward. A counter bump where torch.compile has
+    run; nothing otherwise (importing inductor just for it would cost seconds in an eager run)."""
+    if "torch._inductor.cudagraph_trees" in sys.modules:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def compile_model(model: nn.Module, compile: bool, mode: str = "default") -> nn.Module:
