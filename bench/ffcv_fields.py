@@ -129,6 +129,7 @@ def main() -> None:
                 "megabytes": round(path.stat().st_size / 2**20, 2),
                 "write_seconds": round(written, 2),
                 "images_per_s_read": round(per_s, 1),
+                "images_read": sum(len(r) for _, r in seen),  # one whole pass: every image, each counted once
                 "mean_abs_pixel_error": round(pixel_error(data, seen), 3),
             }
             print(f"{name:<36} {results[name]}")
