@@ -177,11 +177,14 @@ def main() -> None:
                 drop_last=True,
                 persistent_workers=True,
             )
-            seconds = time_calls(partial(next, cycle(loader)), args.warmup, args.batches, device)
-            del loader
+            batches = cycle(loader)
+            seconds = time_calls(partial(next, batches), args.warmup, args.batches, device)
+            batches.close()
+            del batches, loader  # the last reference: its workers are shut down here, not at exit
             shutil.rmtree(work, ignore_errors=True)
         else:
-            loader = build_loader(
+            # Closed before the next backend starts: its threads and pipelines end here (pipelines.loader).
+            with build_loader(
                 str(args.data),
                 backend=backend,
                 batch_size=args.batch_size,
@@ -189,14 +192,12 @@ def main() -> None:
                 recipe=recipe,
                 size=args.size,
                 cache=cache,
-            )
-            if cache != "none":  # the one decode of the split, timed apart
-                start = time.perf_counter()
-                loader.fill_cache()
-                extra = {"cache": loader.cache_mode, "fill_s": round(time.perf_counter() - start, 3)}
-            batches = cycle(loader)
-            seconds = time_calls(partial(next, batches), args.warmup, args.batches, device)
-            batches.close()  # ends the loader's epoch, and with it its background thread, before the next backend
+            ) as loader:
+                if cache != "none":  # the one decode of the split, timed apart
+                    start = time.perf_counter()
+                    loader.fill_cache()
+                    extra = {"cache": loader.cache_mode, "fill_s": round(time.perf_counter() - start, 3)}
+                seconds = time_calls(partial(next, cycle(loader)), args.warmup, args.batches, device)
         pairs = args.batches * args.batch_size
         results[name] = {
             "pairs_per_s": round(pairs / seconds, 1),

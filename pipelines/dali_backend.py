@@ -115,7 +115,7 @@ class DALILoader(LoaderBase):
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.threads = workers or len(os.sched_getaffinity(0))
 
-    def __iter__(self):
+    def _epoch(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         output_map = [f"view{v}" for v in range(self.views)] + ["labels", "rows"]
@@ -142,4 +142,14 @@ class DALILoader(LoaderBase):
             working_on = self.epoch_order()[step * self.batch_size :][: (PREFETCH + 2) * self.batch_size]  # + margin
             raise self.name_undecodable(working_on, e) from None
         finally:
+            _shut_down(pipeline)
             del iterator, pipeline
+
+
+def _shut_down(pipeline) -> None:
+    """Stops a DALI pipeline's threads now. A pipeline holds reference cycles, so `del` frees it only at some later
+    garbage collection, run by whichever thread allocates then; DALI shuts down the pipelines still alive at exit
+    (`nvidia.dali.pipeline._shutdown_pipelines`) through this same method."""
+    shutdown = getattr(pipeline, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()

@@ -13,6 +13,7 @@ a matter of skipping rows.
 from __future__ import annotations
 
 import os
+import queue
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,10 @@ class FFCVLoader(LoaderBase):
         self._loader.traversal_order.indices = positions
         return self._loader
 
-    def __iter__(self):
+    def _release(self) -> None:
+        self._loader = None  # its reader thread has ended with the epoch that started it
+
+    def _epoch(self):
         # The beton holds the whole split; a subset (`rows`) is read by its positions in it.
         subset = np.searchsorted(self.split_rows, self.rows)
         order = rank_order(subset, self.seed, self.epoch, self.rank, self.world_size)
@@ -114,4 +118,21 @@ class FFCVLoader(LoaderBase):
                     labels = labels.to(torch.int8, copy=True)
                 yield Batch(views, labels, rows)
         finally:
-            batches.close()  # stops FFCV's reader thread when the epoch is left early
+            _stop_reader(batches)
+
+
+def _stop_reader(batches) -> None:
+    """Ends an epoch's FFCV reader thread and waits for it (ffcv 1.0.2's EpochIterator), rather than leave a daemon
+    thread running numba code into the interpreter's shutdown.
+
+    Its close() only sets an event, which the thread reads when a put into its full output queue times out (0.5 s):
+    until then it goes on filling batches. At the epoch's end it puts an end marker without a timeout, which blocks
+    for good when the queue is full: take a batch out to let it finish."""
+    batches.close()
+    batches.join(timeout=1.0)
+    while batches.is_alive():  # blocked on the end marker, or still filling a slow batch
+        try:
+            batches.output_queue.get_nowait()
+        except queue.Empty:
+            pass
+        batches.join(timeout=1.0)

@@ -3,11 +3,20 @@
 A loader yields `Batch`es: `views` (each B x 1 x S x S float on the device, channels_last), `labels` and the
 sample `indices` (rows of the dataset's index.npy). Each epoch reshuffles with (seed, epoch); each rank takes a
 disjoint, equal-sized shard; `set_epoch(epoch, start_step)` resumes mid-epoch without repeating a step.
+
+A loader owns threads (a producer thread, decode pools, DALI pipelines, FFCV's reader thread). `close()` stops them
+and waits for them to end, and so does leaving `with build_loader(...) as loader:`. An epoch left early stops its
+threads once its iterator is closed or freed, which a pending exception's traceback can delay; `close()` does not
+wait for that. A thread still inside a native call when the interpreter shuts down can abort the process
+("terminate called without an active exception"), so nothing here is left to garbage collection.
 """
 
 from __future__ import annotations
 
+import atexit
 import math
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +67,42 @@ class LoaderBase:
         self.batch_size, self.views, self.seed = batch_size, views, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch, self.start_step = 0, 0
+        self.closed = False
+        self._open_epochs: weakref.WeakSet = weakref.WeakSet()  # epoch iterators not yet finished or closed
+        _UNCLOSED.add(self)
+
+    def __iter__(self) -> Iterator[Batch]:
+        """One epoch (see set_epoch). Its threads start with the first batch asked for, and stop when the epoch
+        ends or its iterator is closed."""
+        if self.closed:
+            raise RuntimeError("this loader is closed")
+        epoch = self._epoch()
+        self._open_epochs.add(epoch)
+        return epoch
+
+    def _epoch(self) -> Iterator[Batch]:
+        """Each backend's epoch: a generator that releases what it started in a `finally`."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stops this loader's threads and pipelines and waits for them to end: every epoch iterator still open is
+        closed (so its `finally` runs now), then the backend's own resources go (`_release`). Idempotent; a closed
+        loader cannot start another epoch. Call it from the thread that iterates."""
+        for epoch in list(self._open_epochs):
+            epoch.close()
+        if not self.closed:
+            self.closed = True
+            _UNCLOSED.discard(self)
+            self._release()
+
+    def _release(self) -> None:
+        """What a backend holds beyond an epoch (a decode pool, say); called once, by close()."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __len__(self) -> int:
         per_rank = len(self.rows) // self.world_size
@@ -87,6 +132,24 @@ class LoaderBase:
             except InputError as named:
                 return named
         return error
+
+
+_UNCLOSED: weakref.WeakSet[LoaderBase] = weakref.WeakSet()  # loaders alive and not closed, for the exit hook
+
+
+@atexit.register
+def close_unclosed_loaders() -> None:
+    """At exit, while the interpreter is still whole, closes the loaders that their owners left open.
+
+    Python's shutdown ends a daemon thread by unwinding it (pthread_exit) the next time it asks for the GIL. A
+    producer thread that is then inside a torch op (which releases the GIL in a noexcept C++ scope) makes that
+    unwind call std::terminate: "terminate called without an active exception", exit code 134 (pytorch/pytorch
+    #38228). atexit hooks run before that point. A loader that is in use by another thread now is left alone."""
+    for loader in list(_UNCLOSED):
+        try:
+            loader.close()
+        except ValueError:  # "generator already executing": another thread is iterating it
+            pass
 
 
 def rank_order(rows: np.ndarray, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:

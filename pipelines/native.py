@@ -139,7 +139,11 @@ class NativeLoader(LoaderBase):
             put(e)
         put(_DONE)
 
-    def __iter__(self):
+    def _release(self) -> None:
+        if hasattr(self, "pool"):  # (not when __init__ failed before making it)
+            self.pool.shutdown(wait=True, cancel_futures=True)  # its threads end now, not at garbage collection
+
+    def _epoch(self):
         order = self.epoch_order()
         n_batches = len(self)
         steps = [order[k * self.batch_size : (k + 1) * self.batch_size] for k in range(n_batches)]

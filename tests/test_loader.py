@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +17,7 @@ from twinray.pipelines.augment import Recipe
 from twinray.pipelines.native import pad_batch
 from twinray.prep.format import PackedDataset
 
+from tests.conftest import REPO
 from twinray.cli import InputError
 
 PLAIN = Recipe(name="plain", hflip=0.0)  # crop only: a constant image stays constant
@@ -241,3 +246,72 @@ def test_cuda_names_a_jpeg_that_nvjpeg_cannot_decode(covid_packed, tmp_path):
     with pytest.raises(InputError, match=rf"row {row}: jpeg member does not decode"):
         for _ in build_loader(root, batch_size=8, size=16, device="cuda", seed=0, drop_last=False):
             pass
+
+
+def _os_threads() -> set[int]:
+    return {int(tid) for tid in os.listdir("/proc/self/task")}
+
+
+def test_close_ends_every_thread_the_loader_started(constant_data, backend):
+    """An epoch left open mid-way (its iterator suspended, as a loop left by an exception leaves it) is ended by
+    close(), which waits for its threads, decode pool and pipeline: none is left for the interpreter's shutdown."""
+    kw = dict(backend=backend, batch_size=8, recipe=PLAIN, size=16, workers=2, seed=0)
+    with build_loader(constant_data, **kw) as warm:  # process-wide pools (OpenMP, numba's) start once and stay
+        for _ in warm:
+            pass
+    before = _os_threads()
+    with build_loader(constant_data, **kw) as loader:
+        epoch = iter(loader)
+        next(epoch)
+        next(epoch)
+        assert _os_threads() - before, "the epoch runs threads of its own"
+    assert _os_threads() <= before
+    with pytest.raises(StopIteration):
+        next(epoch)  # closed with the loader
+    with pytest.raises(RuntimeError, match="closed"):
+        iter(loader)
+    loader.close()  # twice is fine
+
+
+OPEN_EPOCHS_AT_EXIT = """
+import sys
+from twinray.pipelines import build_loader
+
+epochs = []  # kept to the end: iterators suspended mid-epoch, as a loop left by an exception leaves them
+for backend in ("ffcv", "dali", "native"):  # ffcv first (writing its beton forks); native last, busy at exit
+    loader = build_loader(sys.argv[1], backend=backend, batch_size=4, size=128, workers=2, seed=0)
+    epoch = iter(loader)
+    next(epoch)
+    epochs.append(epoch)
+print("done", flush=True)
+"""
+
+
+def test_a_process_that_leaves_every_backend_mid_epoch_exits_normally(constant_data, tmp_path):
+    """A producer thread still inside a torch op when the interpreter shuts down is unwound by pthread_exit through
+    a noexcept scope: std::terminate, "terminate called without an active exception", exit code 134. Before the
+    loaders closed themselves at exit this script aborted in 4 runs of 4; the loaders now end their threads in an
+    atexit hook, while the interpreter is whole."""
+    script = tmp_path / "open_epochs.py"
+    script.write_text(OPEN_EPOCHS_AT_EXIT)
+    for _ in range(3):
+        run = subprocess.run([sys.executable, script, constant_data], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and "terminate called" not in run.stderr, run.stderr[-3000:]
+        assert run.stdout.strip() == "done"
+
+
+def test_the_pipeline_benchmark_over_every_backend_exits_normally(constant_data, tmp_path):
+    """The issue's command, small: every backend and the study's DataLoader in one process, several epochs each."""
+    args = ["--data", constant_data, "--device", "cpu", "--backends", "native,dali,ffcv,baseline", "--size", "32"]
+    args += ["--batch-size", "8", "--batches", "10", "--warmup", "1", "--json", tmp_path / "pipeline.json"]
+    env = {**os.environ, "TWINRAY_BENCH_RESULTS": str(tmp_path / "results")}
+    run = subprocess.run(
+        [sys.executable, REPO / "bench" / "pipeline.py", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0 and "terminate called" not in run.stderr, run.stderr[-3000:]
+    results = json.loads((tmp_path / "pipeline.json").read_text())["results"]
+    assert set(results) == {"native", "dali", "ffcv", "baseline"}
