@@ -150,7 +150,8 @@ def loader_batches(data: Path, backend: str, cache: str, batch: int, size: int, 
     """The trainer's loader (pretrain's arguments, with `cache`), epoch after epoch. A cache fills on the first
     batch, inside the untimed warm-up."""
     kw = dict(backend=backend, batch_size=batch, device=device, recipe="seed-final", size=size, views=2, cache=cache)
-    return epochs(build_loader(str(data), "train", drop_last=True, **kw))
+    with build_loader(str(data), "train", drop_last=True, **kw) as loader:  # closing this generator closes it
+        yield from epochs(loader)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                     batches = loader_batches(args.data, backend, cache, batch, args.size, device)
                     measured = measure(trainer, batches, args.warmup, args.steps, device)
                     record(config, mode, batch, backend if cache == "none" else f"{backend}-{cache}", measured)
-                    batches.close()  # ends the loader's epoch, and with it its background thread
+                    batches.close()  # ends the epoch and closes the loader (its threads)
     report_save(report, f"train_speed-{device.type}", args.json)
     return 0
 
