@@ -16,10 +16,12 @@ scores, to be read beside the models' scores:
 - `geometry`: the packed image's height, width and aspect ratio (prep keeps the aspect ratio, so this is the
   original's); the model sees a centre square, so this is the metadata a careless pipeline could leak.
 
-Test metrics are torchmetrics' (train/metrics.py): balanced accuracy, macro one-vs-rest AUROC and the one-vs-rest
+Test metrics are torchmetrics' (train/metrics.py): balanced accuracy, macro one-vs-rest AUROC, the one-vs-rest
 AUROC of `--source-class` (COVID-19 by default: for a single-source class, this is how well the source is
-recognised). 95% intervals are percentile bootstraps over test patients (over images when there is no patient id),
-1000 resamples, because images of one patient are not independent.
+recognised) and `rest_balanced_accuracy`, the mean recall of the other classes (No_findings and Pneumonia, which
+share the NIH as their source, so that one source cannot explain it; predicting the source class counts as
+wrong). 95% intervals are percentile bootstraps over test patients (over images when there is no patient id), 1000
+resamples, because images of one patient are not independent.
 """
 
 from __future__ import annotations
@@ -128,6 +130,8 @@ def _scores(logits: torch.Tensor, y: torch.Tensor, classes: list[str], source_cl
     out = {"balanced_accuracy": m["balanced_accuracy"], "auroc": m["auroc"]}
     if source_class is not None:
         out["source_class_auroc"] = m["per_class"][source_class]["auroc"]
+        recalls = [v["recall"] for k, v in m["per_class"].items() if k != source_class and v["recall"] is not None]
+        out["rest_balanced_accuracy"] = round(float(np.mean(recalls)), 6) if recalls else None
     return out
 
 
@@ -148,6 +152,7 @@ def fast_scores(probs: np.ndarray, y: np.ndarray, source: int | None) -> dict:
     out = {"balanced_accuracy": float(np.mean(recall)), "auroc": float(np.mean(aurocs))}
     if source is not None:
         out["source_class_auroc"] = float(aurocs[source])
+        out["rest_balanced_accuracy"] = float(np.mean([r for k, r in enumerate(recall) if k != source]))
     return out
 
 

@@ -3,7 +3,7 @@
     python train/study_real.py configs/study-real.yaml [--profile auto|cpu|gpu|quick] [--raw DIR]
     make study-real [STUDY_PROFILE=gpu] [REAL_CXR=DIR]
 
-Steps, each skipped when its output is already complete (so a re-run resumes):
+Steps, each skipped when its output is already complete (so a re-run resumes and trains nothing twice):
 1. the CSV (prep/real_cxr.py): one row per image with label and patient id -> WORK/labels.csv;
 2. `prep folder --csv ... --patient-col patient`: no patient spans two splits -> WORK/packed-<hash of CSV and args>;
 3. a train/scan.py pretraining sweep: per seed, one Barlow Twins pretraining, then `modes` (linear probe, full
@@ -42,8 +42,9 @@ from twinray.cli import InputError, OneLineParser, run_cli
 KEYS = {"raw", "work", "results", "patients_per_class", "prep", "seeds", "fractions", "modes", "source_class",
         "pretrain", "finetune", "profile", "profiles"}  # fmt: skip
 PROFILE_KEYS = {"pretrain", "finetune", "seeds", "fractions", "modes"}
-METRICS = ("balanced_accuracy", "auroc", "source_class_auroc", "accuracy", "macro_f1")
+METRICS = ("balanced_accuracy", "auroc", "source_class_auroc", "rest_balanced_accuracy", "accuracy", "macro_f1")
 INITS = ("barlow", "random")
+SHOWN = ("balanced_accuracy", "auroc", "source_class_auroc", "rest_balanced_accuracy")  # the table's columns
 
 
 def load(path: Path, profile: str | None = None) -> dict:
@@ -177,14 +178,22 @@ def collect(cfg: dict, scans: dict[str, dict]) -> list[dict]:
             found = json.loads(results.read_text())
             test = found["test"]
             per_class = (test.get("per_class") or {}).get(cfg["source_class"]) or {}
-            metrics = {**{m: test.get(m) for m in METRICS if m != "source_class_auroc"},
-                       "source_class_auroc": per_class.get("auroc")}  # fmt: skip
+            metrics = {**{m: test.get(m) for m in METRICS}, "source_class_auroc": per_class.get("auroc"),
+                       "rest_balanced_accuracy": rest_recall(test["confusion"], cfg["source_class"])}  # fmt: skip
             rows.append({
                 "init": init, "mode": run["cell"]["mode"], "fraction": float(run["cell"]["fraction"]),
                 "seed": run["seed"], "train_images": found["train_samples"], "test_images": test["n"],
                 **{k: v for k, v in metrics.items() if v is not None}, "dir": str(run["dir"]),
             })  # fmt: skip
     return rows
+
+
+def rest_recall(confusion: dict, source_class: str | None) -> float | None:
+    """Mean recall of the classes other than the single-source one, from test confusion counts (rows: true class):
+    No_findings and Pneumonia both come from the NIH, so the source cannot separate them."""
+    recalls = [row[k] / sum(row) for k, (name, row) in enumerate(zip(confusion["classes"], confusion["counts"]))
+               if name != source_class and sum(row) > 0]  # fmt: skip
+    return round(sum(recalls) / len(recalls), 6) if recalls and source_class is not None else None
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -234,30 +243,32 @@ def table(cfg: dict, summary: list[dict], shortcuts: dict, packed: Path, command
     seeds = len(cfg["seeds"])
     spread = "mean ± 95% t-interval over" if seeds > 1 else "one seed, no interval:"
     source = cfg["source_class"]
+    rest = " / ".join(c for c in data.classes if c != source)
     lines = [
         f"Profile `{cfg['profile']}`: `{command}`",
         "",
         f"Data: {len(data)} images ({counts}), split by patient. Pretraining: {_flags(cfg['pretrain'])}. "
         f"Downstream: {_flags(cfg['finetune'])}. Test split, {spread} {seeds} seed{'s' if seeds > 1 else ''}.",
         "",
-        f"| init | mode | label fraction | train images | balanced accuracy | macro AUROC | {source} AUROC |",
-        "|---|---|---|---|---|---|---|",
+        f"| init | mode | label fraction | train images | balanced accuracy | macro AUROC | {source} AUROC | "
+        f"{rest} balanced accuracy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
-        scores = " | ".join(_cell(s, m) for m in ("balanced_accuracy", "auroc", "source_class_auroc"))
+        scores = " | ".join(_cell(s, m) for m in SHOWN)
         lines.append(f"| {s['init']} | {s['mode']} | {s['fraction']:g} | {s['train_images']:g} | {scores} |")
     lines += [
         "",
         f"Source-shortcut check (train/shortcuts.py; logistic regression on features that carry no disease, eval view "
         f"at {shortcuts['size']} px; 95% bootstrap over {shortcuts['test_patients']} test patients):",
         "",
-        f"| features | count | balanced accuracy | macro AUROC | {source} AUROC |",
-        "|---|---|---|---|---|",
+        f"| features | count | balanced accuracy | macro AUROC | {source} AUROC | {rest} balanced accuracy |",
+        "|---|---|---|---|---|---|",
     ]
     for name, probe in shortcuts["probes"].items():
         t, ci = probe["test"], probe["test_ci95"]
         cells = [f"{t[m]:.3f} [{ci[m][0]:.3f}, {ci[m][1]:.3f}]" if m in ci else f"{t.get(m, 'n/a')}"
-                 for m in ("balanced_accuracy", "auroc", "source_class_auroc")]  # fmt: skip
+                 for m in SHOWN]  # fmt: skip
         lines.append(f"| {name} | {probe['features']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -310,6 +321,21 @@ def draw(summary: list[dict], rows: list[dict], shortcuts: dict, modes: list[str
     return out
 
 
+def shortcut_report(path: Path, packed: Path, size: int, source_class: str | None) -> dict:
+    """train/shortcuts.py's report, reused when `path` already holds one for this pack, size and class."""
+    from twinray.train import shortcuts
+
+    try:
+        found = json.loads(path.read_text())
+        if (found["data"], found["size"], found["source_class"]) == (str(packed), size, source_class):
+            return found
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    report = shortcuts.check(packed, size, source_class)
+    write_json(path, report)
+    return report
+
+
 def save_configs(cfg: dict, scans: dict[str, dict], rows: list[dict], results: Path) -> None:
     folder = results / "configs"
     folder.mkdir(parents=True, exist_ok=True)
@@ -336,11 +362,8 @@ def study(cfg: dict, command: str) -> Path:
         path = results / "configs" / f"scan-{name}.yaml"
         path.write_text(yaml.safe_dump(scan_cfg, sort_keys=False))
         clock.time(f"scan-{name}", run_scan, path)
-    from twinray.train import shortcuts
-
     size = int((cfg.get("finetune") or {}).get("size", 224))
-    report = clock.time("shortcuts", shortcuts.check, packed, size, cfg["source_class"])
-    write_json(results / "shortcuts.json", report)
+    report = clock.time("shortcuts", shortcut_report, results / "shortcuts.json", packed, size, cfg["source_class"])
     rows = collect(cfg, scans)
     summary = summarise(rows)
     write_csv(results / "runs.csv", rows)
