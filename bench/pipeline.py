@@ -39,21 +39,11 @@ from twinray.bench.report import (
 from twinray.bench.report import save as report_save
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment import load_recipe
+from twinray.pipelines.augment.reference import StudyNoise
 from twinray.pipelines.cache import CACHES
 from twinray.prep.format import PackedDataset
 
 from twinray.storage import is_url, location, storage_options_type
-
-
-class StudyNoise:
-    """The study's noise: sigma = image mean x U(a, b)."""
-
-    def __init__(self, low: float, high: float):
-        self.low, self.high = low, high
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        sigma = x.mean() * (self.low + (self.high - self.low) * torch.rand(()))
-        return (x + torch.randn_like(x) * sigma).clamp(0, 1)
 
 
 def study_transform(recipe) -> v2.Compose:
