@@ -83,3 +83,12 @@ def test_finetune_refuses_a_batch_of_one_before_writing(covid_packed, mode, tmp_
     )
     assert_one_line_error(result, "--batch-size 1", "at least 2 images")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("batch", "needle"), [("1", "at least 2 images"), ("64", "larger than the train split (48")])
+def test_lr_find_refuses_a_batch_that_cannot_train_before_writing(covid_packed, batch, needle, tmp_path):
+    # 64 > 48 train images: every epoch was empty, and cycling a million of them looked like a hang.
+    out = tmp_path / "plots" / "lr.png"
+    result = cli("train/lr_find.py", "--data", covid_packed, "--out", out, "--size", "32", "--batch-size", batch)
+    assert_one_line_error(result, f"--batch-size {batch}", needle)
+    assert not out.parent.exists()

@@ -13,6 +13,7 @@ and confusion.png (multiclass).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import shutil
 import time
@@ -158,6 +159,11 @@ def predict(model: nn.Module, loader, task: Task, device: torch.device) -> tuple
 
 
 def run(args: argparse.Namespace) -> dict:
+    with contextlib.ExitStack() as loaders:  # each loader's threads end with the run, on an error too
+        return _run(args, loaders)
+
+
+def _run(args: argparse.Namespace, loaders: contextlib.ExitStack) -> dict:
     device = torch.device(args.device)
     data = PackedDataset(args.data)
     task = Task(data, args.labels, args.uncertain)
@@ -170,11 +176,11 @@ def run(args: argparse.Namespace) -> dict:
     split_rows = data.indices("train")
     rows = label_fraction(split_rows, data.labels(split_rows), args.fraction, args.seed)
     linear = transfer.parse_mode(args.mode)[0] == "linear"
-    val_loader = _loader(args, "val", cache="none" if linear else args.cache)  # linear mode reads it once
+    val_loader = loaders.enter_context(_loader(args, "val", cache="none" if linear else args.cache))  # linear: once
     if linear:
         # The backbone is a fixed function here: its features (of unaugmented images) are computed once, and the
         # head trains on them; a probe of the features themselves, and far cheaper than a forward pass per epoch.
-        train_x, train_y = predict(model.backbone, _loader(args, "train", rows), task, device)
+        train_x, train_y = predict(model.backbone, loaders.enter_context(_loader(args, "train", rows)), task, device)
         val_x, val_y = predict(model.backbone, val_loader, task, device)
         forward = model.head
 
@@ -190,7 +196,7 @@ def run(args: argparse.Namespace) -> dict:
             with torch.no_grad():
                 return model.head(val_x.to(device)).float().cpu(), val_y
     else:
-        train_loader = _loader(args, "train", rows, train=True, cache=args.cache)
+        train_loader = loaders.enter_context(_loader(args, "train", rows, train=True, cache=args.cache))
         forward = model
 
         def train_batches(epoch: int):
@@ -246,7 +252,8 @@ def run(args: argparse.Namespace) -> dict:
         print(f"epoch {epoch + 1}/{args.epochs}  train_loss {row['train_loss']:.4f}  val {row['val_score']:.4f}")
 
     model.load_state_dict(best["state"])
-    test = task.metrics(*predict(model, _loader(args, "test"), task, device))  # read once, after selection
+    test_loader = loaders.enter_context(_loader(args, "test"))
+    test = task.metrics(*predict(model, test_loader, task, device))  # read once, after selection
     results = {
         "config": config,
         "init": init,

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from twinray.pipelines import build_loader
 from twinray.prep import shard_cache
+from twinray.train.config import ConfigError, check_batch_size
 from twinray.train.labels import certain_bce
 from twinray.train.model import BarlowTwins
 from twinray.train.step import BarlowTwinsMethod, train_step
@@ -93,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:
+        check_batch_size(args.batch_size)  # BatchNorm trains on the batch: one image cannot
+    except ConfigError as e:
+        parser.error(str(e))
     shard_cache.configure_from(args)
     if not 0 < args.min_lr < args.max_lr:
         print(f"lr_find: error: need 0 < --min-lr ({args.min_lr}) < --max-lr ({args.max_lr})", file=sys.stderr)
@@ -109,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         views=2 if args.task == "pretrain" else 1,
         seed=args.seed,
     )
+    if len(loader) == 0:  # cycling empty epochs would never end
+        loader.close()
+        print(f"lr_find: error: --batch-size {args.batch_size} is larger than the train split ({len(loader.rows)} "
+              "images)", file=sys.stderr)  # fmt: skip
+        return 2
     model = BarlowTwins().to(args.device, memory_format=torch.channels_last)
     multilabel = loader.data.task == "multilabel"
     head = torch.nn.Linear(model.backbone.num_features, len(loader.data.classes)).to(args.device)
@@ -136,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return loss.detach()
 
     lrs, losses = range_test(update, optimizer, args.min_lr, args.max_lr, args.steps)
+    batches.close()
+    loader.close()  # its threads end now (pipelines/loader.py)
     if not lrs:
         print("lr_find: error: the loss was not finite at the first step", file=sys.stderr)
         return 1

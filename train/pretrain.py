@@ -106,9 +106,11 @@ def evaluate_knn(model, cfg, accelerator, classes: int, multilabel: bool, bank: 
         workers=cfg.workers,
     )
     model.eval()
-    train_f, train_y = _features(model, build_loader(cfg.data, "train", rows=bank, **kw), accelerator)
+    with build_loader(cfg.data, "train", rows=bank, **kw) as bank_loader:  # its threads end here, each evaluation
+        train_f, train_y = _features(model, bank_loader, accelerator)
     try:
-        val_f, val_y = _features(model, build_loader(cfg.data, "val", **kw), accelerator)
+        with build_loader(cfg.data, "val", **kw) as val_loader:
+            val_f, val_y = _features(model, val_loader, accelerator)
     except ValueError:  # an empty val split
         model.train()
         return {}
@@ -306,6 +308,7 @@ def train(cfg: PretrainConfig) -> dict:
         accelerator.print(f"epoch {pos.epoch}/{cfg.epochs}  mean loss {row.get('loss', float('nan')):.2f}  {score}")
 
     # ---- the run's end: a checkpoint to continue from, or the backbone ----------------------------------------
+    loader.close()  # its decode pool and any epoch left open end now (pipelines/loader.py)
     vote.close()
     if stopped:
         save(run, cfg, accelerator)
