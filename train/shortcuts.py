@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from twinray.pipelines import build_loader
+from twinray.pipelines.augment.recipes import EVAL_RECIPE
 from twinray.prep.format import PackedDataset
 from twinray.train.metrics import multiclass_metrics
-from twinray.train.online_eval import EVAL_RECIPE
 
 from twinray.atomic import write_json
 from twinray.cli import InputError, OneLineParser, run_cli
@@ -75,14 +75,14 @@ def geometry(data: PackedDataset, rows: np.ndarray) -> torch.Tensor:
 
 def split_features(data: PackedDataset, root: Path, split: str, size: int) -> dict:
     """Every feature set, labels and patient ids of one split, in index order."""
-    loader = build_loader(str(root), split=split, batch_size=64, device="cpu", recipe=EVAL_RECIPE, size=size,
-                          views=1, seed=0, drop_last=False)  # fmt: skip
     rows, stats, ring = [], [], []
-    for batch in loader:
-        views = batch.views[0].float().cpu()
-        rows.append(batch.indices.cpu().numpy())
-        stats.append(statistics(views))
-        ring.append(border(views))
+    with build_loader(str(root), split=split, batch_size=64, device="cpu", recipe=EVAL_RECIPE, size=size, views=1,
+                      seed=0, drop_last=False) as loader:  # fmt: skip
+        for batch in loader:
+            views = batch.views[0].float().cpu()
+            rows.append(batch.indices.cpu().numpy())
+            stats.append(statistics(views))
+            ring.append(border(views))
     rows = np.concatenate(rows)
     order = np.argsort(rows, kind="stable")
     rows = rows[order]
