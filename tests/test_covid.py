@@ -15,8 +15,8 @@ import pytest
 from openpyxl import Workbook, load_workbook
 from PIL import Image
 from twinray.prep import build
-from twinray.prep.datasets import covid
 from twinray.prep.cli import describe
+from twinray.prep.datasets import covid
 from twinray.prep.format import PackedDataset, verify
 from twinray.prep.sample import SOURCES
 
