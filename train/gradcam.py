@@ -106,9 +106,9 @@ def run(args: argparse.Namespace) -> Path:
     size = args.size or loaded[0][1]["size"]
     rows, targets = pick_rows(data, classes, args.per_class)
     unique = np.unique(rows)  # an image positive for two labels is read once
-    loader = build_loader(str(args.data), split="test", batch_size=len(unique), recipe=EVAL_RECIPE, size=size,
-                          views=1, drop_last=False, rows=unique)  # fmt: skip
-    batch = next(iter(loader))  # every picked image in one batch, in the loader's shuffled order
+    with build_loader(str(args.data), split="test", batch_size=len(unique), recipe=EVAL_RECIPE, size=size,
+                      views=1, drop_last=False, rows=unique) as loader:  # fmt: skip
+        batch = next(iter(loader))  # every picked image in one batch, in the loader's shuffled order
     position = {int(row): k for k, row in enumerate(batch.indices)}
     images = batch.views[0][[position[int(r)] for r in rows]].float().contiguous()
     maps, titles, names = [], [], []
