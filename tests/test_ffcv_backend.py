@@ -177,3 +177,23 @@ def test_discarded_loaders_print_nothing_but_other_finalizer_errors_still_do(con
     del litter
     gc.collect()
     assert seen == [ValueError]
+
+
+def test_an_epoch_left_early_ends_ffcvs_reader_thread(constant_data):
+    """ffcv 1.0.2's EpochIterator.close() only sets an event. With the epoch's last batches queued, its reader then
+    waits forever to put the end marker; the loader takes a batch out so that it can, and waits for it."""
+    import threading
+    import time
+
+    def readers() -> list:
+        return [t for t in threading.enumerate() if type(t).__name__ == "EpochIterator" and t.is_alive()]
+
+    loader = FFCVLoader(constant_data, batch_size=12, recipe=PLAIN, size=16, workers=1, prefetch=3)
+    assert len(loader) == 4  # one taken, three queued: the end marker finds the queue full
+    epoch = iter(loader)
+    next(epoch)
+    time.sleep(1.0)  # lets the reader queue the rest and block on the end marker
+    assert len(readers()) == 1
+    epoch.close()
+    assert readers() == []
+    loader.close()
