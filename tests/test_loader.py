@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -259,12 +260,17 @@ def test_close_ends_every_thread_the_loader_started(constant_data, backend):
     with build_loader(constant_data, **kw) as warm:  # process-wide pools (OpenMP, numba's) start once and stay
         for _ in warm:
             pass
-    before = _os_threads()
+    before, python_before = _os_threads(), set(threading.enumerate())
     with build_loader(constant_data, **kw) as loader:
         epoch = iter(loader)
         next(epoch)
         next(epoch)
         assert _os_threads() - before, "the epoch runs threads of its own"
+    assert set(threading.enumerate()) <= python_before  # producer, decode pool, FFCV's reader: joined by close()
+    # Native threads too (DALI's). An OpenMP team that a joined thread led ends just after it: allow a moment.
+    deadline = time.monotonic() + 10
+    while not _os_threads() <= before and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert _os_threads() <= before
     with pytest.raises(StopIteration):
         next(epoch)  # closed with the loader
