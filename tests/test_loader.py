@@ -300,7 +300,7 @@ def test_a_process_that_leaves_every_backend_mid_epoch_exits_normally(constant_d
     atexit hook, while the interpreter is whole."""
     script = tmp_path / "open_epochs.py"
     script.write_text(OPEN_EPOCHS_AT_EXIT)
-    for _ in range(3):
+    for _ in range(2):  # it aborted in every run before; each run costs the imports of torch, DALI and FFCV
         run = subprocess.run([sys.executable, script, constant_data], capture_output=True, text=True, timeout=300)
         assert run.returncode == 0 and "terminate called" not in run.stderr, run.stderr[-3000:]
         assert run.stdout.strip() == "done"
