@@ -199,7 +199,7 @@ def test_cuda_auto_puts_a_small_split_on_the_device(mixed_sizes, capsys):
     device = _cuda()
     loader = build_loader(str(mixed_sizes), batch_size=7, size=16, device=device, cache="auto")
     assert loader.cache_mode == "device"
-    assert "cache auto -> device: the decoded images take" in capsys.readouterr().out
+    assert "cache auto -> device: the decoded images take" in capsys.readouterr().err
 
 
 def test_finetune_with_the_default_cache_trains_exactly_as_without(covid_packed, tmp_path):
@@ -214,9 +214,9 @@ def test_finetune_with_the_default_cache_trains_exactly_as_without(covid_packed,
         args = ["--data", covid_packed, "--init", "random", "--out", out, *SMALL, "--epochs", "1"]
         result = finetune(*args, *(["--cache", cache] if cache else []))
         assert result.returncode == 0, result.stderr[-2000:]
-        runs[cache] = json.loads((out / "results.json").read_text()), result.stdout
+        runs[cache] = json.loads((out / "results.json").read_text()), result.stderr
     (plain, plain_out), (cached, cached_out) = runs["none"], runs[None]
-    assert "cache" not in plain_out
+    assert "cache auto" not in plain_out  # the choice is a stderr line, and only when a cache is asked for
     assert "train: cache auto -> host" in cached_out and "val: cache auto -> host" in cached_out
     assert cached["config"]["cache"] == "auto"
     assert [h["train_loss"] for h in plain["history"]] == [h["train_loss"] for h in cached["history"]]

@@ -75,8 +75,12 @@ def test_the_upload_sends_the_manifest_last(covid_packed, tmp_path):
     # file:// runs the same upload code; its mtimes (ns) show the order in which the files arrived.
     url = f"file://{tmp_path}/up"
     upload_dataset(covid_packed, url)
-    files = sorted((tmp_path / "up").iterdir(), key=lambda p: p.stat().st_mtime_ns)
-    assert files[-1].name == MANIFEST and len(files) == len([p for p in covid_packed.iterdir() if p.is_file()])
+    up = tmp_path / "up"
+    files = sorted((p for p in up.rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
+    assert files[-1] == up / MANIFEST
+    # Every file under the packed folder, side folders too (another test may have added FFCV files beside it).
+    sent = sorted(p.relative_to(up) for p in files)
+    assert sent == sorted(p.relative_to(covid_packed) for p in covid_packed.rglob("*") if p.is_file())
     assert PackedDataset(url).manifest == PackedDataset(covid_packed).manifest
 
 
