@@ -34,7 +34,13 @@ class Batch:
 
 class LoaderBase:
     """What every backend shares: the split's rows, the recipe at the output size, the epoch length, and where the
-    next epoch starts. Backends add how they read, decode and augment."""
+    next epoch starts. Backends add how they read, decode and augment.
+
+    `cache_note`: one line on where a cache was put and why (None without one). The loader does not print it: a
+    script prints it with its first epoch line, after that epoch is saved, so a reader that has left (`| head`) costs
+    no work and an error stays the only line on stderr."""
+
+    cache_note: str | None = None
 
     def __init__(
         self,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import queue
-import sys
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -48,8 +47,7 @@ class NativeLoader(LoaderBase):
         """`contract`: build_loader's keywords (split, batch_size, device, recipe, size, views, seed, rank,
         world_size, drop_last); `workers` decode threads, `prefetch` batches prepared ahead; `cache` none, host,
         device or auto (pipelines/cache.py). A cache is allocated here and filled when the first epoch starts; the
-        choice is printed in one line on stderr (by rank 0; stdout carries results). Raises InputError when an
-        explicit host or device cache cannot fit."""
+        choice is `cache_note` (LoaderBase). Raises InputError when an explicit host or device cache cannot fit."""
         super().__init__(data, **contract)
         self.augment = Augment(self.recipe, device=self.device, seed=self.seed)
         labels = torch.from_numpy(np.ascontiguousarray(self.data.labels()))
@@ -58,8 +56,8 @@ class NativeLoader(LoaderBase):
         self.pool = ThreadPoolExecutor(workers or len(os.sched_getaffinity(0)))
         self.prefetch = prefetch
         self.cache_mode, reason = resolve(cache, self.data, self.rows, self.device)
-        if cache != "none" and self.rank == 0:
-            print(f"{self.data.location} {self.split}: {reason}", file=sys.stderr, flush=True)
+        if cache != "none":
+            self.cache_note = f"{self.data.location} {self.split}: {reason}"
         self.cache = (
             None if self.cache_mode == "none" else ImageCache(self.data, self.rows, self.device, self.cache_mode)
         )

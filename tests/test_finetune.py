@@ -152,6 +152,25 @@ def test_the_test_split_is_never_used_for_selection(covid_packed, tmp_path):
     assert a["test"]["confusion"]["counts"] != b["test"]["confusion"]["counts"]
 
 
+def test_a_yaml_config_sets_fields_and_flags_win(tmp_path):
+    """FinetuneConfig, like PretrainConfig: `--config` first, flags on top; YAML 1.1's `1e-3` (text) is a number."""
+    from twinray.train.config import ConfigError, FinetuneConfig, from_args, from_mapping
+
+    path = tmp_path / "probe.yaml"
+    path.write_text("data: d\ninit: random\nout: o\nmode: linear\nlr: 1e-3\nbatch-size: 32\n")
+    cfg, _ = from_args(["--config", str(path), "--batch-size", "64"], FinetuneConfig)
+    assert (cfg.mode, cfg.lr, cfg.batch_size, cfg.epochs) == ("linear", 0.001, 64, 15)
+    path.write_text("data: d\ninit: random\nout: o\nepoch: 3\n")
+    with pytest.raises(ConfigError, match=r"probe.yaml: unknown field 'epoch' \(known: .*epochs"):
+        from_args(["--config", str(path)], FinetuneConfig)
+    with pytest.raises(ConfigError, match=r"^--init, --out are required$"):
+        from_args(["--data", "d"], FinetuneConfig)
+    with pytest.raises(ConfigError, match=r"^here: epochs 'ten' is not an integer$"):
+        from_mapping(FinetuneConfig, {"data": "d", "init": "random", "out": "o", "epochs": "ten"}, "here")
+    with pytest.raises(ConfigError, match=r"^here: --uncertain 'maybe' is not one of: ones, zeros, ignore$"):
+        from_mapping(FinetuneConfig, {"data": "d", "init": "random", "out": "o", "uncertain": "maybe"}, "here")
+
+
 @pytest.mark.parametrize(
     "args, needles",
     [

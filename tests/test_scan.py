@@ -8,7 +8,8 @@ import sys
 
 import pytest
 import yaml
-from twinray.train.scan import flags, plan, t_interval
+from twinray.train.config import FinetuneConfig, PretrainConfig, to_flags
+from twinray.train.scan import plan, t_interval
 
 from tests.conftest import REPO, assert_one_line_error
 
@@ -20,7 +21,10 @@ def scan(config) -> subprocess.CompletedProcess:
 
 
 def test_flags_and_interval():
-    assert flags({"batch_size": 8, "compile": False, "x": True}) == ["--batch-size", "8", "--no-compile", "--x"]
+    config = PretrainConfig(batch_size=8, compile=False, deterministic=True)
+    assert to_flags(config) == ["--batch-size", "8", "--no-compile", "--deterministic"]  # defaults left out
+    tune = FinetuneConfig(data="d", init="random", out="o", fraction=0.1)
+    assert to_flags(tune) == ["--data", "d", "--init", "random", "--out", "o", "--fraction", "0.1"]
     assert t_interval([1.0]) == 0.0
     assert t_interval([1.0, 2.0, 3.0]) == pytest.approx(4.303 * 1.0 / 3**0.5, rel=1e-3)  # t(0.975, 2) = 4.303
 

@@ -1,6 +1,8 @@
-"""Pretraining configuration: typed, the study's final settings by default, YAML or flags on top.
+"""Run configurations, typed: PretrainConfig (train/pretrain.py) and FinetuneConfig (train/finetune.py).
 
-Every field is a flag (`--batch-size`, `--no-compile`, ...); `--config FILE.yaml` sets fields first, flags win.
+Each holds the study's settings by default. Every field is a flag (`--batch-size`, `--no-compile`, ...);
+`--config FILE.yaml` sets fields first, and flags win. train/scan.py builds the same objects from a scan's YAML
+(`from_mapping`), so a bad value in a scan stops it before its first run, in one line.
 """
 
 from __future__ import annotations
@@ -11,13 +13,19 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 from twinray.pipelines.cache import CACHES
+from twinray.pipelines.loader import BACKENDS
+from twinray.train.label_fractions import check_fraction
+from twinray.train.labels import UNCERTAIN_POLICIES
 from twinray.train.model import BACKBONES, parse_projector
 from twinray.train.step import COMPILE_MODES
+from twinray.train.transfer import parse_mode
 
 from twinray.cli import OneLineParser
 from twinray.config import check_fields, read_mapping
+from twinray.storage import location
 
 CHOICES = {
     "optimizer": ("adam", "adamw", "lars", "sgd"),
@@ -133,6 +141,118 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning or a linear probe of one backbone on a packed dataset.
+
+    The defaults are the study's downstream settings (report, section 3.4): Adam, lr 0.00153, weight decay
+    9.87e-6, batch 96, 15 epochs, 224 px. `data`, `init` and `out` have no default and must be given."""
+
+    PROG: ClassVar[str] = "train/finetune.py"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("data", "init", "out")
+
+    data: str | None = None
+    init: str | None = None
+    out: str | None = None
+    mode: str = "full"
+    fraction: float = 1.0
+    seed: int = 0
+    epochs: int = 15
+    size: int = 224
+    batch_size: int = 96
+    lr: float = 0.00153
+    weight_decay: float = 9.87e-6
+    backbone: str = "resnet18"
+    channels: int = 1
+    backend: str = "native"
+    labels: str | None = None
+    uncertain: str = "ones"
+    device: str | None = None
+    workers: int | None = None
+    cache: str = "auto"
+    shard_cache: str | None = None
+    shard_cache_limit: str | None = None
+    storage_options: str | None = None
+
+    HELP: ClassVar[dict] = {
+        "data": "a packed dataset (python -m prep ...), or its URL",
+        "init": "RUN_DIR, BACKBONE.safetensors, imagenet or random",
+        "out": "the run's directory; a run left there resumes",
+        "mode": "full, linear or freeze:K (K = 0..4)",
+        "fraction": "label fraction of the train split, in (0, 1]",
+        "backbone": "for imagenet and random",
+        "channels": "for imagenet and random: 1 or 3",
+        "labels": "multilabel: comma-separated (default: the 5 competition ones)",
+        "uncertain": "multilabel: what -1 means (ones, zeros, ignore)",
+        "device": "cuda when there is one, else cpu",
+        "workers": "CPU decode threads (native backend)",
+        "cache": "native backend: keep the decoded train and val images in memory (auto: where they fit)",
+        "shard_cache": "node-local cache for a --data URL",
+        "shard_cache_limit": "shard cache size limit, e.g. 200GB",
+        "storage_options": "fsspec options as JSON; credentials come from the environment",
+    }
+    CHOICES: ClassVar[dict] = {
+        "backbone": BACKBONES,
+        "channels": (1, 3),
+        "backend": BACKENDS,
+        "uncertain": UNCERTAIN_POLICIES,
+        "cache": CACHES,
+    }
+
+    def validate(self) -> FinetuneConfig:
+        """Raises ConfigError naming the flag and its value; normalises `data` (a local path, or a URL as given)."""
+        missing = [flag(name) for name in self.REQUIRED if getattr(self, name) in (None, "")]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
+        for name, choices in self.CHOICES.items():
+            if getattr(self, name) not in choices:
+                valid = ", ".join(str(c) for c in choices)
+                raise ConfigError(f"{flag(name)} {getattr(self, name)!r} is not one of: {valid}")
+        for name in ("epochs", "size", "workers"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{flag(name)} {getattr(self, name)} must be at least 1")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ConfigError(f"--lr {self.lr} must be positive and --weight-decay {self.weight_decay} not negative")
+        check_batch_size(self.batch_size)  # the head's BatchNorm trains on whole batches, in every mode
+        try:
+            check_fraction(self.fraction)
+        except ValueError as e:
+            raise ConfigError(f"--fraction: {e}") from None
+        try:
+            parse_mode(self.mode)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.data, self.out = str(location(str(self.data))), str(Path(self.out))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CONFIGS = (PretrainConfig, FinetuneConfig)
+
+
+def flag(name: str) -> str:
+    """batch_size -> --batch-size"""
+    return "--" + name.replace("_", "-")
+
+
+def to_flags(config, names=None) -> list[str]:
+    """The command line that rebuilds `config`: ["--batch-size", "32", "--no-compile", ...]. `names`: the fields to
+    write (train/scan.py passes those a scan sets, so each run's flags say what the scan chose); by default, every
+    field that differs from the class's default."""
+    out = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if value is None or (f.name not in names if names is not None else value == f.default):
+            continue
+        if isinstance(value, bool):
+            out.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])
+        else:
+            out += [flag(f.name), str(value)]
+    return out
+
+
 def _base_type(annotation) -> type:
     """int for 'int | None', bool for 'bool | None', ..."""
     hint = annotation
@@ -141,29 +261,75 @@ def _base_type(annotation) -> type:
     return hint
 
 
-def load_yaml(path: str | Path) -> dict:
+def _coerce(value, kind: type, name: str, where: str):
+    """A YAML value as the field's type. YAML 1.1 reads `1e-3` as text and `512` as a number, so numbers written
+    either way are taken; anything else raises ConfigError naming the field and the value."""
+    if value is None or (isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)):
+        return value
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if kind in (int, float) and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        try:
+            number = float(value)
+            if kind is float:
+                return number
+            if number.is_integer():
+                return int(number)
+        except ValueError:
+            pass
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "text"}[kind]
+    raise ConfigError(f"{where}: {name} {value!r} is not {words}")
+
+
+def from_mapping(cls, values: dict, where: str):
+    """A validated `cls` (PretrainConfig or FinetuneConfig) from a YAML mapping; keys may use - or _. Raises
+    ConfigError in one line naming `where` for an unknown field, a value of the wrong type or a bad value."""
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    check_fields(values, (f.name for f in fields(cls)), where, error=ConfigError)
+    hints = typing.get_type_hints(cls)
+    typed = {k: _coerce(v, _base_type(hints[k]), k, where) for k, v in values.items()}
+    try:
+        return cls(**typed).validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def load_yaml(path: str | Path, cls=PretrainConfig) -> dict:
+    """A config file's fields, checked for unknown names and types; not yet validated (flags may follow)."""
     data = read_mapping(path, "config", error=ConfigError)
-    check_fields(data, (f.name for f in fields(PretrainConfig)), str(path), error=ConfigError)
-    return data
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    check_fields(data, (f.name for f in fields(cls)), str(path), error=ConfigError)
+    hints = typing.get_type_hints(cls)
+    return {k: _coerce(v, _base_type(hints[k]), k, str(path)) for k, v in data.items()}
 
 
-def parser() -> argparse.ArgumentParser:
-    hints = typing.get_type_hints(PretrainConfig)
-    p = OneLineParser(prog="train/pretrain.py", description="Barlow Twins pretraining on a packed chest X-ray dataset.")
+def parser(cls=PretrainConfig, description: str | None = None) -> argparse.ArgumentParser:
+    """One flag per field of `cls`, plus --config (and --resume for pretraining); no defaults, so that the flags
+    given can be told from the YAML's fields."""
+    hints = typing.get_type_hints(cls)
+    default = "Barlow Twins pretraining on a packed chest X-ray dataset."
+    p = OneLineParser(
+        prog=getattr(cls, "PROG", "train/pretrain.py"),
+        description=description or (default if cls is PretrainConfig else cls.__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="YAML file of fields; flags override it")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out (also the default)")
-    for f in fields(PretrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+    if cls is PretrainConfig:
+        p.add_argument("--resume", action="store_true", help="continue the run in --out (also the default)")
+    for f in fields(cls):
         kind = _base_type(hints[f.name])
+        shown = "" if f.default is None else f" (default: {f.default})"
+        text = (getattr(cls, "HELP", {}).get(f.name, "") + shown).strip() or None
         if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            p.add_argument(flag, type=kind, default=None, metavar=f.name.upper())
+            p.add_argument(flag(f.name), type=kind, default=None, metavar=f.name.upper(), help=text)
     return p
 
 
-def from_args(argv: list[str] | None = None) -> tuple[PretrainConfig, argparse.Namespace]:
-    args = parser().parse_args(argv)
-    values = load_yaml(args.config) if args.config else {}
-    values.update({f.name: getattr(args, f.name) for f in fields(PretrainConfig) if getattr(args, f.name) is not None})
-    return PretrainConfig(**values).validate(), args
+def from_args(argv: list[str] | None = None, cls=PretrainConfig, description: str | None = None):
+    """(validated config, the parsed namespace) from a command line; --config's fields first, flags on top."""
+    args = parser(cls, description).parse_args(argv)
+    values = load_yaml(args.config, cls) if args.config else {}
+    values.update({f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None})
+    return cls(**values).validate(), args

@@ -7,12 +7,12 @@ Defaults are the study's downstream settings: Adam, lr 0.00153, weight decay 9.8
 horizontal flip. The train split is cut to a stratified label fraction (nested across fractions for one seed). The
 epoch with the best val score (accuracy, or mean AUROC for multilabel data) is kept; only then is the test split
 read, once. Writes results.json (config, history, best val, `"test"` metrics), model.safetensors + model.json,
-and confusion.png (multiclass).
+and confusion.png (multiclass). Every flag is a field of FinetuneConfig (train/config.py): `--config FILE.yaml` sets
+fields first, and flags win.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import shutil
@@ -24,21 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment import EVAL_RECIPE, FINETUNE_RECIPE
-from twinray.pipelines.cache import CACHES
-from twinray.pipelines.loader import BACKENDS
 from twinray.prep import shard_cache
 from twinray.prep.datasets.chexpert import COMPETITION  # used by default when the dataset has them all
 from twinray.prep.format import PackedDataset
 from twinray.train import checkpoint, transfer
-from twinray.train.config import ConfigError, check_batch_size
-from twinray.train.label_fractions import check_fraction, label_fraction
-from twinray.train.labels import UNCERTAIN_POLICIES, policy_targets, targets_bce
+from twinray.train.config import FinetuneConfig, from_args
+from twinray.train.label_fractions import label_fraction
+from twinray.train.labels import policy_targets, targets_bce
 from twinray.train.metrics import draw_confusion, multiclass_metrics, multilabel_metrics
-from twinray.train.model import BACKBONES, Classifier
+from twinray.train.model import Classifier
 
 from twinray.atomic import write_json
-from twinray.cli import InputError, OneLineParser, run_cli
-from twinray.storage import location
+from twinray.cli import InputError, run_cli
 
 # A run directory resumes only a run with the same settings; --epochs may grow, and the device or backend may change.
 RESUME_MUST_MATCH = ("data", "init", "mode", "fraction", "seed", "size", "batch_size", "lr", "weight_decay",
@@ -83,54 +80,19 @@ class Task:
         return -1.0 if value is None else value
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=location, required=True, help="a packed dataset (python -m prep ...)")
-    shard_cache.add_arguments(parser)  # --shard-cache, ...: for a --data URL
-    parser.add_argument("--init", required=True, help="RUN_DIR, BACKBONE.safetensors, imagenet or random")
-    parser.add_argument("--mode", default="full", help="full, linear or freeze:K (K = 0..4)")
-    parser.add_argument("--fraction", type=float, default=1.0, help="label fraction of the train split, in (0, 1]")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--batch-size", type=int, default=96)
-    parser.add_argument("--lr", type=float, default=0.00153)
-    parser.add_argument("--weight-decay", type=float, default=9.87e-6)
-    parser.add_argument("--backbone", default="resnet18", choices=BACKBONES, help="for imagenet and random")
-    parser.add_argument("--channels", type=int, default=1, choices=(1, 3), help="for imagenet and random")
-    parser.add_argument("--backend", default="native", choices=BACKENDS)
-    parser.add_argument("--labels", default=None, help="multilabel: comma-separated (default: the 5 competition ones)")
-    parser.add_argument("--uncertain", default="ones", choices=UNCERTAIN_POLICIES, help="multilabel: what -1 means")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--workers", type=int, default=None, help="CPU decode threads (native backend)")
-    parser.add_argument(
-        "--cache",
-        default="auto",
-        choices=CACHES,
-        help="native backend: keep the decoded train and val images in device or host memory (auto: where they fit)",
-    )
-    args = parser.parse_args(argv)
-    shard_cache.configure_from(args)
-    for name in ("epochs", "size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
-    try:  # the head's BatchNorm trains on whole batches, in every --mode (and the backbone's, unless frozen)
-        check_batch_size(args.batch_size)
-    except ConfigError as e:
-        parser.error(str(e))
-    try:
-        check_fraction(args.fraction)
-        transfer.parse_mode(args.mode)
-    except ValueError as e:
-        parser.error(f"--{'fraction' if 'fraction' in str(e) else 'mode'}: {e}")
-    return args
+def parse_args(argv: list[str] | None) -> FinetuneConfig:
+    """The run's FinetuneConfig from flags and an optional `--config` YAML (train/config.py); the device defaults to
+    cuda when there is one. Raises ConfigError naming the flag for a bad value."""
+    cfg, _ = from_args(argv, FinetuneConfig, description=__doc__)
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shard_cache.configure(cfg.shard_cache, cfg.shard_cache_limit, cfg.storage_options)  # for a --data URL
+    return cfg
 
 
 def _loader(args, split: str, rows=None, train: bool = False, cache: str = "none"):
     """`cache`: for the loaders read every epoch (fine-tuning's train, val); the others are read once."""
     return build_loader(
-        str(args.data),
+        args.data,
         split=split,
         backend=args.backend,
         batch_size=args.batch_size,
@@ -158,13 +120,13 @@ def predict(model: nn.Module, loader, task: Task, device: torch.device) -> tuple
     return torch.cat(logits), torch.cat(targets)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: FinetuneConfig) -> dict:
     with contextlib.ExitStack() as loaders:  # each loader's threads end with the run, on an error too
         return _run(args, loaders)
 
 
-def _run(args: argparse.Namespace, loaders: contextlib.ExitStack) -> dict:
-    device = torch.device(args.device)
+def _run(args: FinetuneConfig, loaders: contextlib.ExitStack) -> dict:
+    device, out = torch.device(args.device), Path(args.out)
     data = PackedDataset(args.data)
     task = Task(data, args.labels, args.uncertain)
     torch.manual_seed(args.seed)
@@ -177,6 +139,7 @@ def _run(args: argparse.Namespace, loaders: contextlib.ExitStack) -> dict:
     rows = label_fraction(split_rows, data.labels(split_rows), args.fraction, args.seed)
     linear = transfer.parse_mode(args.mode)[0] == "linear"
     val_loader = loaders.enter_context(_loader(args, "val", cache="none" if linear else args.cache))  # linear: once
+    loaders_read_each_epoch = [val_loader]
     if linear:
         # The backbone is a fixed function here: its features (of unaugmented images) are computed once, and the
         # head trains on them; a probe of the features themselves, and far cheaper than a forward pass per epoch.
@@ -197,6 +160,7 @@ def _run(args: argparse.Namespace, loaders: contextlib.ExitStack) -> dict:
                 return model.head(val_x.to(device)).float().cpu(), val_y
     else:
         train_loader = loaders.enter_context(_loader(args, "train", rows, train=True, cache=args.cache))
+        loaders_read_each_epoch.append(train_loader)
         forward = model
 
         def train_batches(epoch: int):
@@ -207,23 +171,24 @@ def _run(args: argparse.Namespace, loaders: contextlib.ExitStack) -> dict:
         def val_outputs():
             return predict(model, val_loader, task, device)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    config = args.to_dict()
     history, best = [], None
-    saved = checkpoint.latest(args.out)
+    notes = [loader.cache_note for loader in loaders_read_each_epoch if loader.cache_note]
+    saved = checkpoint.latest(out)
     if saved is not None:  # a run killed part-way: go on after its last finished epoch
         state = checkpoint.load(saved)
         changed = [k for k in RESUME_MUST_MATCH if state["config"].get(k) != config[k]]
         if changed:
             key = changed[0]
             raise transfer.TransferError(
-                f"--out {args.out} holds a run with {key} {state['config'].get(key)!r}, not {config[key]!r}; "
+                f"--out {out} holds a run with {key} {state['config'].get(key)!r}, not {config[key]!r}; "
                 "use another --out"
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, best = state["history"], state["best"]
-        print(f"resuming {args.out} after epoch {len(history)}")
+        print(f"resuming {out} after epoch {len(history)}")
     for epoch in range(len(history), args.epochs):
         model.train()
         transfer.keep_frozen_in_eval(frozen)
@@ -248,7 +213,10 @@ def _run(args: argparse.Namespace, loaders: contextlib.ExitStack) -> dict:
             state = copy.deepcopy(model.state_dict())
             best = {"score": row["val_score"], "epoch": epoch + 1, "val": val, "state": state}
         state = {"config": config, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        checkpoint.save(args.out, epoch + 1, {**state, "history": history, "best": best}, keep=1)
+        checkpoint.save(out, epoch + 1, {**state, "history": history, "best": best}, keep=1)
+        for note in notes:  # where each split's cache went; after the save, like every line
+            print(note)
+        notes = []
         print(f"epoch {epoch + 1}/{args.epochs}  train_loss {row['train_loss']:.4f}  val {row['val_score']:.4f}")
 
     model.load_state_dict(best["state"])
@@ -266,20 +234,20 @@ def _run(args: argparse.Namespace, loaders: contextlib.ExitStack) -> dict:
         "val": best["val"],
         "test": test,
     }
-    checkpoint.save_weights(args.out / "model.safetensors", model)
+    checkpoint.save_weights(out / "model.safetensors", model)
     model_info = {**init, "classes": task.names, "size": args.size, "task": results["task"]}
-    write_json(args.out / "model.json", model_info)
+    write_json(out / "model.json", model_info)
     if not task.multilabel:
-        draw_confusion(test["confusion"], args.out / "confusion.png", title=f"test, {init['init']}")
-    write_json(args.out / "results.json", results)  # its presence means the run finished
-    for done in args.out.glob(f"{checkpoint.PREFIX}*"):  # finished: the checkpoint has served (and is large)
+        draw_confusion(test["confusion"], out / "confusion.png", title=f"test, {init['init']}")
+    write_json(out / "results.json", results)  # its presence means the run finished
+    for done in out.glob(f"{checkpoint.PREFIX}*"):  # finished: the checkpoint has served (and is large)
         shutil.rmtree(done, ignore_errors=True)
     summary = (
         f"accuracy {test['accuracy']:.4f}  macro_f1 {test['macro_f1']:.4f}"
         if not task.multilabel
         else f"mean_auroc {test['mean_auroc']}"
     )
-    print(f"test ({test['n']} images, best val epoch {best['epoch']}): {summary}  -> {args.out / 'results.json'}")
+    print(f"test ({test['n']} images, best val epoch {best['epoch']}): {summary}  -> {out / 'results.json'}")
     return results
 
 

@@ -244,6 +244,7 @@ def train(cfg: PretrainConfig) -> dict:
     # ---- the loop ---------------------------------------------------------------------------------------------
     model.train()
     stopped = None  # why the run stops early: a signal's name or "max_steps"
+    cache_note = loader.cache_note
     while pos.epoch < cfg.epochs and not stopped:
         loader.set_epoch(pos.epoch, start_step=pos.in_epoch)
         meter.new_epoch()
@@ -304,6 +305,9 @@ def train(cfg: PretrainConfig) -> dict:
         log(row, accelerator, out / "metrics.jsonl")
         summary = row
         save(run, cfg, accelerator)  # before the epoch line: a reader that has left (`| head`) costs no work
+        if cache_note:  # where the cache went: with the run's first epoch line
+            accelerator.print(cache_note)
+            cache_note = None
         score = " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("probe_acc", "knn")))
         accelerator.print(f"epoch {pos.epoch}/{cfg.epochs}  mean loss {row.get('loss', float('nan')):.2f}  {score}")
 

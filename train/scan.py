@@ -36,6 +36,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from twinray.train.config import ConfigError, FinetuneConfig, PretrainConfig, from_mapping, to_flags
 
 from twinray.cli import InputError, OneLineParser, run_cli
 from twinray.config import check_fields
@@ -65,20 +66,6 @@ def load_config(path: Path) -> dict:
     return cfg
 
 
-def flags(options: dict) -> list[str]:
-    """{"batch_size": 32, "compile": False} -> ["--batch-size", "32", "--no-compile"]."""
-    out = []
-    for key, value in options.items():
-        flag = "--" + str(key).replace("_", "-")
-        if value is True:
-            out.append(flag)
-        elif value is False:
-            out.append("--no-" + flag[2:])
-        else:
-            out += [flag, str(value)]
-    return out
-
-
 def cell_name(cell: dict) -> str:
     """A directory name from a cell's values: init=runs/pretrain,fraction=0.1 -> init-pretrain_fraction-0.1."""
     parts = []
@@ -93,42 +80,42 @@ def pretrain_keys(cfg: dict) -> list[str]:
     the finetunes, so one pretraining serves every finetune cell."""
     from dataclasses import fields
 
-    from twinray.train.config import PretrainConfig
-
     known = {f.name for f in fields(PretrainConfig)}
     return [k for k in cfg["grid"] if str(k).replace("-", "_") in known]
 
 
 def plan(cfg: dict) -> list[dict]:
-    """Every run, in order: {"kind", "cell", "seed", "dir", "args"}; a pretraining comes before the finetunes that
-    use it."""
+    """Every run, in order: {"kind", "cell", "seed", "dir", "config", "args"}; a pretraining comes before the
+    finetunes that use it. `config` is the run's validated PretrainConfig or FinetuneConfig and `args` the flags
+    that rebuild it, so a bad value anywhere in the scan raises ConfigError, naming the run, before anything runs."""
     out, grid = Path(cfg["out"]), cfg["grid"]
+    runs = []
+
+    def add(kind: str, cell: dict, seed: int, directory: Path, options: dict) -> Path:
+        cls = PretrainConfig if kind == "pretrain" else FinetuneConfig
+        values = {**options, "data": str(cfg["data"]), "seed": seed, "out": str(directory)}
+        config = from_mapping(cls, values, f"{kind} in {directory}")
+        given = {str(k).replace("-", "_") for k in values}
+        runs.append({"kind": kind, "cell": cell, "seed": seed, "dir": directory, "config": config,
+                     "args": to_flags(config, given)})  # fmt: skip
+        return directory
+
     if "pretrain" not in cfg:
-        runs = []
         for cell in cells(grid):
             for seed in cfg["seeds"]:
-                base = out / cell_name(cell) / f"seed-{seed}"
-                args = ["--data", str(cfg["data"]), "--seed", str(seed)]
-                args += [*flags({**cfg.get("finetune", {}), **cell}), "--out", str(base)]
-                runs.append({"kind": "finetune", "cell": cell, "seed": seed, "dir": base, "args": args})
+                add("finetune", cell, seed, out / cell_name(cell) / f"seed-{seed}", {**cfg.get("finetune", {}), **cell})
         return runs
     outer = pretrain_keys(cfg)
     inner = {k: v for k, v in grid.items() if k not in outer}
-    runs = []
     for cell in cells({k: grid[k] for k in outer}):
         for seed in cfg["seeds"]:
             base = out / (cell_name(cell) or "pretrain") / f"seed-{seed}"
-            common = ["--data", str(cfg["data"]), "--seed", str(seed)]
-            pre = base / "pretrain"
-            args = [*common, *flags({**cfg["pretrain"], **cell}), "--out", str(pre)]
-            runs.append({"kind": "pretrain", "cell": cell, "seed": seed, "dir": pre, "args": args})
+            pre = add("pretrain", cell, seed, base / "pretrain", {**cfg["pretrain"], **cell})
             for tune in cells(inner):
                 for mode in cfg["then"]:
                     name = "_".join(filter(None, [f"finetune-{mode.replace(':', '')}", cell_name(tune)]))
                     options = {**cfg.get("finetune", {}), **tune, "init": str(pre), "mode": mode}
-                    args = [*common, *flags(options), "--out", str(base / name)]
-                    tuned = {**cell, **tune, "mode": mode}
-                    runs.append({"kind": "finetune", "cell": tuned, "seed": seed, "dir": base / name, "args": args})
+                    add("finetune", {**cell, **tune, "mode": mode}, seed, base / name, options)
     return runs
 
 
@@ -275,4 +262,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main, prog="scan")
+    run_cli(main, prog="scan", errors=(ConfigError,))
