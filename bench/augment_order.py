@@ -25,14 +25,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+
+from twinray.atomic import write_json
 from twinray.pipelines.augment import Augment, geometry, intensity, load_recipe
 from twinray.pipelines.augment import dali as dali_augment
 from twinray.pipelines.augment.ops import RUNS
 from twinray.pipelines.augment.pipeline import run_matrices
 from twinray.pipelines.augment.reference import study_functional
 from twinray.pipelines.native import pad_batch
-
-from twinray.atomic import write_json
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-cxr"
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
 from twinray.bench.report import device_name
 from twinray.bench.report import save as report_save
 from twinray.prep.ffcv_pack import require_ffcv, torch_threads_kept, write_beton

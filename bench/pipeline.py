@@ -32,6 +32,7 @@ import cv2
 import torch
 from PIL import Image
 from torchvision.transforms import v2
+
 from twinray.bench.report import (
     device_name,
     time_calls,
@@ -42,7 +43,6 @@ from twinray.pipelines.augment import load_recipe
 from twinray.pipelines.augment.reference import StudyNoise
 from twinray.pipelines.cache import CACHES
 from twinray.prep.format import PackedDataset
-
 from twinray.storage import is_url, location, storage_options_type
 
 

@@ -18,6 +18,7 @@ from datetime import date
 from pathlib import Path
 
 from PIL import Image
+
 from twinray.bench.report import cpu_name
 from twinray.prep import build, sample
 from twinray.prep.datasets import covid

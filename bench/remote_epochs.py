@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from twinray.pipelines import build_loader
 from twinray.prep import shard_cache
 

@@ -57,6 +57,7 @@ def hours_for_epochs(step_s: float, dataset_size: int, batch_size: int, epochs: 
 def run_cell(cell: dict) -> dict:
     """One grid cell, in this process: returns the row (status ok, oom or error)."""
     import torch
+
     from twinray.bench.report import Stopwatch
     from twinray.train.model import BarlowTwins
     from twinray.train.optim import build_optimizer

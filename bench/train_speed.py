@@ -32,6 +32,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+
 from twinray.bench.pipeline import PngPairs, export_pngs, study_transform
 from twinray.bench.report import Stopwatch, device_name
 from twinray.bench.report import save as report_save

@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 import torch
+
 from twinray.pipelines.augment import Augment
 from twinray.pipelines.augment import dali as dali_augment
 from twinray.pipelines.loader import Batch, LoaderBase, batch_seed

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from twinray.pipelines.augment import Augment
 from twinray.pipelines.loader import Batch, LoaderBase, batch_seed, rank_order
 from twinray.prep.ffcv_pack import beton_path, require_ffcv, torch_threads_kept, write_beton

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
 from twinray.pipelines.augment import Augment
 from twinray.pipelines.cache import ImageCache, resolve
 from twinray.pipelines.loader import Batch, LoaderBase, batch_seed

@@ -11,12 +11,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+
+from twinray.cli import InputError, run_cli
 from twinray.pipelines.augment import Augment, load_recipe
 from twinray.pipelines.native import pad_batch
 from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
-
-from twinray.cli import InputError, run_cli
 from twinray.storage import location
 
 HEADER = 28

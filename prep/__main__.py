@@ -1,5 +1,4 @@
-from twinray.prep.cli import main
-
 from twinray.cli import run_cli
+from twinray.prep.cli import main
 
 run_cli(main)

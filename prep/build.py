@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
-from twinray.prep.format import MANIFEST, SPLITS, PackWriter
-from twinray.prep.images import DEFAULT_MAX_PIXELS, Converted, ImageError, convert_file
 
 from twinray.cli import InputError
+from twinray.prep.format import MANIFEST, SPLITS, PackWriter
+from twinray.prep.images import DEFAULT_MAX_PIXELS, Converted, ImageError, convert_file
 
 
 @dataclass

@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from twinray.cli import InputError, OneLineParser
 from twinray.prep import build, shard_cache
 from twinray.prep.datasets import chexpert, covid, folder
 from twinray.prep.format import ENCODINGS, LABEL_MISSING, SPLITS, PackedDataset, verify
 from twinray.prep.images import DEFAULT_MAX_PIXELS
-
-from twinray.cli import InputError, OneLineParser
 from twinray.storage import is_url, join, local_path, location, storage_options_type
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from twinray.prep.images import ImageError, check_pixel_count, scale_to_uint8
 
 # Value Representations of PS3.5 6.2: the two bytes after the first tag of an explicit-VR file.

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
 from twinray.prep.format import PackedDataset
 
 MISSING = (

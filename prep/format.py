@@ -264,7 +264,6 @@ class PackedDataset:
 
     def __init__(self, root: str | Path):
         from twinray.prep import shard_cache
-
         from twinray.storage import is_url
 
         self.location = str(root)  # as given: a URL names the store, not the cache

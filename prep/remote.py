@@ -13,10 +13,9 @@ import json
 import tempfile
 from pathlib import Path
 
+from twinray.cli import InputError
 from twinray.prep import build
 from twinray.prep.format import MANIFEST
-
-from twinray.cli import InputError
 from twinray.storage import filesystem, join, protocol, remote_errors, upload_dataset
 
 # Stores without buckets or containers: the path is created as needed.

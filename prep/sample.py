@@ -21,9 +21,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from twinray.prep.datasets.covid import CLASSES, FOLDER_NAME
 
 from twinray.cli import InputError
+from twinray.prep.datasets.covid import CLASSES, FOLDER_NAME
 
 SIZE = 299
 MASK_SIZE = 256

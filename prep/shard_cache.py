@@ -43,9 +43,8 @@ import threading
 import time
 from pathlib import Path
 
-from twinray.prep.format import INDEX, MANIFEST, sha256_file
-
 from twinray.cli import InputError
+from twinray.prep.format import INDEX, MANIFEST, sha256_file
 from twinray.storage import (
     filesystem,
     join,

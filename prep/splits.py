@@ -6,9 +6,9 @@ from collections import defaultdict
 from collections.abc import Hashable, Sequence
 
 import numpy as np
-from twinray.prep.format import SPLITS
 
 from twinray.cli import InputError
+from twinray.prep.format import SPLITS
 
 
 def parse_split(spec: str, names: Sequence[str] = SPLITS) -> dict[str, float]:

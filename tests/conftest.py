@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from twinray.prep import sample
 from twinray.prep.cli import main as prep_main
 from twinray.prep.format import PackWriter, encode_image

@@ -18,6 +18,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
+
 from twinray.pipelines.augment import RECIPES, Augment, Recipe, equalize, gaussian_blur, geometry, load_recipe
 from twinray.pipelines.augment.recipes import SEED_FINAL, STUDY_RECIPES
 

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from twinray.train.config import ConfigError, check_batch_size
 
 from tests.conftest import REPO, assert_one_line_error
+from twinray.train.config import ConfigError, check_batch_size
 
 PRETRAIN_TINY = ["--size", "32", "--projector", "64", "--wandb", "disabled", "--workers", "1", "--epochs", "1"]
 FINETUNE_TINY = ["--init", "random", "--size", "32", "--epochs", "1", "--workers", "1"]

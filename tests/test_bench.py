@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
-from twinray.prep.format import PackedDataset
 
 from tests.conftest import REPO
+from twinray.prep.format import PackedDataset
 
 
 def bench(script, *args, record) -> subprocess.CompletedProcess:

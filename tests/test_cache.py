@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from twinray.cli import InputError
 from twinray.pipelines import build_loader
 from twinray.pipelines.cache import DEVICE_FRACTION, HOST_FRACTION, cache_bytes, choose
 from twinray.prep.format import PackedDataset, PackWriter, encode_image
-
-from twinray.cli import InputError
 
 GB = 10**9
 

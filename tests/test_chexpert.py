@@ -8,12 +8,12 @@ import shutil
 
 import numpy as np
 import pytest
-from twinray.prep import build
-from twinray.prep.datasets import chexpert
-from twinray.prep.format import LABEL_MISSING, PackedDataset, verify
 
 from tests.conftest import assert_one_line_error, run_prep
 from tests.layouts import build_chexpert, write_csv
+from twinray.prep import build
+from twinray.prep.datasets import chexpert
+from twinray.prep.format import LABEL_MISSING, PackedDataset, verify
 
 
 @pytest.fixture(scope="module")

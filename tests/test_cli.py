@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import numpy as np
-from twinray.prep.format import PackedDataset
 
 from tests.conftest import REPO, assert_one_line_error, run_prep
+from twinray.prep.format import PackedDataset
 
 
 def test_all_packs_what_is_there_and_skips_the_rest(covid_sample, tmp_path):

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from openpyxl import Workbook, load_workbook
 from PIL import Image
+
+from tests.conftest import REPO, assert_one_line_error, run_prep
+from tests.layouts import flatten_covid
+from twinray.cli import InputError
 from twinray.prep import build
 from twinray.prep.cli import describe
 from twinray.prep.datasets import covid
 from twinray.prep.format import PackedDataset, verify
 from twinray.prep.sample import SOURCES
-
-from tests.conftest import REPO, assert_one_line_error, run_prep
-from tests.layouts import flatten_covid
-from twinray.cli import InputError
 
 
 @pytest.fixture

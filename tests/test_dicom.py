@@ -28,13 +28,13 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     generate_uid,
 )
+
+from tests.conftest import REPO
 from twinray.prep import build
 from twinray.prep.datasets import folder
 from twinray.prep.dicom import looks_like_dicom
 from twinray.prep.format import PackedDataset
 from twinray.prep.images import ImageError, read_grey
-
-from tests.conftest import REPO
 
 # A 12-bit ramp: 64 x 64 holds every value 0..4095 once.
 RAMP12 = np.arange(4096, dtype=np.uint16).reshape(64, 64)

@@ -7,13 +7,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+
+from twinray.cli import InputError
 from twinray.pipelines.augment import Recipe
 from twinray.pipelines.ffcv_backend import FFCVLoader
 from twinray.pipelines.native import NativeLoader
 from twinray.prep.ffcv_pack import write_beton
 from twinray.prep.format import LABEL_MISSING, PackedDataset, PackWriter, encode_image
-
-from twinray.cli import InputError
 
 PLAIN = Recipe(name="plain", hflip=0.0)  # crop only: a constant image stays constant
 

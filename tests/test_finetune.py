@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
+from tests.conftest import REPO, assert_one_line_error
 from twinray.prep.format import SPLITS
 from twinray.train import transfer
 from twinray.train.label_fractions import label_fraction
 from twinray.train.labels import policy_targets
 from twinray.train.metrics import multiclass_metrics, multilabel_metrics
 from twinray.train.model import build_backbone
-
-from tests.conftest import REPO, assert_one_line_error
 
 SMALL = ["--epochs", "2", "--size", "32", "--batch-size", "16", "--workers", "1"]
 
@@ -207,9 +207,8 @@ def test_a_run_without_a_backbone_and_offline_imagenet_are_one_line(covid_packed
 
 
 def test_multilabel_chexpert_reports_per_label_auroc(tmp_path):
-    from twinray.prep.cli import main as prep_main
-
     from tests.layouts import build_chexpert
+    from twinray.prep.cli import main as prep_main
 
     root = build_chexpert(tmp_path / "raw", n_patients=40, n_valid=12)
     packed = tmp_path / "packed"
@@ -226,10 +225,9 @@ def test_multilabel_chexpert_reports_per_label_auroc(tmp_path):
 
 def test_gradcam_on_real_radiographs_side_by_side(tmp_path):
     """Real NIH images (RGBA files included), two fine-tuned models, one grid."""
+    from tests.layouts import REAL_CXR
     from twinray.prep.cli import main as prep_main
     from twinray.train.gradcam import cams, load_model
-
-    from tests.layouts import REAL_CXR
 
     packed = tmp_path / "nih"
     assert prep_main(["folder", "--src", str(REAL_CXR / "nih-cxr14"), "--out", str(packed), "--workers", "2"]) == 0
@@ -267,10 +265,9 @@ def test_a_barlow_initialised_linear_probe_beats_a_random_init_probe(tmp_path):
     pretraining learn nothing a probe can use (measured: both inits at the majority rate). Pretraining is 15 epochs of
     the `base` recipe at 64 px (about 2 minutes here). Compared on macro one-vs-rest AUROC, which the majority class
     cannot carry; measured on sample seed 0: Barlow 0.77 val / 0.72 test against random 0.73 / 0.62."""
+    from tests.conftest import HAVE_OPENPYXL
     from twinray.prep import sample
     from twinray.prep.cli import main as prep_main
-
-    from tests.conftest import HAVE_OPENPYXL
 
     raw = sample.generate(tmp_path / "raw", n=1200, seed=1, workers=2, metadata=HAVE_OPENPYXL, strength=3.0)
     packed = tmp_path / "packed"

@@ -8,13 +8,13 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-from twinray.prep import build
-from twinray.prep.datasets import folder
-from twinray.prep.format import PackedDataset, verify
 
 from tests.conftest import assert_one_line_error, run_prep
 from tests.layouts import REAL_CXR
 from tests.test_images import _dicom
+from twinray.prep import build
+from twinray.prep.datasets import folder
+from twinray.prep.format import PackedDataset, verify
 
 NIH = REAL_CXR / "nih-cxr14"
 MHH = REAL_CXR / "mhh-covid19"

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from twinray.cli import InputError
 from twinray.pipelines.native import NativeLoader
 from twinray.prep.format import (
     INDEX,
@@ -22,8 +24,6 @@ from twinray.prep.format import (
     encode_image,
     verify,
 )
-
-from twinray.cli import InputError
 
 
 def _images(n: int, seed: int = 0) -> list[np.ndarray]:

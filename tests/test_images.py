@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.layouts import REAL_CXR
 from twinray.prep import build
 from twinray.prep.datasets import folder
 from twinray.prep.format import PackedDataset
 from twinray.prep.images import ImageError, bit_depth, convert_file, read_grey, resize_short_side
-
-from tests.layouts import REAL_CXR
 
 RAMP = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (8, 1))  # 8 x 64
 

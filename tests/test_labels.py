@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from twinray.prep.format import LABEL_MISSING, PackWriter, encode_image
 from twinray.train.labels import MASKED, certain_bce, certain_targets, policy_targets, targets_bce
 from twinray.train.lr_find import main as lr_find

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import REPO
+from twinray.cli import InputError
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment import Recipe
 from twinray.pipelines.native import pad_batch
 from twinray.prep.format import PackedDataset
-
-from tests.conftest import REPO
-from twinray.cli import InputError
 
 PLAIN = Recipe(name="plain", hflip=0.0)  # crop only: a constant image stays constant
 BACKENDS = ["native", "dali", "ffcv"]

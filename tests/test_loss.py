@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from twinray.train.loss import barlow_twins_loss
 
 N, D, D_IN = 16, 8, 6

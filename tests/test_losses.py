@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from twinray.train.losses import byol_loss, byol_momentum, info_nce_loss, nt_xent_loss, vicreg_loss
 from twinray.train.methods import METHODS, defaults_table
 

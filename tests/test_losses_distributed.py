@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from twinray.train.losses import byol_loss, info_nce_loss, nt_xent_loss, vicreg_loss
 from twinray.train.momentum import KeyQueue
 

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from twinray.train.lr_find import main, range_test, suggest
 
 from tests.conftest import REPO, assert_one_line_error
+from twinray.train.lr_find import main, range_test, suggest
 
 
 def test_suggestion_is_the_steepest_descent():

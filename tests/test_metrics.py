@@ -5,6 +5,7 @@ from itertools import product
 
 import pytest
 import torch
+
 from twinray.train.metrics import multiclass_metrics
 from twinray.train.online_eval import knn_metrics
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+
 from twinray.train.heads import build_head, build_predictor
 from twinray.train.momentum import KeyQueue, MomentumEncoder, shuffled_forward
 

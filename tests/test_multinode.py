@@ -16,10 +16,10 @@ import time
 
 import numpy as np
 import pytest
-from twinray.prep import shard_cache
-from twinray.train import checkpoint
 
 from tests.conftest import REPO
+from twinray.prep import shard_cache
+from twinray.train import checkpoint
 
 TINY = ["--size", "32", "--batch-size", "4", "--projector", "64", "--wandb", "disabled", "--workers", "1"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from twinray.train.online_eval import LinearProbe, knn_metrics, knn_scores
 
 

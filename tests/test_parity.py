@@ -33,6 +33,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
+
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment import SPEC, Augment, Recipe, load_recipe
 from twinray.pipelines.augment import dali as dali_augment

@@ -17,6 +17,9 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+
+from tests.conftest import REPO, assert_one_line_error
+from twinray import atomic
 from twinray.train import checkpoint
 from twinray.train.config import ConfigError, PretrainConfig, from_args
 from twinray.train.loss import barlow_twins_loss
@@ -26,9 +29,6 @@ from twinray.train.online_eval import LinearProbe
 from twinray.train.optim import build_optimizer, lr_factor
 from twinray.train.state import Position, build_run, mismatch
 from twinray.train.step import BarlowTwinsMethod, train_step
-
-from tests.conftest import REPO, assert_one_line_error
-from twinray import atomic
 
 TINY = ["--size", "32", "--batch-size", "16", "--projector", "64", "--wandb", "disabled", "--workers", "1"]
 

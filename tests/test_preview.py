@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 import cv2
-from twinray.pipelines.preview import HEADER, main
 
 from tests.conftest import REPO, assert_one_line_error
+from twinray.pipelines.preview import HEADER, main
 
 
 def test_preview_writes_originals_beside_views(covid_packed, tmp_path, capsys):

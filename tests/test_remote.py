@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from twinray.pipelines import build_loader
-from twinray.prep import shard_cache
-from twinray.prep.format import MANIFEST, PackedDataset
 
 from tests.conftest import REPO, assert_one_line_error
 from twinray.cli import InputError
+from twinray.pipelines import build_loader
+from twinray.prep import shard_cache
+from twinray.prep.format import MANIFEST, PackedDataset
 from twinray.storage import is_url, location, upload_dataset
 
 PLAIN = "base"

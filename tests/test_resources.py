@@ -9,9 +9,9 @@ import sys
 
 import cv2
 import pytest
-from twinray.bench.resources import hours_for_epochs
 
 from tests.conftest import REPO
+from twinray.bench.resources import hours_for_epochs
 
 
 def test_tiny_cpu_grid_records_every_cell_and_survives_oom(tmp_path):

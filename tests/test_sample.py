@@ -8,6 +8,7 @@ import timm
 import torch
 from openpyxl import load_workbook
 from PIL import Image
+
 from twinray.prep import sample
 from twinray.prep.datasets.covid import CLASSES
 

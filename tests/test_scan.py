@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import yaml
-from twinray.train.config import FinetuneConfig, PretrainConfig, to_flags
-from twinray.train.scan import plan, t_interval
 
 from tests.conftest import REPO, assert_one_line_error
+from twinray.train.config import FinetuneConfig, PretrainConfig, to_flags
+from twinray.train.scan import plan, t_interval
 
 FINETUNE = {"epochs": 1, "size": 32, "batch_size": 16, "workers": 1}
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from twinray.prep.splits import assign_splits, parse_split
 
 from twinray.cli import InputError
+from twinray.prep.splits import assign_splits, parse_split
 
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 

@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
+from tests.conftest import REPO
+from tests.layouts import REAL_CXR
 from twinray.prep import real_cxr
 from twinray.prep.datasets import folder
 from twinray.prep.format import PackedDataset, PackWriter, encode_image
@@ -21,9 +24,6 @@ from twinray.train import shortcuts
 from twinray.train.metrics import multiclass_metrics
 from twinray.train.study_real import main as study_main
 from twinray.train.study_real import rest_recall, summarise
-
-from tests.conftest import REPO
-from tests.layouts import REAL_CXR
 
 
 def test_real_csv_has_the_studys_classes_and_keeps_every_patient_in_one_split(tmp_path):

@@ -15,17 +15,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
+from twinray.cli import OneLineParser
+from twinray.config import check_fields, read_mapping
 from twinray.pipelines.cache import CACHES
 from twinray.pipelines.loader import BACKENDS
+from twinray.storage import location
 from twinray.train.label_fractions import check_fraction
 from twinray.train.labels import UNCERTAIN_POLICIES
 from twinray.train.model import BACKBONES, parse_projector
 from twinray.train.step import COMPILE_MODES
 from twinray.train.transfer import parse_mode
-
-from twinray.cli import OneLineParser
-from twinray.config import check_fields, read_mapping
-from twinray.storage import location
 
 CHOICES = {
     "optimizer": ("adam", "adamw", "lars", "sgd"),

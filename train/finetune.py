@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from twinray.atomic import write_json
+from twinray.cli import InputError, run_cli
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment import EVAL_RECIPE, FINETUNE_RECIPE
 from twinray.prep import shard_cache
@@ -33,9 +36,6 @@ from twinray.train.label_fractions import label_fraction
 from twinray.train.labels import policy_targets, targets_bce
 from twinray.train.metrics import draw_confusion, multiclass_metrics, multilabel_metrics
 from twinray.train.model import Classifier
-
-from twinray.atomic import write_json
-from twinray.cli import InputError, run_cli
 
 # A run directory resumes only a run with the same settings; --epochs may grow, and the device or backend may change.
 RESUME_MUST_MATCH = ("data", "init", "mode", "fraction", "seed", "size", "batch_size", "lr", "weight_decay",

@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+
+from twinray.cli import InputError, OneLineParser, run_cli
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment import EVAL_RECIPE
 from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
+from twinray.storage import location
 from twinray.train.labels import POSITIVE
 from twinray.train.model import Classifier, build_backbone
-
-from twinray.cli import InputError, OneLineParser, run_cli
-from twinray.storage import location
 
 
 def load_model(run: Path) -> tuple[Classifier, dict]:

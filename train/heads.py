@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from torch import nn
+
 from twinray.train.model import build_projector, parse_projector
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from twinray.prep.format import LABEL_MISSING
 
 POSITIVE, NEGATIVE, UNCERTAIN, BLANK = 1, 0, -1, LABEL_MISSING  # the codes a packed dataset holds

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from twinray.cli import OneLineParser, run_cli
 from twinray.pipelines import build_loader
 from twinray.prep import shard_cache
+from twinray.storage import location
 from twinray.train.config import ConfigError, check_batch_size
 from twinray.train.labels import certain_bce
 from twinray.train.model import BarlowTwins
 from twinray.train.step import BarlowTwinsMethod, train_step
-
-from twinray.cli import OneLineParser, run_cli
-from twinray.storage import location
 
 
 def suggest(lrs: list[float], losses: list[float]) -> float:

@@ -13,6 +13,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from twinray.train.losses.collectives import gather_rows_no_grad
 
 

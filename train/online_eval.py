@@ -65,6 +65,7 @@ def knn_scores(train_feats, train_labels, query_feats, classes: int, multilabel:
 
 def knn_metrics(scores: torch.Tensor, labels: torch.Tensor, multilabel: bool) -> dict[str, float]:
     from torchmetrics.functional.classification import multiclass_confusion_matrix
+
     from twinray.train.metrics import balanced_accuracy, multilabel_metrics
 
     if not multilabel:

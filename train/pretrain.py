@@ -25,6 +25,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
+
+from twinray.atomic import write_json
+from twinray.cli import InputError, run_cli
 from twinray.pipelines import build_loader
 from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
@@ -35,9 +38,6 @@ from twinray.train.meter import NonFiniteLoss, StepMeter
 from twinray.train.online_eval import EVAL_RECIPE, knn_metrics, knn_scores
 from twinray.train.state import RunState, build_run, mismatch
 from twinray.train.step import compile_model, new_iteration, train_step
-
-from twinray.atomic import write_json
-from twinray.cli import InputError, run_cli
 
 
 def _stop_on_signals() -> dict:

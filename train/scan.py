@@ -36,10 +36,10 @@ import sys
 from pathlib import Path
 
 import yaml
-from twinray.train.config import ConfigError, FinetuneConfig, PretrainConfig, from_mapping, to_flags
 
 from twinray.cli import InputError, OneLineParser, run_cli
 from twinray.config import check_fields
+from twinray.train.config import ConfigError, FinetuneConfig, PretrainConfig, from_mapping, to_flags
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"data", "out", "seeds", "finetune", "pretrain", "grid", "then", "metric"}

@@ -32,13 +32,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from twinray.atomic import write_json
+from twinray.cli import InputError, OneLineParser, run_cli
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment.recipes import EVAL_RECIPE
 from twinray.prep.format import PackedDataset
 from twinray.train.metrics import multiclass_metrics
-
-from twinray.atomic import write_json
-from twinray.cli import InputError, OneLineParser, run_cli
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 HISTOGRAM_BINS = 16

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
 from twinray.train.model import BarlowTwins
 from twinray.train.online_eval import LinearProbe
 from twinray.train.optim import build_optimizer, build_scheduler

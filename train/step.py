@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+
 from twinray.train.loss import barlow_twins_loss
 
 # torch.compile's modes that the trainer accepts (`--compile-mode`). `reduce-overhead` records CUDA graphs, which

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
+
 from twinray.train.model import build_backbone
 
 RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")

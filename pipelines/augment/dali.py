@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from twinray.pipelines.augment.ops import RUNS, Op
 from twinray.pipelines.augment.pipeline import Params, run_applied, run_box, run_matrices
 from twinray.pipelines.augment.recipes import Recipe

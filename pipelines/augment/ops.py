@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+
 from twinray.pipelines.augment import geometry, intensity
 
 if TYPE_CHECKING:

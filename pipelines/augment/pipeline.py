@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from twinray.pipelines.augment import geometry
 from twinray.pipelines.augment.ops import RUNS, SPEC, Op
 from twinray.pipelines.augment.recipes import Recipe, load_recipe

@@ -10,9 +10,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from twinray.pipelines.augment.ops import PROBABILITIES
-
 from twinray.config import check_fields, read_mapping
+from twinray.pipelines.augment.ops import PROBABILITIES
 
 # Each token of a recipe name switches on one op with the study's probability of 0.5: the spec's ops that have a
 # probability, named with '-' for '_' (brightness-contrast).

@@ -15,6 +15,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+
 from twinray.pipelines.augment import geometry
 from twinray.pipelines.augment.recipes import Recipe
 

@@ -18,11 +18,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from twinray.cli import InputError
 from twinray.prep.build import Plan, Record
 from twinray.prep.datasets.inputs import merge_repeats, normalize_path, read_table
 from twinray.prep.splits import assign_splits, parse_split
-
-from twinray.cli import InputError
 
 DATASET = "chexpert"
 LABELS = [

@@ -18,12 +18,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from twinray.cli import InputError
 from twinray.prep.build import Plan, Record
 from twinray.prep.datasets.inputs import file_id, merge_repeats, normalize_path, walk_files
 from twinray.prep.images import RASTER_SUFFIXES, SUPPORTED_SUFFIXES
 from twinray.prep.splits import assign_splits, parse_split
-
-from twinray.cli import InputError
 
 DATASET = "covid19-radiography"
 FOLDER_NAME = "COVID-19_Radiography_Dataset"

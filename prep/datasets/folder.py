@@ -14,13 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from twinray.cli import InputError
 from twinray.prep.build import Plan, Record
 from twinray.prep.datasets.inputs import file_id, merge_repeats, normalize_path, read_table, walk_files
 from twinray.prep.dicom import is_dicom_file
 from twinray.prep.images import SUPPORTED_SUFFIXES
 from twinray.prep.splits import assign_splits, parse_split
-
-from twinray.cli import InputError
 
 DATASET = "folder"
 IGNORED_FOLDERS = {"masks"}

@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 from twinray.train.losses.collectives import sum_over_ranks, world_size
 
 

@@ -11,6 +11,7 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
+
 from twinray.train.loss import _sum_over_ranks, _world_size
 
 __all__ = ["gather_rows", "gather_rows_no_grad", "rank", "sum_over_ranks", "world_size"]

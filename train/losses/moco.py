@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from twinray.train.losses.collectives import sum_over_ranks, world_size
 
 
