@@ -17,7 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torchmetrics.functional.classification import binary_auroc, multiclass_confusion_matrix
+
+# torchmetrics is imported in the functions that use it: importing it takes seconds, which every CLI that imports
+# this module (finetune, pretrain, gradcam) would pay before it could print a one-line error.
 
 
 def _round(x) -> float | None:
@@ -46,6 +48,8 @@ def balanced_accuracy(confusion: torch.Tensor) -> float | None:
 def multiclass_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict:
     """`logits` N x C (any scores that rank alike after a softmax), `targets` N class numbers in [0, C). Returns
     the scores above, rounded to 6 decimals; undefined ones are None (see the module docstring)."""
+    from torchmetrics.functional.classification import binary_auroc, multiclass_confusion_matrix
+
     logits, targets, c = logits.float().cpu(), targets.long().cpu(), len(classes)
     probs = logits.softmax(1)
     counts = multiclass_confusion_matrix(probs, targets, c)  # rows: true class, columns: predicted (argmax)
@@ -80,6 +84,8 @@ def multiclass_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: lis
 def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, labels: list[str]) -> dict:
     """`targets`: 1, 0, or -1 for a masked (uncertain or unmentioned, per the policy) target. `logits` may be any
     scores that rank alike (kNN vote rates, say): AUROC depends on the ranking only."""
+    from torchmetrics.functional.classification import binary_auroc
+
     logits, targets = logits.float().cpu(), targets.long().cpu()
     per = {}
     for j, name in enumerate(labels):
