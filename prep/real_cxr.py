@@ -25,7 +25,7 @@ import argparse
 import csv
 from pathlib import Path
 
-from twinray.atomic import atomic
+from twinray.atomic import write_csv as atomic_csv
 from twinray.cli import InputError, OneLineParser, run_cli
 
 DEFAULT_SRC = Path("../shared/data/real-cxr")
@@ -103,13 +103,9 @@ def build_rows(src: str | Path = DEFAULT_SRC, patients_per_class: int | None = N
 
 
 def write_csv(rows: list[dict], out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic(out) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    return out
+    """The labels CSV (columns FIELDS), written atomically; its folder is made."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_csv(out, rows, FIELDS)
 
 
 def main(argv: list[str] | None = None) -> int:

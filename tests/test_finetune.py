@@ -267,10 +267,9 @@ def test_a_barlow_initialised_linear_probe_beats_a_random_init_probe(tmp_path):
     Compared on macro one-vs-rest AUROC, which the majority class cannot carry; measured on sample seed 1 at 32 px:
     Barlow 0.72 val / 0.70 test against random 0.56 / 0.46 (at 64 px: 0.77 / 0.72 against 0.73 / 0.62).
     The online kNN at 32 px is near chance (balanced accuracy 0.26), so only the online probe is checked here."""
+    from tests.conftest import HAVE_OPENPYXL
     from twinray.prep import sample
     from twinray.prep.cli import main as prep_main
-
-    from tests.conftest import HAVE_OPENPYXL
 
     raw = sample.generate(tmp_path / "raw", n=1200, seed=1, workers=2, metadata=HAVE_OPENPYXL, strength=3.0)
     packed = tmp_path / "packed"

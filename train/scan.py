@@ -27,7 +27,6 @@ summary.csv (mean and 95% t-interval over seeds per cell) and scan.png (the spre
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import math
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import yaml
 
+from twinray.atomic import write_csv
 from twinray.cli import InputError, OneLineParser, run_cli
 from twinray.config import check_fields
 from twinray.train.config import ConfigError, FinetuneConfig, PretrainConfig, from_mapping, to_flags
@@ -164,26 +164,20 @@ def summarise(rows: list[dict], keys: list[str]) -> list[dict]:
     cells: dict[tuple, list[dict]] = {}
     for row in rows:
         cells.setdefault(tuple(row[k] for k in keys), []).append(row)
-    summary = []
-    for cell, members in cells.items():
-        entry = {**dict(zip(keys, cell)), "seeds": len(members)}
-        for m in METRICS:
-            values = [r[m] for r in members if m in r]
-            if values:
-                entry[f"{m}_mean"] = round(sum(values) / len(values), 6)
-                entry[f"{m}_ci95"] = round(t_interval(values), 6)
-        summary.append(entry)
-    return summary
+    return [
+        mean_and_interval({**dict(zip(keys, cell)), "seeds": len(members)}, members) for cell, members in cells.items()
+    ]
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    from twinray.atomic import atomic
-
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+def mean_and_interval(entry: dict, members: list[dict], metrics=METRICS, digits: int = 6) -> dict:
+    """`entry` with `{metric}_mean` and `{metric}_ci95` (t_interval's half-width) over the `members` rows that
+    have the metric (None counts as missing), for each of `metrics`."""
+    for m in metrics:
+        values = [r[m] for r in members if r.get(m) is not None]
+        if values:
+            entry[f"{m}_mean"] = round(sum(values) / len(values), digits)
+            entry[f"{m}_ci95"] = round(t_interval(values), digits)
+    return entry
 
 
 def draw(rows: list[dict], summary: list[dict], keys: list[str], metric: str, out: Path) -> Path:

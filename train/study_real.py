@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import hashlib
 import json
 import math
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from twinray.atomic import write_json
+from twinray.atomic import write_csv, write_json
 from twinray.cli import InputError, OneLineParser, run_cli
 
 KEYS = {"raw", "work", "results", "patients_per_class", "prep", "seeds", "fractions", "modes", "source_class",
@@ -197,8 +196,8 @@ def rest_recall(confusion: dict, source_class: str | None) -> float | None:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and 95% t-interval half-width over seeds, per init x mode x fraction (train/scan.py's t_interval)."""
-    from twinray.train.scan import t_interval
+    """Mean and 95% t-interval half-width over seeds, per init x mode x fraction (train/scan.py's)."""
+    from twinray.train.scan import mean_and_interval
 
     cells: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -208,23 +207,8 @@ def summarise(rows: list[dict]) -> list[dict]:
     for (init, mode, fraction), members in sorted(cells.items(), key=lambda c: (c[0][1], c[0][2], order[c[0][0]])):
         entry = {"init": init, "mode": mode, "fraction": fraction, "seeds": len(members),
                  "train_images": round(sum(r["train_images"] for r in members) / len(members), 1)}  # fmt: skip
-        for m in METRICS:
-            values = [r[m] for r in members if r.get(m) is not None]
-            if values:
-                entry[f"{m}_mean"] = round(sum(values) / len(values), 4)
-                entry[f"{m}_ci95"] = round(t_interval(values), 4)
-        summary.append(entry)
+        summary.append(mean_and_interval(entry, members, METRICS, digits=4))
     return summary
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    from twinray.atomic import atomic
-
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _cell(entry: dict, metric: str) -> str:

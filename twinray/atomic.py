@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from contextlib import contextmanager
@@ -25,4 +26,15 @@ def write_json(path: str | Path, obj) -> Path:
     """Indented JSON, written atomically."""
     with atomic(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    return Path(path)
+
+
+def write_csv(path: str | Path, rows: list[dict], fields: list[str] | None = None) -> Path:
+    """A CSV with a header, written atomically. `fields`: the columns in order; by default every key of `rows` in
+    the order first seen (a key missing from a row is an empty cell)."""
+    fields = fields or list(dict.fromkeys(k for row in rows for k in row))
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
     return Path(path)
