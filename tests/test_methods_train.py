@@ -166,6 +166,32 @@ def test_byol_momentum_follows_the_schedule_position_and_skips_accumulation_step
     assert unwrap(Autocast(run.model, None)) is run.model  # what after_update reaches through
 
 
+@pytest.mark.parametrize("method", ["moco", "byol"])
+def test_two_processes_on_gloo_train_a_momentum_method(method, covid_packed, tmp_path):
+    """DDP wraps the model with its momentum encoder (no gradient), predictor and queue without
+    find_unused_parameters; MoCo's queue takes the keys of both processes (the pointer moves by the global
+    batch: 3 steps x 16 keys, not 3 x 8)."""
+    import os
+    import shutil
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    out = tmp_path / "run"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, **SMALL[method]}.items() if k != "compile"]
+    port = {"moco": "29531", "byol": "29532"}[method]
+    result = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", port, "train/pretrain.py", "--method", method,
+         "--data", str(covid_packed), "--out", str(out), "--epochs", "1", *flags],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    model = checkpoint.load(checkpoint.latest(out))["model"]
+    if method == "moco":
+        assert int(model["queue.ptr"]) == 3 * 16
+    assert (out / "backbone.safetensors").exists()
+
+
 def pretrain_here(capsys, *args) -> subprocess.CompletedProcess:
     """pretrain's main() in this process, for errors found before any training (as tests/test_pretrain.py)."""
     from twinray.train.pretrain import main
