@@ -274,3 +274,20 @@ def test_the_methods_scan_config_plans(tmp_path):
     runs = plan(cfg)
     assert len([r for r in runs if r["kind"] == "pretrain"]) == 5 * len(cfg["seeds"])
     assert yaml.safe_load((REPO / "configs" / "scan-methods.yaml").read_text())["then"] == ["linear", "full"]
+
+
+def test_train_speed_reports_each_method(tmp_path, monkeypatch, capsys):
+    """bench/train_speed.py --methods: one row per method at its defaults (MoCo's key encoder and queue, BYOL's
+    target and predictor), each with its images/s and peak memory, the device named."""
+    from twinray.bench import report
+    from twinray.bench.train_speed import main
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path / "record")
+    out = tmp_path / "speed.json"
+    args = ["--device", "cpu", "--methods", "moco,byol", "--configs", "a", "--size", "32", "--batch-sizes", "16"]
+    assert main([*args, "--steps", "1", "--warmup", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["device"].startswith("cpu: ")
+    assert [r["method"] for r in result["results"]] == ["moco", "byol"]
+    assert all(r["images_per_s"] > 0 and r["peak_memory_mb"] > 0 for r in result["results"])
+    assert main(["--methods", "dino"]) == 2 and "unknown dino" in capsys.readouterr().err
