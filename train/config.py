@@ -22,7 +22,7 @@ from twinray.pipelines.loader import BACKENDS
 from twinray.storage import location
 from twinray.train.label_fractions import check_fraction
 from twinray.train.labels import UNCERTAIN_POLICIES
-from twinray.train.methods import METHODS
+from twinray.train.methods import METHODS, STUDY_BATCH
 from twinray.train.model import BACKBONES, parse_projector
 from twinray.train.step import COMPILE_MODES
 from twinray.train.transfer import parse_mode
@@ -222,6 +222,17 @@ METHOD_FIELDS = (
     "warmup_epochs",
     *METHOD_ONLY,
 )
+
+
+def _method_help(name: str) -> str:
+    values = [(m, method_default(m, name, STUDY_BATCH)) for m in METHODS]
+    shown = ", ".join(f"{m} {v:g}" if isinstance(v, float) else f"{m} {v}" for m, v in values if v is not None)
+    lr = f" at --batch-size {STUDY_BATCH} (linear in it but for barlow)" if name == "lr" else ""
+    return f"per method{lr}: {shown}"
+
+
+# --help shows each method's default of the method-dependent fields (train/config.py parser reads HELP).
+PretrainConfig.HELP = {name: _method_help(name) for name in METHOD_FIELDS}
 
 
 @dataclass
