@@ -3,6 +3,7 @@
     python bench/train_speed.py --device cuda --data data/demo/packed --json out.json
     python bench/train_speed.py --configs d --compile-modes default,max-autotune-no-cudagraphs,reduce-overhead
     python bench/train_speed.py --device cpu --size 64 --batch-sizes 32 --steps 5 --data data/demo/packed
+    python bench/train_speed.py --methods barlow,simclr,moco,byol,vicreg --configs d --batch-sizes 128
 
 What runs is the trainer's: the run is built by train/state.py's `build_run` (model, optimizer, lr schedule, online
 probe) and each step is train/step.py's `train_step` followed by train/meter.py's `StepMeter.push`, which reads the
@@ -11,6 +12,9 @@ previous step's figures, as train/pretrain.py's loop does. Sources of batches:
     <backend>  the loader (native, dali, ffcv), epoch after epoch as pretrain iterates it: end to end; with
                --caches, the native loader once per cache mode (`native-host`, ...), as bench/pipeline.py names them
     baseline   the study's per-image PIL + torchvision DataLoader (config a only)
+Each --methods entry (train/pretrain.py's --method, at its defaults: head, optimizer, momentum encoder, queue, ...)
+is measured in turn; each row names its method and the peak memory of its measurement (CUDA: the allocator's peak,
+reset before each; CPU: the process' peak resident set so far, which only grows, so read it in the order run).
 Configurations, each adding one thing to the one before:
     a  the study's: eager, fp32, NCHW (end to end with the study's loader)
     b  a + channels_last
@@ -41,7 +45,7 @@ from twinray.pipelines.augment import load_recipe
 from twinray.pipelines.cache import CACHES
 from twinray.pipelines.loader import Batch
 from twinray.prep.format import PackedDataset
-from twinray.train.config import PretrainConfig
+from twinray.train.config import CHOICES, PretrainConfig
 from twinray.train.meter import StepMeter
 from twinray.train.state import build_run
 from twinray.train.step import COMPILE_MODES, Autocast, compile_model, train_step
@@ -102,7 +106,22 @@ def measure(trainer: Trainer, batches, warmup: int, steps: int, device) -> dict:
     images = sum(trainer.step(next(batches), meter) for _ in range(steps))
     meter.settle()
     seconds = clock.stop()
-    return {"seconds": seconds, "images": images, "data_wait": meter.window()["data_wait"]}
+    wait = meter.window()["data_wait"]
+    return {"seconds": seconds, "images": images, "data_wait": wait, "peak_memory_mb": peak(device)}
+
+
+def reset_peak(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak(device) -> float:
+    """MiB: the CUDA allocator's peak since reset_peak, or on the CPU the process' peak resident set so far."""
+    if torch.device(device).type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def epochs(loader):
@@ -161,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="a packed dataset for the end-to-end runs")
     parser.add_argument("--backends", default="native,dali,ffcv")
     parser.add_argument("--caches", default="none", help=f"loader cache modes, of {', '.join(CACHES)}")
+    parser.add_argument("--methods", default="barlow", help=f"pretraining methods, of {', '.join(CHOICES['method'])}")
     parser.add_argument("--configs", default="a,b,c,d")
     parser.add_argument("--compile-modes", default="default", help=f"for config d, of {', '.join(COMPILE_MODES)}")
     parser.add_argument("--size", type=int, default=224)
@@ -170,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     configs, caches = args.configs.split(","), args.caches.split(",")
-    modes = args.compile_modes.split(",")
+    modes, methods = args.compile_modes.split(","), args.methods.split(",")
     bad = [c for c in configs if c not in CONFIGS] + [m for m in modes if m not in COMPILE_MODES]
+    bad += [m for m in methods if m not in CHOICES["method"]]
     bad += [c for c in caches if c not in CACHES]
     if bad or args.warmup < 1 or args.steps < 1:
         why = f"unknown {', '.join(bad)}" if bad else "need --warmup >= 1 and --steps >= 1"
@@ -194,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     def record(config: str, mode: str | None, batch: int, source: str, measured: dict) -> None:
         seconds = measured["seconds"]
         row = {
+            "method": method,
             "config": config,
             "compile_mode": mode,
             "batch_size": batch,
@@ -203,21 +225,25 @@ def main(argv: list[str] | None = None) -> int:
             "images": measured["images"],
             "seconds": round(seconds, 4),
             "data_wait": round(measured["data_wait"], 3),
+            "peak_memory_mb": measured["peak_memory_mb"],
         }
         rows.append(row)
         report["ratios"] = ratios(rows)
         # Saved after every row, so that a run cut short by a time limit keeps what it measured.
         report_save(report, f"train_speed-{device.type}", args.json, quiet=True)
-        name = f"{config}/{mode}" if mode else config
+        name = f"{method} {config}/{mode}" if mode else f"{method} {config}"
         speed = f"{row['steps_per_s']:>8.2f} steps/s {row['images_per_s']:>9.1f} img/s"
-        print(f"{name:<30} batch {batch:>4} {source:<12} {speed}  data wait {row['data_wait']:.0%}", flush=True)
+        memory = f"data wait {row['data_wait']:.0%}  peak {row['peak_memory_mb']:.0f} MiB"
+        print(f"{name:<37} batch {batch:>4} {source:<12} {speed}  {memory}", flush=True)
 
     labels = Labels(args.data)
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
-        cfg = PretrainConfig(size=args.size, batch_size=batch)  # the study's settings: model, optimizer, lambda
+    for method, batch in itertools.product(methods, (int(b) for b in args.batch_sizes.split(","))):
+        # the study's settings (model, optimizer, lambda) for barlow; each other method at its defaults
+        cfg = PretrainConfig(method=method, size=args.size, batch_size=batch).validate()
         for config in configs:
             for mode in modes if CONFIGS[config]["compile"] else [None]:
                 torch.manual_seed(0)
+                reset_peak(device)
                 trainer = Trainer(cfg, device, labels, **CONFIGS[config], mode=mode or "default")
                 ceiling = synthetic(batch, args.size, device, trainer.layout, labels)
                 measured = measure(trainer, ceiling, args.warmup, args.steps, device)
@@ -239,10 +265,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ratios(rows: list[dict]) -> dict:
-    """Headline ratios per batch size: twinray's default (d, compile mode default) over the study's (a) on synthetic
-    batches; each end-to-end source over d's ceiling, with the minutes 300 COVID-sized epochs would take at that
-    speed; and each other compile mode over the default on synthetic batches."""
-    speed = {(r["config"], r["compile_mode"], r["source"], r["batch_size"]): r["images_per_s"] for r in rows}
+    """Headline ratios per batch size, of Barlow Twins: twinray's default (d, compile mode default) over the study's
+    (a) on synthetic batches; each end-to-end source over d's ceiling, with the minutes 300 COVID-sized epochs would
+    take at that speed; and each other compile mode over the default on synthetic batches."""
+    speed = {
+        (r["config"], r["compile_mode"], r["source"], r["batch_size"]): r["images_per_s"]
+        for r in rows
+        if r.get("method", "barlow") == "barlow"
+    }
     out = {}
     for (config, mode, source, batch), value in speed.items():
         ceiling = speed.get(("d", "default", "synthetic", batch))

@@ -22,11 +22,13 @@ from twinray.pipelines.loader import BACKENDS
 from twinray.storage import location
 from twinray.train.label_fractions import check_fraction
 from twinray.train.labels import UNCERTAIN_POLICIES
+from twinray.train.methods import METHODS, STUDY_BATCH
 from twinray.train.model import BACKBONES, parse_projector
 from twinray.train.step import COMPILE_MODES
 from twinray.train.transfer import parse_mode
 
 CHOICES = {
+    "method": tuple(METHODS),
     "optimizer": ("adam", "adamw", "lars", "sgd"),
     "schedule": ("constant", "linear", "cosine"),
     "backend": ("native", "dali", "ffcv"),
@@ -65,23 +67,65 @@ def check_batch_size(batch_size: int, processes: int = 1) -> int:
     return per_process
 
 
+# The fields that only some methods have, and the methods that have them. A value set for another method is a
+# ConfigError naming the flag and the method (PretrainConfig.validate), not silently ignored.
+METHOD_ONLY = {
+    "lambd": ("barlow",),
+    "temperature": ("simclr", "moco"),
+    "momentum": ("moco", "byol"),
+    "queue_size": ("moco",),
+    "key_bn_chunk": ("moco",),
+    "predictor": ("byol",),
+    "sim_coeff": ("vicreg",),
+    "std_coeff": ("vicreg",),
+    "cov_coeff": ("vicreg",),
+}
+
+
+def method_default(method: str, name: str, batch_size: int):
+    """The default of a method-dependent field for `method` (train/methods.py METHODS), at `batch_size` images per
+    step for the learning rate; None where the field does not apply to the method."""
+    m = METHODS[method]
+    if name in METHOD_ONLY and method not in METHOD_ONLY[name]:
+        return None
+    if name == "lr":
+        return m.lr(batch_size)
+    if name in m.coefficients:
+        return m.coefficients[name]
+    return getattr(m, name)
+
+
 @dataclass
 class PretrainConfig:
+    """A pretraining run. The fields left None here default per `method` (train/methods.py METHODS, from the
+    papers; barlow's are the study's settings): projector, optimizer, lr (at the run's --batch-size), weight_decay,
+    schedule, warmup_epochs, and the method's own fields (METHOD_ONLY). They are filled when the object is made,
+    so a YAML file or a flag overrides any of them."""
+
     data: str = "data/packed/covid"
     out: str = "runs/pretrain"
+    method: str = "barlow"
     epochs: int = 300
     batch_size: int = 128
     size: int = 224
     backbone: str = "resnet18"
     channels: int = 1
-    projector: str = "512"
-    lambd: float = 5e-3
-    lr: float = 2e-3
-    weight_decay: float = 1e-5
-    optimizer: str = "adam"
+    projector: str | None = None  # barlow: 512
+    lambd: float | None = None  # barlow: 5e-3
+    lr: float | None = None  # barlow: 2e-3
+    weight_decay: float | None = None  # barlow: 1e-5
+    optimizer: str | None = None  # barlow: adam
     exclude_bias_norm: bool = False  # Adam/AdamW: keep biases and BN out of weight decay (LARS always does)
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
+    schedule: str | None = None  # barlow: cosine
+    warmup_epochs: float | None = None  # barlow: 0
+    temperature: float | None = None  # simclr 0.1, moco 0.2
+    momentum: float | None = None  # moco 0.999 (constant), byol 0.996 (base of BYOL's cosine schedule)
+    queue_size: int | None = None  # moco: 65536
+    key_bn_chunk: int | None = None  # moco: 32 images per BatchNorm batch of the key encoder
+    predictor: str | None = None  # byol: 4096-256
+    sim_coeff: float | None = None  # vicreg: 25
+    std_coeff: float | None = None  # vicreg: 25
+    cov_coeff: float | None = None  # vicreg: 1
     recipe: str = "seed-final"
     backend: str = "native"
     cache: str = "auto"  # native backend: the split decoded once and kept in memory (pipelines/cache.py)
@@ -107,11 +151,28 @@ class PretrainConfig:
     shard_cache_limit: str | None = None  # e.g. 200GB; least recently used shards are deleted past it
     storage_options: str | None = None  # fsspec options as JSON, e.g. {"client_kwargs": {"endpoint_url": ...}}
 
+    def __post_init__(self):
+        if self.method in METHODS:  # else validate() names the choices
+            for name in METHOD_FIELDS:
+                if getattr(self, name) is None:
+                    setattr(self, name, self.default(name))
+
+    def default(self, name: str):
+        """This config's default for field `name`: its method's for the method-dependent fields."""
+        if name in METHOD_FIELDS and self.method in METHODS:
+            return method_default(self.method, name, self.batch_size)
+        return next(f.default for f in fields(self) if f.name == name)
+
     def validate(self) -> PretrainConfig:
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 valid = ", ".join(str(c) for c in choices)
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not one of: {valid}")
+        for name, methods in METHOD_ONLY.items():
+            if self.method not in methods and getattr(self, name) is not None:
+                raise ConfigError(
+                    f"{flag(name)} does not apply to --method {self.method} (only to {', '.join(methods)})"
+                )
         check_batch_size(self.batch_size)  # per process, once the world size is known: train/pretrain.py
         for name in (
             "epochs",
@@ -125,19 +186,53 @@ class PretrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "lambd"):
-            if not getattr(self, name) > 0:
+        for name in ("lr", "lambd", "temperature", "queue_size", "key_bn_chunk"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.weight_decay < 0 or self.warmup_epochs < 0:
             raise ConfigError("weight_decay and warmup_epochs must not be negative")
+        for name in ("sim_coeff", "std_coeff", "cov_coeff"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.momentum is not None and not 0 <= self.momentum <= 1:
+            raise ConfigError(f"momentum must be in [0, 1], got {self.momentum}")
+        if self.queue_size is not None and self.queue_size < self.batch_size:
+            raise ConfigError(
+                f"queue_size {self.queue_size} must hold at least one global batch (--batch-size {self.batch_size})"
+            )
         try:
-            parse_projector(self.projector)
+            dims = parse_projector(self.projector)
+            if self.predictor is not None and parse_projector(self.predictor)[-1] != dims[-1]:
+                raise ValueError(f"predictor {self.predictor!r} must end with the projector's size {dims[-1]}")
         except ValueError as e:
             raise ConfigError(str(e)) from None
         return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# The fields whose default depends on the method (None in the class, filled per method by __post_init__).
+METHOD_FIELDS = (
+    "projector",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "schedule",
+    "warmup_epochs",
+    *METHOD_ONLY,
+)
+
+
+def _method_help(name: str) -> str:
+    values = [(m, method_default(m, name, STUDY_BATCH)) for m in METHODS]
+    shown = ", ".join(f"{m} {v:g}" if isinstance(v, float) else f"{m} {v}" for m, v in values if v is not None)
+    lr = f" at --batch-size {STUDY_BATCH} (linear in it but for barlow)" if name == "lr" else ""
+    return f"per method{lr}: {shown}"
+
+
+# --help shows each method's default of the method-dependent fields (train/config.py parser reads HELP).
+PretrainConfig.HELP = {name: _method_help(name) for name in METHOD_FIELDS}
 
 
 @dataclass
@@ -243,7 +338,8 @@ def to_flags(config, names=None) -> list[str]:
     out = []
     for f in fields(config):
         value = getattr(config, f.name)
-        if value is None or (f.name not in names if names is not None else value == f.default):
+        default = config.default(f.name) if hasattr(config, "default") else f.default
+        if value is None or (f.name not in names if names is not None else value == default):
             continue
         if isinstance(value, bool):
             out.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])
@@ -306,7 +402,10 @@ def parser(cls=PretrainConfig, description: str | None = None) -> argparse.Argum
     """One flag per field of `cls`, plus --config (and --resume for pretraining); no defaults, so that the flags
     given can be told from the YAML's fields."""
     hints = typing.get_type_hints(cls)
-    default = "Barlow Twins pretraining on a packed chest X-ray dataset."
+    default = (
+        "Self-supervised pretraining (--method barlow, simclr, moco, byol or vicreg; Barlow Twins by default) on a "
+        "packed chest X-ray dataset. The fields without a default shown take their method's (docs/methods.md)."
+    )
     p = OneLineParser(
         prog=getattr(cls, "PROG", "train/pretrain.py"),
         description=description or (default if cls is PretrainConfig else cls.__doc__),

@@ -1,9 +1,9 @@
 """Each self-supervised method's defaults, from its paper, in one place (docs/methods.md shows this table).
 
-Not yet wired into the trainer: `train/pretrain.py --method` does not exist yet, and pretraining still runs Barlow
-Twins with PretrainConfig's fields. These are the values a method's run will start from; its config and flags will
-override them. Learning rates are given at the study's batch of 128 images, scaled from the paper's batch only with
-the rule the paper (or its official code) states.
+`train/pretrain.py --method NAME` starts from these values (train/config.py fills PretrainConfig's method-dependent
+fields from them, the learning rate at the run's batch); its config and flags override them. Learning rates are
+given at the study's batch of 128 images, scaled from the paper's batch only with the rule the paper (or its
+official code) states.
 """
 
 from __future__ import annotations

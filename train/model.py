@@ -42,10 +42,17 @@ def build_projector(in_features: int, spec: str = "512") -> nn.Sequential:
 
 
 class BarlowTwins(nn.Module):
-    def __init__(self, backbone: str = "resnet18", in_chans: int = 1, projector: str = "512"):
+    """A backbone and a projector: `model(x) -> (backbone features, projection)`. projector_batch_norm=False builds
+    MoCo v2's head (biases, no BatchNorm; train/heads.py build_head)."""
+
+    def __init__(
+        self, backbone: str = "resnet18", in_chans: int = 1, projector: str = "512", projector_batch_norm: bool = True
+    ):
         super().__init__()
+        from twinray.train.heads import build_head  # heads imports this module
+
         self.backbone = build_backbone(backbone, in_chans)
-        self.projector = build_projector(self.backbone.num_features, projector)
+        self.projector = build_head(self.backbone.num_features, projector, projector_batch_norm)
         self.in_chans = in_chans
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +61,70 @@ class BarlowTwins(nn.Module):
             x = x.expand(-1, self.in_chans, -1, -1)
         features = self.backbone(x)
         return features, self.projector(features)
+
+
+class _Online(nn.Module):
+    """A backbone and a projector held together (not owned): the online network that a momentum encoder copies
+    and follows, without the model's other pieces."""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module, in_chans: int):
+        super().__init__()
+        self.backbone, self.projector, self.in_chans = backbone, projector, in_chans
+
+    forward = BarlowTwins.forward
+
+
+class PretrainModel(BarlowTwins):
+    """What a pretraining run trains and checkpoints, for every method (train/state.py build_run builds it from
+    the run's config): the online network of BarlowTwins (`model(x) -> (features, projection)`, `model.backbone`,
+    which the online probe, kNN and the exported backbone use), and the pieces some methods add, each a submodule
+    so that the model's state_dict (and so every checkpoint) holds it:
+
+    predictor: BYOL's predictor spec ('4096-256'), or None; `model(x, predict=True)` also returns its output.
+    momentum_encoder: an EMA copy of the online network (`target`: MoCo's key encoder, BYOL's target network),
+        with no gradient; `update_target(m)` moves it one EMA step toward the online network.
+    queue_size: MoCo's queue of negative keys (`queue`, a KeyQueue of the projection's size), or None.
+
+    Without them (barlow, simclr, vicreg) it is BarlowTwins itself: the same weights, names and initial draws.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        in_chans: int = 1,
+        projector: str = "512",
+        projector_batch_norm: bool = True,
+        predictor: str | None = None,
+        momentum_encoder: bool = False,
+        queue_size: int | None = None,
+    ):
+        super().__init__(backbone, in_chans, projector, projector_batch_norm)
+        from twinray.train.heads import build_predictor
+        from twinray.train.momentum import KeyQueue, MomentumEncoder
+
+        dim = parse_projector(projector)[-1]
+        self.predictor = build_predictor(dim, predictor) if predictor else None
+        self.target = MomentumEncoder(self.online()) if momentum_encoder else None
+        self.queue = KeyQueue(queue_size, dim) if queue_size else None
+        if queue_size:
+            # The queue is the same on every rank (its enqueue gathers all ranks' keys): DDP need not broadcast
+            # its K x D buffer from rank 0 at every forward.
+            self._ddp_params_and_buffers_to_ignore = ["queue.keys", "queue.ptr"]
+
+    def online(self) -> nn.Module:
+        """The online network (backbone and projector) as one module, for the momentum encoder."""
+        return _Online(self.backbone, self.projector, self.in_chans)
+
+    def forward(self, x: torch.Tensor, predict: bool = False):
+        """(features, projection); with predict=True, (features, projection, the predictor's output)."""
+        features, z = super().forward(x)
+        if predict:
+            return features, z, self.predictor(z)
+        return features, z
+
+    @torch.no_grad()
+    def update_target(self, m: float) -> None:
+        self.target.update(self.online(), m)
 
 
 class Classifier(nn.Module):

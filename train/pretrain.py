@@ -1,13 +1,16 @@
-"""Barlow Twins pretraining on a packed chest X-ray dataset.
+"""Self-supervised pretraining on a packed chest X-ray dataset: Barlow Twins by default, or SimCLR, MoCo v2, BYOL
+or VICReg (`--method`, each with its papers' defaults: docs/methods.md).
 
     python train/pretrain.py --data data/packed/covid --out runs/bt            # one device
+    python train/pretrain.py --method byol --data ... --out runs/byol          # another objective
     accelerate launch train/pretrain.py --data ... --out ...                   # several GPUs or nodes
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 train/pretrain.py ...  # 2 CPU processes (gloo)
 
 Re-running with the same --out continues where the run stopped (mid-epoch included); a larger --epochs extends a
 finished run. `--batch-size` is the global batch, split evenly over the processes.
 
-Where things are: the step is train/step.py (`train_step`, the Barlow Twins loss in train/loss.py); the run's state
+Where things are: the step is train/step.py (`train_step`; each method's forward and loss, train/objectives.py;
+the model with its momentum encoder, queue or predictor, train/model.py `PretrainModel`); the run's state
 and what a checkpoint holds, train/state.py (`RunState`); reading the figures one step late, train/meter.py. Below,
 `train()` reads top to bottom: setup, resume, then the loop (step, metrics, checkpoint).
 """

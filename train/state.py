@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from twinray.train.model import BarlowTwins
+from twinray.train.model import PretrainModel
+from twinray.train.objectives import build_method, model_pieces
 from twinray.train.online_eval import LinearProbe
 from twinray.train.optim import build_optimizer, build_scheduler
-from twinray.train.step import BarlowTwinsMethod, Method
+from twinray.train.step import Method
 
-# The saved tensors fit only the same architecture and optimizer: a re-run must keep these config fields.
-MUST_MATCH = ("backbone", "channels", "projector", "optimizer")
+# The saved tensors fit only the same method, architecture and optimizer: a re-run must keep these config fields.
+MUST_MATCH = ("method", "backbone", "channels", "projector", "optimizer")
+OLD_DEFAULTS = {"method": "barlow"}  # fields that checkpoints written before them lack
 
 
 @dataclass
@@ -35,7 +37,7 @@ class Position:
 @dataclass
 class RunState:
     model: nn.Module  # the bare module; compile and DDP wrap it, and it holds the weights
-    method: Method  # the loss; stateless for Barlow Twins (a momentum method keeps its state in `model`)
+    method: Method  # the forward and loss; holds no tensors (a momentum method keeps its state in `model`)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     probe: LinearProbe
@@ -82,8 +84,9 @@ class RunState:
 def mismatch(saved_config: dict, cfg) -> str | None:
     """The first MUST_MATCH field where a checkpoint's config differs from `cfg`, said in words; None if none."""
     for name in MUST_MATCH:
-        if saved_config[name] != getattr(cfg, name):
-            return f"{name} {saved_config[name]!r}, not {getattr(cfg, name)!r}"
+        saved = saved_config.get(name, OLD_DEFAULTS.get(name))
+        if saved != getattr(cfg, name):
+            return f"{name} {saved!r}, not {getattr(cfg, name)!r}"
     return None
 
 
@@ -96,19 +99,22 @@ def build_run(
     sync_batchnorm: bool = False,
     memory_format: torch.memory_format = torch.channels_last,
 ) -> RunState:
-    """A fresh run for a PretrainConfig: the model on `device` (channels_last unless told otherwise; the study's
-    NCHW is `torch.contiguous_format`), its optimizer, the lr schedule over `cfg.epochs` epochs of optimizer steps
-    (so a larger --epochs stretches a resumed run), and the online probe for `classes` outputs. Draws the initial
-    weights from torch's global generator: seed it first. `sync_batchnorm`: the projector's BatchNorms compute
-    their statistics over all processes (GPUs only)."""
-    model = BarlowTwins(cfg.backbone, cfg.channels, cfg.projector)
+    """A fresh run for a PretrainConfig: its method (train/objectives.py), the model with the pieces the method
+    needs (train/model.py PretrainModel: predictor, momentum encoder, queue) on `device` (channels_last unless told
+    otherwise; the study's NCHW is `torch.contiguous_format`), its optimizer, the lr schedule over `cfg.epochs`
+    epochs of optimizer steps (so a larger --epochs stretches a resumed run), and the online probe for `classes`
+    outputs. Draws the initial weights from torch's global generator: seed it first. `sync_batchnorm`: the
+    projector's and predictor's BatchNorms compute their statistics over all processes (GPUs only); a momentum
+    encoder keeps per-process statistics (MoCo's shuffled BatchNorm needs them)."""
+    model = PretrainModel(cfg.backbone, cfg.channels, cfg.projector, **model_pieces(cfg))
     if sync_batchnorm:
         model.projector = nn.SyncBatchNorm.convert_sync_batchnorm(model.projector)
+        if model.predictor is not None:
+            model.predictor = nn.SyncBatchNorm.convert_sync_batchnorm(model.predictor)
     model = model.to(device, memory_format=memory_format)
     probe = LinearProbe(model.backbone.num_features, classes, multilabel).to(device)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.exclude_bias_norm)
     updates_per_epoch = steps_per_epoch // cfg.grad_accum
-    scheduler = build_scheduler(
-        optimizer, cfg.schedule, cfg.epochs * updates_per_epoch, round(cfg.warmup_epochs * updates_per_epoch)
-    )
-    return RunState(model, BarlowTwinsMethod(cfg.lambd), optimizer, scheduler, probe)
+    total_updates = cfg.epochs * updates_per_epoch
+    scheduler = build_scheduler(optimizer, cfg.schedule, total_updates, round(cfg.warmup_epochs * updates_per_epoch))
+    return RunState(model, build_method(cfg, scheduler, total_updates), optimizer, scheduler, probe)

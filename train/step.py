@@ -2,7 +2,8 @@
 
 A step is: the method's loss on the batch's views, backward, the optimizer update, then (optionally) the online
 probe on the first view's detached features. The method supplies the forward and the loss (`Method`), so the loop
-never branches on a method's name; Barlow Twins (`BarlowTwinsMethod`) is the one implemented.
+never branches on a method's name. Barlow Twins (`BarlowTwinsMethod`) is here; the other methods are in
+train/objectives.py.
 
 Nothing here waits for the device: the figures come back as detached 0-dim device tensors, which the trainer reads
 one step later (train/meter.py).
@@ -134,6 +135,6 @@ class Autocast(nn.Module):
         super().__init__()
         self.module, self.dtype = module, dtype
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, **kwargs):
         with torch.autocast(x.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            return self.module(x)
+            return self.module(x, **kwargs)
