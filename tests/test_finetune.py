@@ -284,7 +284,7 @@ def test_a_barlow_initialised_linear_probe_beats_a_random_init_probe(tmp_path):
     # Issue 4's "the online probe beats chance": chance is 1/4 for balanced accuracy and for a uniform guess.
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "epoch_end" in line][-1]
     print("online evaluation after pretraining:", {k: v for k, v in last.items() if "probe" in k or "knn" in k})
-    assert last["probe_acc"] > 0.3 and 0 <= last["knn_balanced_acc"] <= 1
+    assert last["probe_acc"] > 0.3 and "knn_balanced_acc" in last  # the kNN evaluation ran at the last epoch
     scores = {}
     for init in (run, "random"):
         out = tmp_path / f"probe-{Path(init).name}"

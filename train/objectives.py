@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from twinray.train.losses import byol_loss, byol_momentum, info_nce_loss, nt_xent_loss, vicreg_loss
 from twinray.train.methods import METHODS
 from twinray.train.momentum import shuffled_forward
-from twinray.train.step import Autocast, BarlowTwinsMethod, Method, StepOutput
+from twinray.train.step import Autocast, BarlowTwinsMethod, Method, StepOutput, TwoViewMethod
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -51,41 +51,29 @@ class _UpdateWatch:
         return self.version is not None and self._weight(model)._version != self.version
 
 
-class SimCLRMethod:
-    """SimCLR (Chen et al. 2020): both views through the model, NT-Xent over the global batch at `temperature`."""
+class SimCLRMethod(TwoViewMethod):
+    """SimCLR (Chen et al. 2020): NT-Xent over the global batch at `temperature`."""
 
     name = "simclr"
 
     def __init__(self, temperature: float = 0.1):
         self.temperature = temperature
 
-    def __call__(self, model: nn.Module, views: Sequence[torch.Tensor]) -> StepOutput:
-        features, z1 = model(views[0])
-        _, z2 = model(views[1])
-        loss, terms = nt_xent_loss(z1, z2, self.temperature)
-        return StepOutput(loss, features, terms)
-
-    def after_update(self, model: nn.Module) -> None:
-        """Nothing: SimCLR has no momentum encoder."""
+    def loss(self, z1: torch.Tensor, z2: torch.Tensor):
+        return nt_xent_loss(z1, z2, self.temperature)
 
 
-class VICRegMethod:
-    """VICReg (Bardes et al. 2022): both views through the model (its projector is the expander), the variance-
-    invariance-covariance loss over the global batch with `coefficients` (vicreg_loss's keywords)."""
+class VICRegMethod(TwoViewMethod):
+    """VICReg (Bardes et al. 2022): the projector is the expander; the variance-invariance-covariance loss over the
+    global batch with `coefficients` (vicreg_loss's keywords)."""
 
     name = "vicreg"
 
     def __init__(self, **coefficients: float):
         self.coefficients = coefficients
 
-    def __call__(self, model: nn.Module, views: Sequence[torch.Tensor]) -> StepOutput:
-        features, z1 = model(views[0])
-        _, z2 = model(views[1])
-        loss, terms = vicreg_loss(z1, z2, **self.coefficients)
-        return StepOutput(loss, features, terms)
-
-    def after_update(self, model: nn.Module) -> None:
-        """Nothing: VICReg has no momentum encoder."""
+    def loss(self, z1: torch.Tensor, z2: torch.Tensor):
+        return vicreg_loss(z1, z2, **self.coefficients)
 
 
 class MoCoMethod:

@@ -34,11 +34,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 from twinray.atomic import write_csv
 from twinray.cli import InputError, OneLineParser, run_cli
-from twinray.config import check_fields
+from twinray.config import check_fields, read_mapping
 from twinray.train.config import ConfigError, FinetuneConfig, PretrainConfig, from_mapping, to_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,12 +45,7 @@ METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "mean_auroc")
 
 
 def load_config(path: Path) -> dict:
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError(f"{path}: cannot read the scan ({type(e).__name__})") from None
-    if not isinstance(cfg, dict):
-        raise InputError(f"{path}: a scan is a YAML mapping")
+    cfg = read_mapping(path, "scan")
     check_fields(cfg, KEYS, str(path), what="key")
     for key in ("data", "out", "grid"):
         if key not in cfg:

@@ -50,24 +50,35 @@ class Method(Protocol):
     def after_update(self, model: nn.Module) -> None: ...
 
 
-class BarlowTwinsMethod:
-    """Barlow Twins (Zbontar et al. 2021): both views through the same model (backbone, then projector), the
-    cross-correlation loss of train/loss.py between the two embeddings. `lambd` weighs the off-diagonal term
-    (5e-3, the paper's and the study's value)."""
+class TwoViewMethod:
+    """A method without a momentum encoder: both views through the same model (backbone, then projector), then
+    `loss(z1, z2) -> (loss, terms)` of the two embeddings. Barlow Twins, SimCLR (train/objectives.py) and VICReg
+    are this; each supplies its loss."""
+
+    def loss(self, z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, views: Sequence[torch.Tensor]) -> StepOutput:
+        features, z1 = model(views[0])
+        _, z2 = model(views[1])
+        loss, terms = self.loss(z1, z2)
+        return StepOutput(loss, features, terms)
+
+    def after_update(self, model: nn.Module) -> None:
+        """Nothing: no momentum encoder."""
+
+
+class BarlowTwinsMethod(TwoViewMethod):
+    """Barlow Twins (Zbontar et al. 2021): the cross-correlation loss of train/loss.py between the two views'
+    embeddings. `lambd` weighs the off-diagonal term (5e-3, the paper's and the study's value)."""
 
     name = "barlow_twins"
 
     def __init__(self, lambd: float = 5e-3):
         self.lambd = lambd
 
-    def __call__(self, model: nn.Module, views: Sequence[torch.Tensor]) -> StepOutput:
-        features, z1 = model(views[0])
-        _, z2 = model(views[1])
-        loss, terms = barlow_twins_loss(z1, z2, self.lambd)
-        return StepOutput(loss, features, terms)
-
-    def after_update(self, model: nn.Module) -> None:
-        """Nothing: Barlow Twins has no momentum encoder."""
+    def loss(self, z1: torch.Tensor, z2: torch.Tensor):
+        return barlow_twins_loss(z1, z2, self.lambd)
 
 
 def train_step(

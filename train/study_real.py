@@ -37,6 +37,7 @@ import yaml
 
 from twinray.atomic import write_csv, write_json
 from twinray.cli import InputError, OneLineParser, run_cli
+from twinray.config import check_fields, read_mapping
 
 KEYS = {"raw", "work", "results", "patients_per_class", "prep", "seeds", "fractions", "modes", "source_class",
         "pretrain", "finetune", "profile", "profiles"}  # fmt: skip
@@ -48,15 +49,8 @@ SHOWN = ("balanced_accuracy", "auroc", "source_class_auroc", "rest_balanced_accu
 
 def load(path: Path, profile: str | None = None) -> dict:
     """The study config with its profile applied: top-level keys, then the profile's (pretrain/finetune merged)."""
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError(f"{path}: cannot read the study ({type(e).__name__})") from None
-    if not isinstance(cfg, dict):
-        raise InputError(f"{path}: a study is a YAML mapping")
-    unknown = sorted(set(cfg) - KEYS)
-    if unknown:
-        raise InputError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(KEYS))})")
+    cfg = read_mapping(path, "study")
+    check_fields(cfg, KEYS, str(path), what="key")
     profiles = cfg.get("profiles") or {}
     name = profile or cfg.get("profile") or "auto"
     if name == "auto":
@@ -66,9 +60,7 @@ def load(path: Path, profile: str | None = None) -> dict:
     if name not in profiles:
         raise InputError(f"{path}: no profile {name!r} (profiles: {', '.join(profiles) or 'none'})")
     chosen = profiles[name] or {}
-    bad = sorted(set(chosen) - PROFILE_KEYS)
-    if bad:
-        raise InputError(f"{path}: profile {name!r} has unknown key {bad[0]!r} (known: {', '.join(PROFILE_KEYS)})")
+    check_fields(chosen, PROFILE_KEYS, f"{path}: profile {name!r}", what="key")
     out = {k: copy.deepcopy(v) for k, v in cfg.items() if k not in ("profiles", "profile")}
     for key, value in chosen.items():
         out[key] = {**(out.get(key) or {}), **value} if key in ("pretrain", "finetune") else value
