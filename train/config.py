@@ -164,10 +164,7 @@ class PretrainConfig:
         return next(f.default for f in fields(self) if f.name == name)
 
     def validate(self) -> PretrainConfig:
-        for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                valid = ", ".join(str(c) for c in choices)
-                raise ConfigError(f"{name} {getattr(self, name)!r} is not one of: {valid}")
+        check_choices(self, CHOICES, label=str)
         for name, methods in METHOD_ONLY.items():
             if self.method not in methods and getattr(self, name) is not None:
                 raise ConfigError(
@@ -298,10 +295,7 @@ class FinetuneConfig:
         missing = [flag(name) for name in self.REQUIRED if getattr(self, name) in (None, "")]
         if missing:
             raise ConfigError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
-        for name, choices in self.CHOICES.items():
-            if getattr(self, name) not in choices:
-                valid = ", ".join(str(c) for c in choices)
-                raise ConfigError(f"{flag(name)} {getattr(self, name)!r} is not one of: {valid}")
+        check_choices(self, self.CHOICES, label=flag)
         for name in ("epochs", "size", "workers"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{flag(name)} {getattr(self, name)} must be at least 1")
@@ -324,6 +318,15 @@ class FinetuneConfig:
 
 
 CONFIGS = (PretrainConfig, FinetuneConfig)
+
+
+def check_choices(config, choices: dict, label) -> None:
+    """Raises ConfigError, "{label(field)} 'value' is not one of: a, b", for the first field of `config` whose value
+    is not among its `choices` ({field: allowed values})."""
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            valid = ", ".join(str(c) for c in allowed)
+            raise ConfigError(f"{label(name)} {getattr(config, name)!r} is not one of: {valid}")
 
 
 def flag(name: str) -> str:
@@ -376,13 +379,19 @@ def _coerce(value, kind: type, name: str, where: str):
     raise ConfigError(f"{where}: {name} {value!r} is not {words}")
 
 
-def from_mapping(cls, values: dict, where: str):
-    """A validated `cls` (PretrainConfig or FinetuneConfig) from a YAML mapping; keys may use - or _. Raises
-    ConfigError in one line naming `where` for an unknown field, a value of the wrong type or a bad value."""
+def typed_fields(cls, values: dict, where: str) -> dict:
+    """A YAML mapping's fields for `cls`, keys with - or _, each value as its field's type; not yet validated.
+    Raises ConfigError naming `where` for an unknown field or a value of the wrong type."""
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
     check_fields(values, (f.name for f in fields(cls)), where, error=ConfigError)
     hints = typing.get_type_hints(cls)
-    typed = {k: _coerce(v, _base_type(hints[k]), k, where) for k, v in values.items()}
+    return {k: _coerce(v, _base_type(hints[k]), k, where) for k, v in values.items()}
+
+
+def from_mapping(cls, values: dict, where: str):
+    """A validated `cls` (PretrainConfig or FinetuneConfig) from a YAML mapping (typed_fields). Raises ConfigError
+    in one line naming `where` for an unknown field, a value of the wrong type or a bad value."""
+    typed = typed_fields(cls, values, where)
     try:
         return cls(**typed).validate()
     except ConfigError as e:
@@ -391,11 +400,7 @@ def from_mapping(cls, values: dict, where: str):
 
 def load_yaml(path: str | Path, cls=PretrainConfig) -> dict:
     """A config file's fields, checked for unknown names and types; not yet validated (flags may follow)."""
-    data = read_mapping(path, "config", error=ConfigError)
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    check_fields(data, (f.name for f in fields(cls)), str(path), error=ConfigError)
-    hints = typing.get_type_hints(cls)
-    return {k: _coerce(v, _base_type(hints[k]), k, str(path)) for k, v in data.items()}
+    return typed_fields(cls, read_mapping(path, "config", error=ConfigError), str(path))
 
 
 def parser(cls=PretrainConfig, description: str | None = None) -> argparse.ArgumentParser:
