@@ -11,7 +11,8 @@ RAW ?= data/raw
 PACKED ?= data/packed
 DEMO ?= data/demo
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?=
+# Two pytest-xdist workers, one thread each (tests/conftest.py), slow tests first; worksteal evens out the tail.
+PYTEST_ARGS ?= -n 2 --dist worksteal
 
 .PHONY: install test demo prep lint clean
 

@@ -100,7 +100,7 @@ def run_cell(cell: dict) -> dict:
         clock.start()
         for _ in range(cell["steps"]):
             step()
-        step_s = clock.stop() / cell["steps"]
+        step_s = round(clock.stop() / cell["steps"], 6)  # rounded before use: the row's hours follow from its step_s
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) / 2**20
         else:
@@ -109,7 +109,7 @@ def run_cell(cell: dict) -> dict:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process' peak RSS
         hours = hours_for_epochs(step_s, cell["dataset_size"], cell["batch_size"], epochs=100)
         row.update(
-            status="ok", step_s=round(step_s, 5), peak_memory_mb=round(peak, 1), hours_per_100_epochs=round(hours, 3)
+            status="ok", step_s=step_s, peak_memory_mb=round(peak, 1), hours_per_100_epochs=round(hours, 3)
         )
     except (torch.OutOfMemoryError, MemoryError) as e:
         row.update(status="oom", error=str(e).splitlines()[0][:200])

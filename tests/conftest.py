@@ -14,7 +14,21 @@ from twinray.prep.cli import main as prep_main
 from twinray.prep.format import PackWriter, encode_image
 
 REPO = Path(__file__).resolve().parents[1]
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on CI's two cores. Each worker and the scripts it starts use one
+    # thread: two workers of two OpenMP threads each on two cores spin against each other and ran steps many times
+    # slower than one thread each.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 HAVE_OPENPYXL = importlib.util.find_spec("openpyxl") is not None  # absent on the GPU machine only; see covid_sample
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked `slow` run first, so that with two workers none of them starts last and runs alone at the end.
+    The sort is stable and the same in every worker, as pytest-xdist requires."""
+    items.sort(key=lambda item: "slow" not in item.keywords)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -23,6 +23,7 @@ def bench(script, *args, record) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_pipeline_and_train_speed_write_their_json_where_asked(covid_packed, tmp_path):
     results = REPO / "bench" / "results"
     committed = {p: p.read_bytes() for p in results.glob("*.json")}

@@ -223,6 +223,7 @@ def test_multilabel_chexpert_reports_per_label_auroc(tmp_path):
     assert "mean_auroc" in results["test"] and not (out / "confusion.png").exists()
 
 
+@pytest.mark.slow
 def test_gradcam_on_real_radiographs_side_by_side(tmp_path):
     """Real NIH images (RGBA files included), two fine-tuned models, one grid."""
     from tests.layouts import REAL_CXR
@@ -258,6 +259,7 @@ def test_gradcam_on_real_radiographs_side_by_side(tmp_path):
     assert_one_line_error(bad, "not a finetune run")
 
 
+@pytest.mark.slow
 def test_a_barlow_initialised_linear_probe_beats_a_random_init_probe(tmp_path):
     """What pretraining is for, end to end on the CPU: generate, pack, pretrain, probe both inits, compare.
 
@@ -349,6 +351,7 @@ def _start_and_kill(args: list, out) -> None:
     assert list(out.glob("ckpt-*")) and not (out / "results.json").exists(), "the run finished before the kill"
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_after_its_last_epoch_and_ends_as_an_uninterrupted_one(covid_packed, tmp_path):
     args = ["--data", covid_packed, "--init", "random", *SMALL, "--epochs", "4", "--batch-size", "8"]
     whole = tmp_path / "whole"

@@ -293,6 +293,7 @@ print("done", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a_process_that_leaves_every_backend_mid_epoch_exits_normally(constant_data, tmp_path):
     """A producer thread still inside a torch op when the interpreter shuts down is unwound by pthread_exit through
     a noexcept scope: std::terminate, "terminate called without an active exception", exit code 134. Before the

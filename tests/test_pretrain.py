@@ -371,6 +371,7 @@ def _weights(run) -> dict[str, torch.Tensor]:
     return load_file(run / "backbone.safetensors")
 
 
+@pytest.mark.slow
 def test_killed_mid_epoch_resumes_to_the_same_weights(covid_packed, tmp_path):
     args = ["--data", covid_packed, "--epochs", "2", "--log-every", "1", "--deterministic", *TINY]
     straight = tmp_path / "straight"
@@ -426,6 +427,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(covid
     assert checkpoint.latest(out) == before
 
 
+@pytest.mark.slow
 def test_two_processes_on_gloo_then_resume_on_one(covid_packed, tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     assert torchrun, "torchrun is missing from the venv"
@@ -492,6 +494,7 @@ def test_wandb_offline_run_and_disabled_without_wandb(covid_packed, tmp_path):
     assert_one_line_error(missing, "wandb is not installed", "--wandb disabled")
 
 
+@pytest.mark.slow
 def test_a_short_run_lowers_the_loss(demo_packed, tmp_path):
     out = tmp_path / "run"
     args = ["--data", demo_packed, "--out", out, "--epochs", "4", "--size", "64", "--batch-size", "32"]

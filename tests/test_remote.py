@@ -265,6 +265,7 @@ def test_a_url_split_too_large_for_the_cache_is_one_line_in_pretrain(s3, s3_covi
     assert_one_line_error(result, "split 'train' is", "shard cache limit", "--shard-cache-limit")
 
 
+@pytest.mark.slow
 def test_finetune_gradcam_and_lr_find_read_a_url(s3, s3_covid, covid_packed, tmp_path):
     storage = ["--shard-cache", tmp_path / "cache", "--storage-options", s3.storage_options_json]
 

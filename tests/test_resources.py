@@ -14,6 +14,7 @@ from tests.conftest import REPO
 from twinray.bench.resources import hours_for_epochs
 
 
+@pytest.mark.slow
 def test_tiny_cpu_grid_records_every_cell_and_survives_oom(tmp_path):
     out = tmp_path / "grid"
     cmd = [

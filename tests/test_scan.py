@@ -43,6 +43,7 @@ def test_a_sweep_pretrains_once_per_pretraining_cell_and_varies_finetune_keys_af
         assert args[args.index("--init") + 1].endswith(f"lambd-{tune['cell']['lambd']}/seed-0/pretrain")
 
 
+@pytest.mark.slow
 def test_pretrain_sweep_then_fraction_grid_resumes(covid_packed, tmp_path):
     sweep = tmp_path / "sweep.yaml"
     pretrain = {"epochs": 1, "size": 32, "batch_size": 16, "workers": 1}

@@ -118,6 +118,7 @@ def test_summary_gives_mean_and_t_interval_per_cell():
     assert summary[0]["balanced_accuracy_ci95"] == 0.0
 
 
+@pytest.mark.slow
 def test_shrunk_study_runs_end_to_end_and_resumes(tmp_path, capsys):
     """configs/study-real.yaml with 6 patients per class, 1 epoch at 32 px, 1 seed, one label fraction and the full
     fine-tune only (each run is a process whose imports dominate: 3 of them keep this test short)."""
