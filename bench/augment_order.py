@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from twinray.atomic import write_json
+from twinray.cli import run_cli
 from twinray.pipelines.augment import Augment, geometry, intensity, load_recipe
 from twinray.pipelines.augment import dali as dali_augment
 from twinray.pipelines.augment.ops import RUNS
@@ -193,4 +194,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "augment_order")

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from twinray.bench.report import device_name
 from twinray.bench.report import save as report_save
+from twinray.cli import run_cli
 from twinray.prep.ffcv_pack import require_ffcv, torch_threads_kept, write_beton
 from twinray.prep.format import PackedDataset
 
@@ -148,4 +149,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "ffcv_fields")

@@ -38,6 +38,7 @@ from twinray.bench.report import (
     time_calls,
 )
 from twinray.bench.report import save as report_save
+from twinray.cli import run_cli
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment import load_recipe
 from twinray.pipelines.augment.reference import StudyNoise
@@ -228,4 +229,4 @@ def remote(args, device, recipe) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "pipeline")

@@ -20,6 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from twinray.bench.report import cpu_name
+from twinray.cli import run_cli
 from twinray.prep import build, sample
 from twinray.prep.datasets import covid
 
@@ -118,4 +119,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "prep_speed")

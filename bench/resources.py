@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from twinray.cli import run_cli
+
 FIELDS = [
     "backbone",
     "channels",
@@ -108,9 +110,7 @@ def run_cell(cell: dict) -> dict:
 
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process' peak RSS
         hours = hours_for_epochs(step_s, cell["dataset_size"], cell["batch_size"], epochs=100)
-        row.update(
-            status="ok", step_s=step_s, peak_memory_mb=round(peak, 1), hours_per_100_epochs=round(hours, 3)
-        )
+        row.update(status="ok", step_s=step_s, peak_memory_mb=round(peak, 1), hours_per_100_epochs=round(hours, 3))
     except (torch.OutOfMemoryError, MemoryError) as e:
         row.update(status="oom", error=str(e).splitlines()[0][:200])
     except RuntimeError as e:
@@ -355,4 +355,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "resources")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 from datetime import date
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import torch
 from twinray.bench.pipeline import PngPairs, export_pngs, study_transform
 from twinray.bench.report import Stopwatch, device_name
 from twinray.bench.report import save as report_save
+from twinray.cli import run_cli, say_error
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment import load_recipe
 from twinray.pipelines.cache import CACHES
@@ -111,17 +111,29 @@ def measure(trainer: Trainer, batches, warmup: int, steps: int, device) -> dict:
 
 
 def reset_peak(device) -> None:
+    """Start a new peak: the CUDA allocator's, or on Linux the process' resident-set high-water mark (VmHWM), which
+    writing 5 to /proc/self/clear_refs resets to the current resident set (proc(5))."""
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or a kernel without it: the peak then stays the process' peak so far
+        pass
 
 
 def peak(device) -> float:
-    """MiB: the CUDA allocator's peak since reset_peak, or on the CPU the process' peak resident set so far."""
+    """MiB: the CUDA allocator's peak since reset_peak; on the CPU the process' resident-set peak (VmHWM) since
+    reset_peak, which includes what the process held before it (the interpreter, torch, the data)."""
     if torch.device(device).type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    import resource
+    try:
+        status = Path("/proc/self/status").read_text()
+        return round(int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) / 1024, 1)
+    except (OSError, StopIteration):
+        import resource
 
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def epochs(loader):
@@ -196,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     bad += [c for c in caches if c not in CACHES]
     if bad or args.warmup < 1 or args.steps < 1:
         why = f"unknown {', '.join(bad)}" if bad else "need --warmup >= 1 and --steps >= 1"
-        print(f"train_speed: error: {why}", file=sys.stderr)
+        say_error("train_speed", why)
         return 2
     device = torch.device(args.device)
     rows: list[dict] = []
@@ -267,11 +279,16 @@ def main(argv: list[str] | None = None) -> int:
 def ratios(rows: list[dict]) -> dict:
     """Headline ratios per batch size, of Barlow Twins: twinray's default (d, compile mode default) over the study's
     (a) on synthetic batches; each end-to-end source over d's ceiling, with the minutes 300 COVID-sized epochs would
-    take at that speed; and each other compile mode over the default on synthetic batches."""
+    take at that speed; and each other compile mode over the default on synthetic batches. Then each other method's
+    images/s over Barlow Twins' in the same configuration, source and batch (`simclr_over_barlow_a_synthetic_b128`)."""
     speed = {
         (r["config"], r["compile_mode"], r["source"], r["batch_size"]): r["images_per_s"]
         for r in rows
         if r.get("method", "barlow") == "barlow"
+    }
+    by_method = {
+        (r.get("method", "barlow"), r["config"], r["compile_mode"], r["source"], r["batch_size"]): r["images_per_s"]
+        for r in rows
     }
     out = {}
     for (config, mode, source, batch), value in speed.items():
@@ -285,8 +302,12 @@ def ratios(rows: list[dict]) -> dict:
             out[f"minutes_300_epochs_covid_{source}_d_b{batch}"] = round(300 * COVID_IMAGES / value / 60, 1)
         elif config == "d" and mode != "default" and source == "synthetic":
             out[f"{mode}_over_default_b{batch}"] = round(value / ceiling, 2)
+    for (method, config, mode, source, batch), value in by_method.items():
+        barlow = by_method.get(("barlow", config, mode, source, batch))
+        if method != "barlow" and barlow:
+            out[f"{method}_over_barlow_{config}_{source}_b{batch}"] = round(value / barlow, 2)
     return out
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, "train_speed")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twinray.cli import InputError, OneLineParser
+from twinray.cli import InputError, OneLineParser, say_error
 from twinray.prep import build, shard_cache
 from twinray.prep.datasets import chexpert, covid, folder
 from twinray.prep.format import ENCODINGS, LABEL_MISSING, SPLITS, PackedDataset, verify
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (InputError, ValueError) as e:  # ValueError: a missing extra, named in the message
-        print(f"prep: error: {e}", file=sys.stderr)
+        say_error("prep", str(e))
         return 2
     except KeyboardInterrupt:
         print("prep: interrupted; nothing was published", file=sys.stderr)

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import timm
@@ -118,15 +121,41 @@ def test_a_short_run_logs_evaluates_and_exports_a_timm_backbone(method, covid_pa
     assert all(torch.equal(v, model[f"backbone.{k}"]) for k, v in exported.items())  # the online encoder
 
 
+def sigterm_after_first_step(out) -> threading.Thread:
+    """A thread that sends this process SIGTERM once the run in `out` has logged its first step: what a scheduler
+    does to a job. train()'s handler, installed before the first step, turns it into a checkpoint and a stop."""
+
+    def watch():
+        metrics = out / "metrics.jsonl"
+        for _ in range(12000):  # 2 minutes at most
+            if metrics.exists() and metrics.read_text().count("\n") >= 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.mark.parametrize("method", ["moco", "byol"])
-def test_a_stopped_momentum_run_resumes_to_the_same_weights(method, covid_packed, tmp_path, keep_signals):
-    """Stopped in the middle of its second epoch, then resumed: every tensor of the model (online weights, the
+@pytest.mark.parametrize("stop", ["SIGTERM", "max_steps"])
+def test_a_stopped_momentum_run_resumes_to_the_same_weights(method, stop, covid_packed, tmp_path, keep_signals):
+    """Stopped mid-run (by SIGTERM after its first step, as Barlow Twins' test does in a subprocess, or by
+    --max-steps in the middle of its second epoch), then resumed: every tensor of the model (online weights, the
     EMA weights, MoCo's queue and pointer, BatchNorm statistics) equals an uninterrupted run's, bit for bit."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    train_here(covid_packed, straight, method, epochs=2)
-    assert train_here(covid_packed, stopped, method, epochs=2, max_steps=4) == {"stopped": "max_steps", "step": 4}
+    train_here(covid_packed, straight, method, epochs=2, log_every=1)
+    if stop == "SIGTERM":
+        watcher = sigterm_after_first_step(stopped)
+        summary = train_here(covid_packed, stopped, method, epochs=2, log_every=1)
+        watcher.join()
+        assert summary["stopped"] == "SIGTERM" and 1 <= summary["step"] < 6, summary
+    else:
+        summary = train_here(covid_packed, stopped, method, epochs=2, log_every=1, max_steps=4)
+        assert summary == {"stopped": "max_steps", "step": 4}
     assert not (stopped / "backbone.safetensors").exists()
-    train_here(covid_packed, stopped, method, epochs=2)
+    train_here(covid_packed, stopped, method, epochs=2, log_every=1)
     a = checkpoint.load(checkpoint.latest(straight))
     b = checkpoint.load(checkpoint.latest(stopped))
     assert a["position"] == b["position"] == {"step": 6, "epoch": 2, "in_epoch": 0}
@@ -284,10 +313,13 @@ def test_train_speed_reports_each_method(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(report, "RESULTS", tmp_path / "record")
     out = tmp_path / "speed.json"
-    args = ["--device", "cpu", "--methods", "moco,byol", "--configs", "a", "--size", "32", "--batch-sizes", "16"]
+    args = ["--device", "cpu", "--methods", "barlow,moco,byol", "--configs", "a", "--size", "32", "--batch-sizes", "16"]
     assert main([*args, "--steps", "1", "--warmup", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["device"].startswith("cpu: ")
-    assert [r["method"] for r in result["results"]] == ["moco", "byol"]
+    assert [r["method"] for r in result["results"]] == ["barlow", "moco", "byol"]
     assert all(r["images_per_s"] > 0 and r["peak_memory_mb"] > 0 for r in result["results"])
+    speed = {r["method"]: r["images_per_s"] for r in result["results"]}
+    ratio = result["ratios"]["byol_over_barlow_a_synthetic_b16"]  # a ratio within the run, against Barlow Twins
+    assert ratio == pytest.approx(speed["byol"] / speed["barlow"], abs=0.01)
     assert main(["--methods", "dino"]) == 2 and "unknown dino" in capsys.readouterr().err

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from twinray.cli import OneLineParser, run_cli
+from twinray.cli import OneLineParser, run_cli, say_error
 from twinray.pipelines import build_loader
 from twinray.prep import shard_cache
 from twinray.storage import location
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     shard_cache.configure_from(args)
     if not 0 < args.min_lr < args.max_lr:
-        print(f"lr_find: error: need 0 < --min-lr ({args.min_lr}) < --max-lr ({args.max_lr})", file=sys.stderr)
+        say_error("lr_find", f"need 0 < --min-lr ({args.min_lr}) < --max-lr ({args.max_lr})")
         return 2
     torch.manual_seed(args.seed)
     recipe = "seed-final" if args.task == "pretrain" else "base"
@@ -116,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if len(loader) == 0:  # cycling empty epochs would never end
         loader.close()
-        print(f"lr_find: error: --batch-size {args.batch_size} is larger than the train split ({len(loader.rows)} "
-              "images)", file=sys.stderr)  # fmt: skip
+        say_error(
+            "lr_find", f"--batch-size {args.batch_size} is larger than the train split ({len(loader.rows)} images)"
+        )
         return 2
     model = BarlowTwins().to(args.device, memory_format=torch.channels_last)
     multilabel = loader.data.task == "multilabel"
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     batches.close()
     loader.close()  # its threads end now (pipelines/loader.py)
     if not lrs:
-        print("lr_find: error: the loss was not finite at the first step", file=sys.stderr)
+        say_error("lr_find", "the loss was not finite at the first step")
         return 1
     lr = suggest(lrs, losses)
     args.out.parent.mkdir(parents=True, exist_ok=True)

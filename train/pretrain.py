@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from twinray.atomic import write_json
-from twinray.cli import InputError, run_cli
+from twinray.cli import InputError, run_cli, say_error
 from twinray.pipelines import build_loader
 from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
@@ -332,10 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg, _ = from_args(argv)
         train(cfg)
     except (ConfigError, InputError, ValueError) as e:
-        print(f"pretrain: error: {e}", file=sys.stderr)
+        say_error("pretrain", str(e))
         return 2
     except NonFiniteLoss as e:  # exit 1: the data and flags were fine, the run diverged
-        print(f"pretrain: error: {e}; the last good checkpoint is kept in {cfg.out}", file=sys.stderr)
+        say_error("pretrain", f"{e}; the last good checkpoint is kept in {cfg.out}")
         return 1
     return 0
 

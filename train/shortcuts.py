@@ -27,14 +27,13 @@ resamples, because images of one patient are not independent.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from twinray.atomic import write_json
-from twinray.cli import InputError, OneLineParser, run_cli
+from twinray.cli import InputError, OneLineParser, run_cli, say_error
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment.recipes import EVAL_RECIPE
 from twinray.prep.format import PackedDataset
@@ -233,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = check(args.data, args.size, args.source_class)
     except InputError as e:
-        print(f"shortcuts: error: {e}", file=sys.stderr)
+        say_error("shortcuts", str(e))
         return 2
     if args.out is not None:
         write_json(args.out, report)

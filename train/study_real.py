@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from twinray.atomic import write_csv, write_json
-from twinray.cli import InputError, OneLineParser, run_cli
+from twinray.cli import InputError, OneLineParser, run_cli, say_error
 from twinray.config import check_fields, read_mapping
 
 KEYS = {"raw", "work", "results", "patients_per_class", "prep", "seeds", "fractions", "modes", "source_class",
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"{cfg['raw']}: no such folder (the real-cxr data; give --raw or REAL_CXR=...)")
         results = study(cfg, command)
     except InputError as e:
-        print(f"study_real: error: {e}", file=sys.stderr)
+        say_error("study_real", str(e))
         return 2
     print(f"wrote {results}: table.md, summary.csv, runs.csv, study.png, shortcuts.json, timings.json, configs/")
     return 0

@@ -21,6 +21,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def say_error(prog: str, message: str) -> None:
+    """Writes "PROG: error: MESSAGE" and its newline to stderr in one write. Python's stderr writes through, so
+    print() would write the message and the newline separately, and the lines of two processes sharing a stderr (two
+    ranks under torchrun) could run into one."""
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    sys.stderr.flush()
+
+
 def run_cli(main: Callable[[], int], prog: str | None = None, errors: tuple[type[Exception], ...] = ()) -> NoReturn:
     """Every CLI's entry point: exits with `main()`'s code.
 
@@ -33,7 +41,7 @@ def run_cli(main: Callable[[], int], prog: str | None = None, errors: tuple[type
         try:
             code = main()
         except caught as e:
-            print(f"{prog}: error: {e}", file=sys.stderr)
+            say_error(prog, str(e))
             code = 2
         sys.stdout.flush()  # a closed pipe shows up here, where it is handled, rather than at exit
     except BrokenPipeError:
