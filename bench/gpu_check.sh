@@ -62,7 +62,7 @@ stage gpu_tests 135 bash -c gpu_tests
 # Loader alone, no model: native on JPEG with no cache (nvJPEG every batch), the host cache (pinned staging, one
 # copy per batch) and the device cache (a gather on the GPU; target 30,000 pairs/s on an H200), each cache's one fill
 # timed apart (fill_s); then native on npy, then native beside the study's baseline, for the ratio.
-stage pipeline 75 bash -c "$PY bench/pipeline.py --data $work/jpeg --device $DEVICE --backends native \
+stage pipeline 65 bash -c "$PY bench/pipeline.py --data $work/jpeg --device $DEVICE --backends native \
   --caches none,host,device --batch-size 256 --batches 40 --json $res/pipeline-native.json && \
   $PY bench/pipeline.py --data $work/npy --device $DEVICE --backends native \
   --batch-size 256 --batches 40 --json $res/pipeline-npy.json && \
@@ -77,11 +77,15 @@ stage train_speed 85 $PY bench/train_speed.py --device "$DEVICE" --data "$work/j
 # torch.compile's modes on twinray's step (d), synthetic batches: the default (its graph is in the FX cache from the
 # stage above), CUDA graphs, then max-autotune without CUDA graphs (the longest compile, last). The CUDA default
 # (config compile_mode) changes only on this measurement.
-stage compile_modes 60 $PY bench/train_speed.py --device "$DEVICE" --configs d \
+stage compile_modes 50 $PY bench/train_speed.py --device "$DEVICE" --configs d \
   --compile-modes default,reduce-overhead,max-autotune-no-cudagraphs --batch-sizes 128 --steps 20 --warmup 5 \
   --json "$res/compile_modes.json"
+# What each pretraining method costs (README "Choosing an objective"): images/s and the allocator's peak at the
+# study's batch, bf16 eager (config c, no compile time), synthetic batches, each method at its defaults.
+stage methods 40 $PY bench/train_speed.py --device "$DEVICE" --methods barlow,simclr,moco,byol,vicreg --configs c \
+  --batch-sizes 128 --steps 10 --warmup 3 --json "$res/methods.json"
 # The study's setting (fp32, eager) over a small grid, then --compare: the study's against twinray's at 224 px.
-stage resources 90 $PY bench/resources.py --device "$DEVICE" --resolutions 128,224 --batch-sizes 64,128,256 \
+stage resources 70 $PY bench/resources.py --device "$DEVICE" --resolutions 128,224 --batch-sizes 64,128,256 \
   --backbones "$BACKBONES" --channels 1 --steps 5 --warmup 2 --memory-cap 8GiB --timeout 60 --compare \
   --out "$res/resources"
 echo "results in $OUT/results.tar.gz"
