@@ -17,7 +17,6 @@ batches of `--batch` views on this machine's CPU. JSON goes to bench/results/aug
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from twinray.atomic import write_json
-from twinray.cli import run_cli
+from twinray.cli import OneLineParser, run_cli
 from twinray.pipelines.augment import Augment, geometry, intensity, load_recipe
 from twinray.pipelines.augment import dali as dali_augment
 from twinray.pipelines.augment.ops import RUNS
@@ -130,7 +129,7 @@ def timing(aug: Augment, images: torch.Tensor, sizes: torch.Tensor, repeats: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)

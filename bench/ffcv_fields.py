@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from twinray.bench.report import device_name
 from twinray.bench.report import save as report_save
-from twinray.cli import run_cli
+from twinray.cli import OneLineParser, run_cli
 from twinray.prep.ffcv_pack import require_ffcv, torch_threads_kept, write_beton
 from twinray.prep.format import PackedDataset
 
@@ -97,7 +97,7 @@ def pixel_error(data: PackedDataset, seen: list) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="a packed dataset with one image size")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--json", type=Path, default=None)

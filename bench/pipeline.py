@@ -38,7 +38,7 @@ from twinray.bench.report import (
     time_calls,
 )
 from twinray.bench.report import save as report_save
-from twinray.cli import run_cli
+from twinray.cli import OneLineParser, run_cli
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment import load_recipe
 from twinray.pipelines.augment.reference import StudyNoise
@@ -101,7 +101,7 @@ def cycle(loader):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=location, required=True, help="a packed dataset: a directory or a URL")
     parser.add_argument("--storage-options", type=storage_options_type, default=None, help="fsspec options (JSON)")
     parser.add_argument("--epochs", type=int, default=4, help="a URL's epochs: 1 cold, then warm and local (4)")

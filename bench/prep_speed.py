@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from twinray.bench.report import cpu_name
-from twinray.cli import run_cli
+from twinray.cli import OneLineParser, run_cli
 from twinray.prep import build, sample
 from twinray.prep.datasets import covid
 
@@ -51,7 +51,7 @@ def timed(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2000, help="generated images (at least 2000 for COVID scale)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, default=256)

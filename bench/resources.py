@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from twinray.cli import run_cli
+from twinray.cli import OneLineParser, int_list, run_cli
 
 FIELDS = [
     "backbone",
@@ -122,9 +122,9 @@ def run_cell(cell: dict) -> dict:
 def grid_cells(args) -> list[dict]:
     cells = []
     for backbone in args.backbones.split(","):
-        for channels in (int(c) for c in args.channels.split(",")):
-            for resolution in (int(r) for r in args.resolutions.split(",")):
-                for batch in (int(b) for b in args.batch_sizes.split(",")):
+        for channels in args.channels:
+            for resolution in args.resolutions:
+                for batch in args.batch_sizes:
                     cells.append(
                         dict(
                             backbone=backbone,
@@ -268,7 +268,7 @@ def compare(args, base: dict) -> dict:
                 {**base, "backbone": "resnet18", "channels": 1, "resolution": 224, "batch_size": b, **setting},
                 args.timeout,
             )
-            for b in (int(b) for b in args.batch_sizes.split(","))
+            for b in args.batch_sizes
         ]
         fits = [r["batch_size"] for r in rows if r["status"] == "ok"]
         at_128 = next((r for r in rows if r["batch_size"] == 128 and r["status"] == "ok"), None)
@@ -303,11 +303,11 @@ def save_tables(rows: list[dict], args, base: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--resolutions", default="128,224,256,384,512")
-    parser.add_argument("--batch-sizes", default="16,32,64,128,256,512")
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolutions", type=int_list, default="128,224,256,384,512")
+    parser.add_argument("--batch-sizes", type=int_list, default="16,32,64,128,256,512")
     parser.add_argument("--backbones", default="resnet18,resnet34,resnet50,resnet101,efficientnet_b0")
-    parser.add_argument("--channels", default="1,3")
+    parser.add_argument("--channels", type=int_list, default="1,3")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)

@@ -39,7 +39,7 @@ import torch
 from twinray.bench.pipeline import PngPairs, export_pngs, study_transform
 from twinray.bench.report import Stopwatch, device_name
 from twinray.bench.report import save as report_save
-from twinray.cli import run_cli, say_error
+from twinray.cli import OneLineParser, int_list, run_cli, say_error
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment import load_recipe
 from twinray.pipelines.cache import CACHES
@@ -187,7 +187,7 @@ def loader_batches(data: Path, backend: str, cache: str, batch: int, size: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data", type=Path, default=None, help="a packed dataset for the end-to-end runs")
     parser.add_argument("--backends", default="native,dali,ffcv")
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="a,b,c,d")
     parser.add_argument("--compile-modes", default="default", help=f"for config d, of {', '.join(COMPILE_MODES)}")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch-sizes", default="128,256")
+    parser.add_argument("--batch-sizes", type=int_list, default="128,256")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (at least 1: compilation)")
     parser.add_argument("--json", type=Path, default=None)
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<37} batch {batch:>4} {source:<12} {speed}  {memory}", flush=True)
 
     labels = Labels(args.data)
-    for method, batch in itertools.product(methods, (int(b) for b in args.batch_sizes.split(","))):
+    for method, batch in itertools.product(methods, args.batch_sizes):
         # the study's settings (model, optimizer, lambda) for barlow; each other method at its defaults
         cfg = PretrainConfig(method=method, size=args.size, batch_size=batch).validate()
         for config in configs:

@@ -10,7 +10,7 @@ import sys
 import cv2
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_one_line_error
 from twinray.bench.resources import hours_for_epochs
 
 
@@ -107,3 +107,18 @@ def test_a_cell_over_its_time_limit_is_recorded_not_raised():
     cell = dict(device="cpu", memory_cap=0, dataset_size=100, steps=2, warmup=1, backbone="resnet18", channels=1)
     row = run_isolated({**cell, "resolution": 32, "batch_size": 2, "precision": "fp32", "compile": False}, timeout=1)
     assert (row["status"], row["backbone"], row["batch_size"]) == ("timeout", "resnet18", 2)  # importing torch > 1 s
+
+
+@pytest.mark.parametrize(
+    "script, args, needle",
+    [
+        ("bench/resources.py", ["--resolutions", "1,abc"], "'1,abc' is not a comma-separated list of whole numbers"),
+        ("bench/resources.py", ["--batch-sizes", "0,64"], "'0,64': every entry must be at least 1"),
+        ("bench/train_speed.py", ["--batch-sizes", "x"], "'x' is not a comma-separated list of whole numbers"),
+        ("bench/pipeline.py", ["--data", "/no/such/folder"], "/no/such/folder: no such directory"),
+    ],
+)
+def test_benchmark_scripts_report_bad_input_in_one_line(script, args, needle):
+    """A benchmark's bad argument or missing data folder is one line naming it, exit code 2, never a traceback."""
+    result = subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(result, needle)

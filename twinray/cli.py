@@ -21,6 +21,18 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def int_list(text: str) -> list[int]:
+    """argparse type for a comma-separated list of positive integers ("128,224"); a bad entry is a one-line error
+    naming it."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every entry must be at least 1")
+    return values
+
+
 def say_error(prog: str, message: str) -> None:
     """Writes "PROG: error: MESSAGE" and its newline to stderr in one write. Python's stderr writes through, so
     print() would write the message and the newline separately, and the lines of two processes sharing a stderr (two
