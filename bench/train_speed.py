@@ -281,15 +281,11 @@ def ratios(rows: list[dict]) -> dict:
     (a) on synthetic batches; each end-to-end source over d's ceiling, with the minutes 300 COVID-sized epochs would
     take at that speed; and each other compile mode over the default on synthetic batches. Then each other method's
     images/s over Barlow Twins' in the same configuration, source and batch (`simclr_over_barlow_a_synthetic_b128`)."""
-    speed = {
-        (r["config"], r["compile_mode"], r["source"], r["batch_size"]): r["images_per_s"]
-        for r in rows
-        if r.get("method", "barlow") == "barlow"
-    }
     by_method = {
         (r.get("method", "barlow"), r["config"], r["compile_mode"], r["source"], r["batch_size"]): r["images_per_s"]
         for r in rows
     }
+    speed = {key[1:]: value for key, value in by_method.items() if key[0] == "barlow"}
     out = {}
     for (config, mode, source, batch), value in speed.items():
         ceiling = speed.get(("d", "default", "synthetic", batch))
