@@ -274,9 +274,13 @@ class PackedDataset:
             raise InputError(f"{self.root}: no such directory")
         if not manifest_path.is_file():
             raise InputError(f"{self.root}: not a packed dataset (no {MANIFEST}; an interrupted prep leaves none)")
+        raw = manifest_path.read_bytes()
+        # What identifies the data by content: the manifest lists every shard's and the index's sha256, so a dataset
+        # re-packed at the same path has another digest (train/state.py compares it on resume).
+        self.digest: str = hashlib.sha256(raw).hexdigest()
         try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
+            self.manifest = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"{manifest_path}: not valid JSON ({e})") from None
         version = self.manifest.get("format_version")
         if version != FORMAT_VERSION:

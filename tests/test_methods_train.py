@@ -268,13 +268,21 @@ def test_a_yaml_field_that_does_not_apply_is_one_line(tmp_path, capsys):
 
 
 def test_resuming_another_method_is_refused(tmp_path):
-    from twinray.train.state import mismatch
+    from twinray.train.config import ConfigError
+    from twinray.train.state import Position, part, resume_changes, saved_parts, settings
 
-    saved = PretrainConfig(method="byol").to_dict()
-    assert mismatch(saved, PretrainConfig(method="byol")) is None
-    assert mismatch(saved, PretrainConfig(method="moco")) == "method 'byol', not 'moco'"
+    def now(method):
+        return part(0, "d", 1, 1, settings(PretrainConfig(method=method), "ab" * 32, "no"))
+
+    saved = saved_parts({"config": PretrainConfig(method="byol").to_dict(), "position": {"step": 3}})[-1]
+    assert resume_changes("run", saved, now("byol"), Position()) == {}
+    with pytest.raises(ConfigError, match=r"^run holds a run with other settings: method 'byol', now 'moco'; "):
+        resume_changes("run", saved, now("moco"), Position())
     old = {k: v for k, v in PretrainConfig().to_dict().items() if k != "method"}  # a checkpoint from before
-    assert mismatch(old, PretrainConfig()) is None
+    assert (
+        resume_changes("run", saved_parts({"config": old, "position": {"step": 3}})[-1], now("barlow"), Position())
+        == {}
+    )
 
 
 def test_a_scan_plans_one_pretraining_per_method():

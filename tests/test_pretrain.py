@@ -20,14 +20,20 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO, assert_one_line_error
 from twinray import atomic
+from twinray.pipelines import build_loader
+from twinray.pipelines.augment import EVAL_RECIPE
+from twinray.prep.format import PackedDataset
 from twinray.train import checkpoint
 from twinray.train.config import ConfigError, PretrainConfig, from_args
+from twinray.train.health import effective_rank
 from twinray.train.loss import barlow_twins_loss
 from twinray.train.meter import NonFiniteLoss, StepMeter
 from twinray.train.model import BarlowTwins, build_projector
 from twinray.train.online_eval import LinearProbe
 from twinray.train.optim import build_optimizer, lr_factor
-from twinray.train.state import Position, build_run, mismatch
+from twinray.train.pretrain import knn_bank_rows
+from twinray.train.state import Position, build_run, resume_changes, settings
+from twinray.train.state import part as run_part
 from twinray.train.step import BarlowTwinsMethod, train_step
 
 TINY = ["--size", "32", "--batch-size", "16", "--projector", "64", "--wandb", "disabled", "--workers", "1"]
@@ -324,8 +330,16 @@ def test_the_run_state_round_trips_through_a_checkpoint(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k]["exp_avg_sq"], b[k]["exp_avg_sq"]) for k in a)
     assert fresh.scheduler.last_epoch == 2
     assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(2 * run.optimizer.param_groups[0]["lr"])
-    assert mismatch(cfg.to_dict(), PretrainConfig(projector="16")) is None
-    assert mismatch(cfg.to_dict(), PretrainConfig(projector="32")) == "projector '16', not '32'"
+    saved = run_part(0, "d", 1, 1, settings(cfg, "ab" * 32, "no"))
+
+    def now(**fields):
+        return run_part(
+            0, "d", 2, 1, settings(PretrainConfig(**{"projector": "16", "epochs": 4, **fields}), "ab" * 32, "no")
+        )
+
+    assert resume_changes("run", saved, now(lr=2e-3), Position()) == {"lr": (1e-3, 2e-3), "world_size": (1, 2)}
+    with pytest.raises(ConfigError, match=r"^run holds a run with other settings: projector '16', now '32'; resume"):
+        resume_changes("run", saved, now(lr=1e-3, projector="32"), Position())
 
 
 def test_short_run_logs_checkpoints_and_exports_a_timm_backbone(covid_packed, tmp_path):
@@ -365,6 +379,21 @@ def test_short_run_logs_checkpoints_and_exports_a_timm_backbone(covid_packed, tm
     backbone.load_state_dict(load_file(out / "backbone.safetensors"))
     backbone.eval()
     assert backbone(torch.rand(1, 1, 32, 32)).shape == (1, info["num_features"])
+    # The health figures (docs/health.md) at each evaluation; the last one's RankMe read back from the exported
+    # backbone on the same bank of train images.
+    evals = [r for r in rows if r.get("epoch_end")]
+    for r in evals:
+        assert 1 <= r["rankme"] <= 40 and 0 < r["emb_std"] < 1, r
+        assert -1 <= r["corr_diag"] <= 1 and 0 <= r["corr_off"] <= 1 and r["health_s"] >= 0, r
+    data = PackedDataset(covid_packed)
+    bank = knn_bank_rows(data, 40, seed=0)
+    loader = build_loader(
+        covid_packed, "train", rows=bank, batch_size=16, device="cpu", recipe=EVAL_RECIPE, size=32, drop_last=False
+    )
+    with loader, torch.no_grad():
+        features = torch.cat([backbone(b.views[0]) for b in loader])
+    assert len(features) == len(bank)
+    assert effective_rank(features) == pytest.approx(evals[-1]["rankme"], rel=1e-3)
 
 
 def _weights(run) -> dict[str, torch.Tensor]:
@@ -414,7 +443,9 @@ def test_killed_mid_epoch_resumes_to_the_same_weights(covid_packed, tmp_path):
 
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(covid_packed, tmp_path):
     out = tmp_path / "run"
-    first = pretrain("--data", covid_packed, "--out", out, "--max-steps", "1", "--optimizer", "sgd", *TINY)
+    first = pretrain(
+        "--data", covid_packed, "--out", out, "--epochs", "3", "--max-steps", "1", "--optimizer", "sgd", *TINY
+    )
     assert first.returncode == 0, first.stderr[-2000:]
     before = checkpoint.latest(out)
     result = pretrain(

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from twinray.atomic import atomic
+from twinray.atomic import atomic, naming
 
 PREFIX = "ckpt-"
 
@@ -67,9 +67,14 @@ def save(run_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
     tmp.mkdir(parents=True)
     tensors: dict[str, torch.Tensor] = {}
     structure = _flatten(state, "", tensors)
-    # safetensors refuses tensors that share memory; the copies are cheap next to a training step
-    save_file({k: v.clone() for k, v in tensors.items()}, tmp / "tensors.safetensors")
-    (tmp / "state.json").write_text(json.dumps(structure))
+    try:  # a full disk names the checkpoint (twinray.atomic.naming) and leaves no half-written folder
+        with naming(final):
+            # safetensors refuses tensors that share memory; the copies are cheap next to a training step
+            save_file({k: v.clone() for k, v in tensors.items()}, tmp / "tensors.safetensors")
+            (tmp / "state.json").write_text(json.dumps(structure))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)

@@ -221,6 +221,82 @@ METHOD_FIELDS = (
 )
 
 
+# A pretraining re-run on an existing --out (train/pretrain.py, docs/pretrain.md). Every PretrainConfig field is in
+# exactly one of PRETRAIN_LEARNED and PRETRAIN_RUNS (tests/test_rerun_pretrain.py checks it).
+# LEARNED: the settings that change what is learned, or the figures logged about it (knn_k, knn_bank); "data" is
+# compared by content (the manifest's digest), not by path. A resume must keep them, but for PRETRAIN_FREE and those
+# named in --allow-change.
+PRETRAIN_FIXED = (  # the checkpoint's tensors fit only these as they were: no flag changes them
+    "data",
+    "method",
+    "backbone",
+    "channels",
+    "projector",
+    "predictor",
+    "optimizer",
+    "exclude_bias_norm",
+    "queue_size",
+)
+PRETRAIN_LEARNED = (
+    *PRETRAIN_FIXED,
+    "size",
+    "batch_size",
+    "recipe",
+    "epochs",
+    "lr",
+    "weight_decay",
+    "schedule",
+    "warmup_epochs",
+    "grad_accum",
+    "seed",
+    "mixed_precision",
+    "lambd",
+    "temperature",
+    "momentum",
+    "key_bn_chunk",
+    "sim_coeff",
+    "std_coeff",
+    "cov_coeff",
+    "knn_k",
+    "knn_bank",
+)
+PRETRAIN_FREE = ("epochs", "lr")  # change on a resume without a flag (epochs only upwards), said at the start
+# RUNS: how the run runs; a re-run may change any of them.
+PRETRAIN_RUNS = (
+    "out",
+    "backend",
+    "cache",
+    "compile",
+    "compile_mode",
+    "wandb",
+    "workers",
+    "eval_every",
+    "keep_checkpoints",
+    "log_every",
+    "deterministic",
+    "max_steps",
+    "shard_cache",
+    "shard_cache_limit",
+    "storage_options",
+)
+
+
+def parse_allow_change(text: str | None) -> tuple[str, ...]:
+    """`--allow-change size,recipe` as field names. Raises ConfigError, one line, for a name that is not a
+    PretrainConfig field, or one the checkpoint's tensors fix (PRETRAIN_FIXED)."""
+    names = tuple(n.strip().replace("-", "_") for n in (text or "").split(",") if n.strip())
+    for name in names:
+        if name in PRETRAIN_FIXED:
+            raise ConfigError(
+                f"--allow-change {name}: a checkpoint continues only with the same {name}; "
+                "use --force to start over, or another --out"
+            )
+        if name not in PRETRAIN_LEARNED and name not in PRETRAIN_RUNS:  # a PRETRAIN_RUNS one changes freely anyway
+            allowed = ", ".join(n for n in PRETRAIN_LEARNED if n not in PRETRAIN_FIXED)
+            raise ConfigError(f"--allow-change {name!r} is not a setting; the ones it may name: {allowed}")
+    return names
+
+
 def _method_help(name: str) -> str:
     values = [(m, method_default(m, name, STUDY_BATCH)) for m in METHODS]
     shown = ", ".join(f"{m} {v:g}" if isinstance(v, float) else f"{m} {v}" for m, v in values if v is not None)
@@ -264,11 +340,12 @@ class FinetuneConfig:
     shard_cache: str | None = None
     shard_cache_limit: str | None = None
     storage_options: str | None = None
+    force: bool = False
 
     HELP: ClassVar[dict] = {
         "data": "a packed dataset (python -m prep ...), or its URL",
-        "init": "RUN_DIR, BACKBONE.safetensors, imagenet or random",
-        "out": "the run's directory; a run left there resumes",
+        "init": "RUN_DIR, BACKBONE.safetensors, a fine-tuned run (its head matched by class name), imagenet or random",
+        "out": "the run's directory; a run left there resumes, a finished one is kept",
         "mode": "full, linear or freeze:K (K = 0..4)",
         "fraction": "label fraction of the train split, in (0, 1]",
         "backbone": "for imagenet and random",
@@ -281,6 +358,7 @@ class FinetuneConfig:
         "shard_cache": "node-local cache for a --data URL",
         "shard_cache_limit": "shard cache size limit, e.g. 200GB",
         "storage_options": "fsspec options as JSON; credentials come from the environment",
+        "force": "replace the run in --out (finished or not) instead of keeping or resuming it",
     }
     CHOICES: ClassVar[dict] = {
         "backbone": BACKBONES,
@@ -419,6 +497,16 @@ def parser(cls=PretrainConfig, description: str | None = None) -> argparse.Argum
     p.add_argument("--config", help="YAML file of fields; flags override it")
     if cls is PretrainConfig:
         p.add_argument("--resume", action="store_true", help="continue the run in --out (also the default)")
+        p.add_argument(
+            "--allow-change",
+            metavar="NAMES",
+            help="resume although these settings differ from the checkpoint's (comma-separated field names)",
+        )
+        p.add_argument(
+            "--force",
+            action="store_true",
+            help="discard the run in --out (checkpoints, metrics, config, backbone, wandb) and start over",
+        )
     for f in fields(cls):
         kind = _base_type(hints[f.name])
         shown = "" if f.default is None else f" (default: {f.default})"

@@ -6,8 +6,10 @@ or VICReg (`--method`, each with its papers' defaults: docs/methods.md).
     accelerate launch train/pretrain.py --data ... --out ...                   # several GPUs or nodes
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 train/pretrain.py ...  # 2 CPU processes (gloo)
 
-Re-running with the same --out continues where the run stopped (mid-epoch included); a larger --epochs extends a
-finished run. `--batch-size` is the global batch, split evenly over the processes.
+Re-running with the same --out continues where the run stopped (mid-epoch included), when the data and the settings
+that change what is learned are the checkpoint's; a larger --epochs extends a finished run. Anything else is refused
+in one line before --out changes, unless --allow-change names it; --force starts over (docs/pretrain.md).
+`--batch-size` is the global batch, split evenly over the processes.
 
 Where things are: the step is train/step.py (`train_step`; each method's forward and loss, train/objectives.py;
 the model with its momentum encoder, queue or predictor, train/model.py `PretrainModel`); the run's state
@@ -19,26 +21,39 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm import tqdm
 
-from twinray.atomic import write_json
+from twinray.atomic import atomic, naming, write_json
 from twinray.cli import InputError, run_cli, say_error
+from twinray.lock import exclusive
 from twinray.pipelines import build_loader
 from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
-from twinray.train import checkpoint
-from twinray.train.config import ConfigError, PretrainConfig, check_batch_size, from_args
+from twinray.train import checkpoint, health
+from twinray.train.config import ConfigError, PretrainConfig, check_batch_size, from_args, parse_allow_change
 from twinray.train.distributed import StopVote, count_nodes
 from twinray.train.meter import NonFiniteLoss, StepMeter
 from twinray.train.online_eval import EVAL_RECIPE, knn_metrics, knn_scores
-from twinray.train.state import RunState, build_run, mismatch
+from twinray.train.state import (
+    Position,
+    RunState,
+    build_run,
+    part,
+    resume_changes,
+    same_settings,
+    saved_parts,
+    settings,
+)
 from twinray.train.step import compile_model, new_iteration, train_step
 
 
@@ -74,15 +89,28 @@ def _trackers(cfg: PretrainConfig):
 
 
 @torch.no_grad()
-def _features(model, loader, accelerator):
-    feats, labels = [], []
+def _features(model, loader, accelerator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(backbone features, projector embeddings, labels) of every image the loader yields, gathered from every
+    process, in float32."""
+    feats, embs, labels = [], [], []
     for batch in loader:
         new_iteration()
-        f, _ = model(batch.views[0])
+        f, z = model(batch.views[0])[:2]
         feats.append(f.to(torch.float32, copy=True))  # a copy: CUDA graphs reuse their output buffers
+        embs.append(z.to(torch.float32, copy=True))
         labels.append(batch.labels)
-    feats, labels = torch.cat(feats), torch.cat(labels)
-    return accelerator.gather_for_metrics(feats), accelerator.gather_for_metrics(labels)
+    return tuple(accelerator.gather_for_metrics(torch.cat(x)) for x in (feats, embs, labels))
+
+
+@torch.no_grad()
+def _view_pairs(model, loader, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projector embeddings of both augmented views of every image the loader yields, gathered."""
+    z1, z2 = [], []
+    for batch in loader:
+        for views, out in ((batch.views[0], z1), (batch.views[1], z2)):
+            new_iteration()
+            out.append(model(views)[1].to(torch.float32, copy=True))
+    return accelerator.gather_for_metrics(torch.cat(z1)), accelerator.gather_for_metrics(torch.cat(z2))
 
 
 def knn_bank_rows(data: PackedDataset, limit: int, seed: int) -> np.ndarray:
@@ -94,7 +122,13 @@ def knn_bank_rows(data: PackedDataset, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
 
 
-def evaluate_knn(model, cfg, accelerator, classes: int, multilabel: bool, bank: np.ndarray) -> dict[str, float]:
+HEALTH_PAIRS = 512  # bank images whose two augmented views give the cross-correlation figures (docs/health.md)
+
+
+def evaluate(model, cfg, accelerator, classes: int, multilabel: bool, bank: np.ndarray) -> dict[str, float]:
+    """The evaluation row's figures: kNN on the val split against the bank (train/online_eval.py), and the
+    representation-health figures of the bank (train/health.py: rankme, emb_std; corr_diag and corr_off for
+    Barlow Twins, on two views of HEALTH_PAIRS bank images under the run's recipe), with health_s, what they cost."""
     kw = dict(
         batch_size=max(1, cfg.batch_size // accelerator.num_processes),
         device=accelerator.device,
@@ -109,15 +143,25 @@ def evaluate_knn(model, cfg, accelerator, classes: int, multilabel: bool, bank: 
     )
     model.eval()
     with build_loader(cfg.data, "train", rows=bank, **kw) as bank_loader:  # its threads end here, each evaluation
-        train_f, train_y = _features(model, bank_loader, accelerator)
+        train_f, train_z, train_y = _features(model, bank_loader, accelerator)
+    start = time.perf_counter()
+    pairs = None
+    if cfg.method == "barlow" and len(bank) >= 2:
+        with build_loader(
+            cfg.data, "train", rows=bank[:HEALTH_PAIRS], **{**kw, "recipe": cfg.recipe, "views": 2}
+        ) as pl:
+            pairs = _view_pairs(model, pl, accelerator)
+    row = {**health.figures(train_f, train_z, pairs), "health_s": round(time.perf_counter() - start, 3)}
     try:
         with build_loader(cfg.data, "val", **kw) as val_loader:
-            val_f, val_y = _features(model, val_loader, accelerator)
-    except ValueError:  # an empty val split
-        model.train()
-        return {}
+            val_f, _, val_y = _features(model, val_loader, accelerator)
+    except ValueError:  # an empty val split: no kNN
+        val_f = None
     model.train()
-    return knn_metrics(knn_scores(train_f, train_y, val_f, classes, multilabel, k=cfg.knn_k), val_y, multilabel)
+    if val_f is not None:
+        scores = knn_scores(train_f, train_y, val_f, classes, multilabel, k=cfg.knn_k)
+        row.update(knn_metrics(scores, val_y, multilabel))
+    return row
 
 
 def _peak_memory_mb(cuda: bool) -> float:
@@ -129,7 +173,9 @@ def _peak_memory_mb(cuda: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def export_backbone(model, cfg: PretrainConfig, out: Path) -> None:
+def export_backbone(model, cfg: PretrainConfig, out: Path, parts: list[dict]) -> None:
+    """backbone.safetensors (timm's names) and backbone.json: the timm model, the data (its path, and the digest of
+    its manifest) and every setting it was trained with, part by part (docs/pretrain.md)."""
     backbone = model.backbone
     metadata = {"timm_name": cfg.backbone, "in_chans": str(cfg.channels)}
     checkpoint.save_weights(out / "backbone.safetensors", backbone, metadata)
@@ -139,60 +185,178 @@ def export_backbone(model, cfg: PretrainConfig, out: Path) -> None:
         "num_features": backbone.num_features,
         "size": cfg.size,
         "pretrained_on": cfg.data,
+        "data_digest": parts[-1]["data_digest"],
+        "parts": parts,
     }
     write_json(out / "backbone.json", info)
 
 
-def resume(run: RunState, cfg: PretrainConfig, accelerator, steps_per_epoch: int) -> None:
-    """Puts `run` back where the latest checkpoint in --out left it (model, optimizer, schedule, probe, loss scale,
-    RNG, position in the data); nothing to do for a new run."""
-    latest = checkpoint.latest(cfg.out)
-    if latest is None:
+def write_config(cfg: PretrainConfig, parts: list[dict]) -> None:
+    """config.json: this launch's settings, its world size and nodes, the data's digest, and every part of the run
+    with its step range (a resume that changed a setting starts a part)."""
+    now = parts[-1]
+    extra = {k: now[k] for k in ("world_size", "nodes", "data_digest")}
+    write_json(Path(cfg.out) / "config.json", {**cfg.to_dict(), **extra, "parts": parts})
+
+
+# What a pretraining writes in --out, which --force discards; anything else there stays.
+OUTPUTS = ("config.json", "metrics.jsonl", "backbone.safetensors", "backbone.json", "wandb")
+
+
+def discard(out: Path) -> list[str]:
+    """--force: removes the checkpoints (a half-written one too) and OUTPUTS from `out`. Returns the names removed."""
+    found = [*out.glob(f"{checkpoint.PREFIX}*"), *out.glob(f".{checkpoint.PREFIX}*"), *(out / n for n in OUTPUTS)]
+    gone = []
+    for path in sorted(p for p in found if p.exists() or p.is_symlink()):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        gone.append(path.name)
+    return gone
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drops the metrics.jsonl lines past `step`, which a run killed after its last checkpoint logged, so that a
+    resume from that checkpoint logs no step twice."""
+    if not path.is_file():
         return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _step(line) is not None and _step(line) <= step]
+    if len(kept) < len(lines):
+        with atomic(path) as tmp:
+            tmp.write_text("".join(kept))
+
+
+def _step(line: str) -> int | None:
+    """A metrics.jsonl line's step; None for a line cut short by a kill."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+@contextmanager
+def one_writer(out: Path, accelerator):
+    """Holds the lock of `out` (twinray/lock.py) while the block runs. The launch's main process takes it and tells
+    the others whether it was refused, so that every process of a refused launch stops with the same InputError,
+    and the processes of one launch never refuse each other."""
+    with ExitStack() as held:
+        refusal = None
+        if accelerator.is_main_process:
+            try:
+                held.enter_context(exclusive(out, "pretraining"))
+            except InputError as e:
+                refusal = str(e)
+        if accelerator.num_processes > 1:
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal:
+            raise InputError(refusal)
+        yield
+
+
+def plan(cfg: PretrainConfig, now: dict, allow, force: bool) -> tuple[dict | None, list[dict], dict]:
+    """What --out holds, read before anything there changes: (the checkpoint to resume from, or None; the run's
+    parts, `now` last, its steps set; the allowed changes {name: (checkpoint's value, this run's)}). Raises
+    ConfigError, one line, for a checkpoint with other settings (train/state.py resume_changes), or for a backbone
+    with no checkpoint to resume (a finished run is not replaced without --force)."""
+    out = Path(cfg.out)
+    latest = None if force else checkpoint.latest(out)
+    if latest is None:
+        if not force and (out / "backbone.safetensors").exists():
+            raise ConfigError(
+                f"{out} holds a finished backbone but no checkpoint to resume from: --force to discard it and start "
+                "over, or use another --out"
+            )
+        return None, [now], {}
     saved = checkpoint.load(latest)
-    why = mismatch(saved["config"], cfg)
-    if why:
-        raise ConfigError(f"{cfg.out} holds a run with {why}: use the same setting or another --out")
+    pos = Position(**saved["position"])
+    parts = saved_parts(saved)
+    changes = resume_changes(out, parts[-1], now, pos, allow)
+    if same_settings(parts[-1], now):  # the same part goes on
+        now["steps"] = [parts.pop()["steps"][0], pos.step]
+    else:
+        now["steps"] = [pos.step, pos.step]
+    return {**saved, "name": latest.name}, [*parts, now], changes
+
+
+def resume(run: RunState, cfg: PretrainConfig, saved: dict, changes: dict, accelerator, steps_per_epoch: int) -> None:
+    """Puts `run` back where checkpoint `saved` left it (model, optimizer, schedule, probe, loss scale, RNG, position
+    in the data), with this run's --lr; says so, and what changed, in a line each."""
     run.load_state_dict(saved, lr=cfg.lr)  # this run's --lr, not the saved one
     pos = run.position
-    accelerator.print(f"resuming from {latest.name}: epoch {pos.epoch}, step {pos.in_epoch} of {steps_per_epoch}")
+    accelerator.print(f"resuming from {saved['name']}: epoch {pos.epoch}, step {pos.in_epoch} of {steps_per_epoch}")
+    if changes:
+        said = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        accelerator.print(f"changed since the checkpoint: {said} (config.json records each part)")
 
 
-def save(run: RunState, cfg: PretrainConfig, accelerator) -> None:
-    """The one place a checkpoint is written: the run's state and its config, by the main process, once every
-    process has reached the same step."""
+def save(run: RunState, cfg: PretrainConfig, accelerator, parts: list[dict]) -> None:
+    """The one place a checkpoint is written: the run's state, its config and its parts (the last one ending at this
+    step), by the main process, once every process has reached the same step; config.json follows it."""
+    parts[-1]["steps"][1] = run.position.step
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {**run.state_dict(), "config": cfg.to_dict()}
+        state = {**run.state_dict(), "config": cfg.to_dict(), "parts": parts}
         checkpoint.save(cfg.out, run.position.step, state, keep=cfg.keep_checkpoints)
+        write_config(cfg, parts)
     accelerator.wait_for_everyone()
 
 
 def log(row: dict, accelerator, path: Path) -> None:
     """One line of metrics.jsonl (and the trackers'), from the main process."""
     if accelerator.is_main_process:
-        with open(path, "a") as f:
+        with naming(path), open(path, "a") as f:  # a full disk names metrics.jsonl
             f.write(json.dumps(row) + "\n")
         accelerator.log(row, step=row["step"])
 
 
-def train(cfg: PretrainConfig) -> dict:
-    # ---- setup: processes, data, the run's state ------------------------------------------------------------
-    out = Path(cfg.out)
+def train(cfg: PretrainConfig, allow_change=(), force: bool = False) -> dict:
+    """A pretraining run in cfg.out: a new one, or the one there resumed (docs/pretrain.md says when). `allow_change`:
+    learned settings that may differ from the checkpoint's (train/config.py parse_allow_change); `force`: discard
+    what cfg.out holds and start over. Holds cfg.out's lock throughout. Raises ConfigError or InputError (one line)
+    before anything in cfg.out changes. Returns the last epoch's row, {"stopped", "step"} or {"done", "step"}."""
+    precision = _mixed_precision(cfg, torch.cuda.is_available())
     accelerator = Accelerator(
-        mixed_precision=_mixed_precision(cfg, torch.cuda.is_available()),
+        mixed_precision=precision,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=_trackers(cfg),
-        project_dir=str(out),
-    )
+        project_dir=str(cfg.out),
+    )  # writes nothing in --out
+    with one_writer(Path(cfg.out), accelerator):  # a second launch on this --out is refused here
+        return _train(cfg, accelerator, precision, allow_change, force)
+
+
+def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force: bool) -> dict:
+    # ---- setup: processes, data ---------------------------------------------------------------------------------
+    out = Path(cfg.out)
     world = accelerator.num_processes
     check_batch_size(cfg.batch_size, world)  # at least 2 images per process and step, before anything is written
+    nodes = count_nodes()  # a collective: every rank
     set_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     device = accelerator.device
     cuda = device.type == "cuda"
     shard_cache.configure(cfg.shard_cache, cfg.shard_cache_limit, cfg.storage_options)  # for a --data URL
+    digest = PackedDataset(cfg.data).digest  # the data, by content
+
+    # ---- what --out holds: resume only the same data and settings; nothing there has changed yet --------------
+    saved, parts, changes = plan(
+        cfg, part(0, cfg.data, world, nodes, settings(cfg, digest, precision)), allow_change, force
+    )
+    if saved is not None:
+        pos = Position(**saved["position"])
+        if pos.epoch >= cfg.epochs and (out / "backbone.safetensors").is_file():
+            accelerator.print(
+                f"{out} is already done: {pos.epoch} epochs, {pos.step} steps; nothing changed "
+                "(a larger --epochs continues it, --force starts over)"
+            )
+            return {"done": True, "step": pos.step}
+        if cfg.max_steps and pos.step >= cfg.max_steps:
+            accelerator.print(f"{out} stopped at step {pos.step} (--max-steps {cfg.max_steps}); nothing changed")
+            return {"stopped": "max_steps", "step": pos.step}
+
     loader = build_loader(
         cfg.data,
         "train",
@@ -222,20 +386,29 @@ def train(cfg: PretrainConfig) -> dict:
     run = build_run(cfg, device, steps_per_epoch, classes, multilabel, sync_batchnorm=world > 1 and cuda)
     run.scaler = accelerator.scaler  # fp16's loss scale, None otherwise
 
-    # ---- resume: everything, including where in the epoch the data stopped -----------------------------------
-    resume(run, cfg, accelerator, steps_per_epoch)
+    # ---- resume: everything, including where in the epoch the data stopped; or --force's fresh start ----------
+    if force and accelerator.is_main_process and out.is_dir():
+        gone = discard(out)
+        if gone:
+            accelerator.print(f"--force: discarded {', '.join(gone)} from {out}; starting over")
+    if saved is not None:
+        resume(run, cfg, saved, changes, accelerator, steps_per_epoch)
     pos = run.position
 
     model = compile_model(run.model, cuda if cfg.compile is None else cfg.compile, cfg.compile_mode)
     model, optimizer = accelerator.prepare(model, run.optimizer)
-    nodes = count_nodes()  # a collective: every rank
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {**cfg.to_dict(), "world_size": world, "nodes": nodes})
+        metrics = out / "metrics.jsonl"
+        if saved is None:
+            metrics.unlink(missing_ok=True)  # the lines of a run killed before its first checkpoint: none holds them
+        else:
+            trim_metrics(metrics, pos.step)
+        write_config(cfg, parts)
         if accelerator.log_with:
             accelerator.init_trackers(
                 "twinray",
-                config={**cfg.to_dict(), "world_size": world, "nodes": nodes},
+                config={**cfg.to_dict(), "world_size": world, "nodes": nodes, "data_digest": digest},
                 init_kwargs={"wandb": {"dir": str(out)}},
             )
     stop = _stop_on_signals()
@@ -303,33 +476,35 @@ def train(cfg: PretrainConfig) -> dict:
         pos.epoch, pos.in_epoch = pos.epoch + 1, 0
         row = {"step": pos.step, "epoch": pos.epoch - 1, "epoch_end": True, **meter.epoch_means()}
         if pos.epoch % cfg.eval_every == 0 or pos.epoch == cfg.epochs:
-            row.update(evaluate_knn(model, cfg, accelerator, classes, multilabel, bank))
+            row.update(evaluate(model, cfg, accelerator, classes, multilabel, bank))
         log(row, accelerator, out / "metrics.jsonl")
         summary = row
-        save(run, cfg, accelerator)  # before the epoch line: a reader that has left (`| head`) costs no work
+        save(run, cfg, accelerator, parts)  # before the epoch line: a reader that has left (`| head`) costs no work
         if cache_note:  # where the cache went: with the run's first epoch line
             accelerator.print(cache_note)
             cache_note = None
-        score = " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("probe_acc", "knn")))
+        score = " ".join(
+            f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("probe_acc", "knn", "rankme", "emb_std", "corr_"))
+        )
         accelerator.print(f"epoch {pos.epoch}/{cfg.epochs}  mean loss {row.get('loss', float('nan')):.2f}  {score}")
 
     # ---- the run's end: a checkpoint to continue from, or the backbone ----------------------------------------
     loader.close()  # its decode pool and any epoch left open end now (pipelines/loader.py)
     vote.close()
     if stopped:
-        save(run, cfg, accelerator)
+        save(run, cfg, accelerator, parts)
         accelerator.print(f"stopped ({stopped}) at step {pos.step}; checkpoint saved, re-run to continue")
         summary = {"stopped": stopped, "step": pos.step}
     elif accelerator.is_main_process:
-        export_backbone(run.model, cfg, out)
+        export_backbone(run.model, cfg, out, parts)
     accelerator.end_training()
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg, _ = from_args(argv)
-        train(cfg)
+        cfg, args = from_args(argv)
+        train(cfg, parse_allow_change(args.allow_change), force=args.force)
     except (ConfigError, InputError, ValueError) as e:
         say_error("pretrain", str(e))
         return 2

@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from twinray.train.config import PRETRAIN_FIXED, PRETRAIN_LEARNED, ConfigError
 from twinray.train.model import PretrainModel
 from twinray.train.objectives import build_method, model_pieces
 from twinray.train.online_eval import LinearProbe
 from twinray.train.optim import build_optimizer, build_scheduler
 from twinray.train.step import Method
 
-# The saved tensors fit only the same method, architecture and optimizer: a re-run must keep these config fields.
-MUST_MATCH = ("method", "backbone", "channels", "projector", "optimizer")
 OLD_DEFAULTS = {"method": "barlow"}  # fields that checkpoints written before them lack
+DIGEST_SHOWN = 16  # hex digits of a data digest in a refusal line
 
 
 @dataclass
@@ -81,13 +81,74 @@ class RunState:
         self.position = Position(**state["position"])
 
 
-def mismatch(saved_config: dict, cfg) -> str | None:
-    """The first MUST_MATCH field where a checkpoint's config differs from `cfg`, said in words; None if none."""
-    for name in MUST_MATCH:
-        saved = saved_config.get(name, OLD_DEFAULTS.get(name))
-        if saved != getattr(cfg, name):
-            return f"{name} {saved!r}, not {getattr(cfg, name)!r}"
-    return None
+def settings(cfg, data_digest: str, precision: str) -> dict:
+    """What a run learns from (train/config.py PRETRAIN_LEARNED) as a part of the run records it: the data as its
+    manifest's digest (`data_digest`), mixed precision as resolved (auto: bf16 or no)."""
+    values = {name: getattr(cfg, name) for name in PRETRAIN_LEARNED if name != "data"}
+    return {"data_digest": data_digest, **values, "mixed_precision": precision}
+
+
+def part(start: int, data: str, world_size: int, nodes: int, learned: dict) -> dict:
+    """One stretch of a run with the same settings: `steps` [first, end) (the end moves as it trains), where the data
+    was read from, the processes and nodes, and `settings()`."""
+    return {"steps": [start, start], "data": data, "world_size": world_size, "nodes": nodes, **learned}
+
+
+def saved_parts(saved: dict) -> list[dict]:
+    """The parts a checkpoint holds. One written before parts existed gets one part from its config, without what
+    that did not record (data digest, world size): those are then not compared."""
+    if "parts" in saved:
+        return saved["parts"]
+    config = {**OLD_DEFAULTS, **saved["config"]}
+    learned = {k: config[k] for k in PRETRAIN_LEARNED if k in config and k != "data"}
+    if learned.get("mixed_precision") == "auto":  # resolved by the machine it ran on, which is not known
+        del learned["mixed_precision"]
+    return [{"steps": [0, saved["position"]["step"]], "data": config.get("data"), **learned}]
+
+
+def same_settings(a: dict, b: dict) -> bool:
+    """Whether two parts differ in nothing but their steps."""
+    return {k: v for k, v in a.items() if k != "steps"} == {k: v for k, v in b.items() if k != "steps"}
+
+
+def _said(name: str, old, new) -> str:
+    if name == "data_digest":
+        return f"data {old[:DIGEST_SHOWN]}, now {new[:DIGEST_SHOWN]} (manifest sha256)"
+    return f"{name} {old!r}, now {new!r}"
+
+
+def resume_changes(out, last: dict, now: dict, position: Position, allow=()) -> dict[str, tuple]:
+    """The changes of a resume from the checkpoint whose last part is `last` to a run with the part `now`:
+    {name: (checkpoint's value, this run's)}, world_size and nodes included. Allowed: PRETRAIN_FREE (epochs only
+    upwards), and the names in `allow` (batch_size only at an epoch's end; never fewer epochs than begun).
+
+    Raises ConfigError, one line naming `out` and each refused setting with both values."""
+    changes, refused, flaggable = {}, [], []  # refused: words; flaggable: what --allow-change could allow
+    begun = position.epoch + (position.in_epoch > 0)
+    for name in ("data_digest", *(n for n in PRETRAIN_LEARNED if n != "data")):
+        if name not in last or last[name] == now[name]:  # a setting an old checkpoint did not record: not compared
+            continue
+        old, new = last[name], now[name]
+        if name == "epochs" and new < begun:
+            refused.append(f"epochs {old}, now {new}, fewer than the {begun} it has begun")
+        elif name == "batch_size" and name in allow and position.in_epoch:
+            refused.append(f"{_said(name, old, new)}, mid-epoch (it may change only at an epoch's end)")
+        elif name == "lr" or (name == "epochs" and new > old) or name in allow:
+            changes[name] = (old, new)
+        else:
+            refused.append(_said(name, old, new))
+            flaggable.append(name)
+    if refused:
+        fixed = len(flaggable) < len(refused) or any(n in ("data_digest", *PRETRAIN_FIXED) for n in flaggable)
+        hint = "" if fixed else f", --allow-change {','.join(flaggable)} to change them anyway"
+        raise ConfigError(
+            f"{out} holds a run with other settings: {'; '.join(refused)}; "
+            f"resume with the same settings{hint}, --force to start over, or use another --out"
+        )
+    for name in ("world_size", "nodes"):
+        if last.get(name) is not None and last[name] != now[name]:
+            changes[name] = (last[name], now[name])
+    return changes
 
 
 def build_run(
