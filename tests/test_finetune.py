@@ -359,7 +359,7 @@ def test_a_killed_run_resumes_after_its_last_epoch_and_ends_as_an_uninterrupted_
     killed = tmp_path / "killed"
     _start_and_kill(args, killed)
     # Another setting cannot continue the killed run, and trying leaves it as it was.
-    assert_one_line_error(finetune(*args, "--out", killed, "--fraction", "0.5"), "holds a run with fraction 1.0")
+    assert_one_line_error(finetune(*args, "--out", killed, "--fraction", "0.5"), "fraction was 1.0, now 0.5")
     resumed = finetune(*args, "--out", killed)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout and not list(killed.glob("ckpt-*"))  # the finished run drops its checkpoint

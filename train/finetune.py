@@ -9,12 +9,18 @@ epoch with the best val score (accuracy, or mean AUROC for multilabel data) is k
 read, once. Writes results.json (config, history, best val, `"test"` metrics), model.safetensors + model.json,
 and confusion.png (multiclass). Every flag is a field of FinetuneConfig (train/config.py): `--config FILE.yaml` sets
 fields first, and flags win.
+
+An --out that holds a finished run (results.json) with the same settings is left as it is (one line, exit 0); with
+other settings it is one line naming each one that differs, exit 2. `--force` replaces it. An unfinished run there
+resumes after its last epoch if its settings match. The data is compared by content (the sha256 of its
+manifest.json), not by path. One finetune at a time writes to an --out (a lock beside it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from twinray import lock
 from twinray.atomic import write_json
 from twinray.cli import InputError, run_cli
 from twinray.pipelines import build_loader
@@ -38,8 +45,13 @@ from twinray.train.metrics import draw_confusion, multiclass_metrics, multilabel
 from twinray.train.model import Classifier
 
 # A run directory resumes only a run with the same settings; --epochs may grow, and the device or backend may change.
+# "data" is compared by content: the sha256 of the dataset's manifest.json (which lists every shard's sha256).
 RESUME_MUST_MATCH = ("data", "init", "mode", "fraction", "seed", "size", "batch_size", "lr", "weight_decay",
                      "backbone", "channels", "labels", "uncertain")  # fmt: skip
+# A finished run is the one asked for only if it also ran as many epochs.
+FINISHED_MUST_MATCH = (*RESUME_MUST_MATCH, "epochs")
+# What a run writes into --out; `--force` removes these (and the checkpoints) before it starts.
+OUTPUTS = ("results.json", "model.safetensors", "model.json", "confusion.png")
 
 
 class Task:
@@ -120,19 +132,63 @@ def predict(model: nn.Module, loader, task: Task, device: torch.device) -> tuple
     return torch.cat(logits), torch.cat(targets)
 
 
+def differences(before: dict, now: dict, names: tuple[str, ...]) -> list[str]:
+    """Says "NAME was OLD, now NEW" for each setting in `names` that differs between two runs' records
+    ({"config": FinetuneConfig fields, "data_sha256": the manifest's sha256}). The data is compared by its sha256;
+    a record from before the sha256 was kept falls back to the path."""
+    said = []
+    for name in names:
+        old, new = before["config"].get(name), now["config"][name]
+        if name == "data" and before.get("data_sha256"):
+            if before["data_sha256"] != now["data_sha256"]:
+                said.append(f"data was {old} (manifest sha256 {before['data_sha256'][:12]}), "
+                            f"now {new} (manifest sha256 {now['data_sha256'][:12]})")  # fmt: skip
+        elif old != new:
+            said.append(f"{name} was {old!r}, now {new!r}")
+    return said
+
+
+def finished(out: Path, now: dict) -> dict:
+    """The results of the finished run in `out` when its settings are `now`'s (a record as in `differences`).
+    Raises InputError naming every setting that differs, or an unreadable results.json."""
+    path = out / "results.json"
+    try:
+        results = json.loads(path.read_text())
+        changed = differences(results, now, FINISHED_MUST_MATCH)
+    except (ValueError, AttributeError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: not a finetune results file ({type(e).__name__}); use another --out") from None
+    if changed:
+        raise InputError(
+            f"--out {out} holds a finished run with other settings: {'; '.join(changed)}; use another --out, or "
+            "--force to replace it"
+        )
+    return results
+
+
 def run(args: FinetuneConfig) -> dict:
-    with contextlib.ExitStack() as loaders:  # each loader's threads end with the run, on an error too
+    """Trains, selects on val, tests once and writes --out (the module's docstring); returns results.json's dict.
+    Raises InputError (one line) for bad data, an --out holding another run, or an --out another finetune writes."""
+    with lock.exclusive(args.out, "fine-tuning"), contextlib.ExitStack() as loaders:  # loader threads end here
         return _run(args, loaders)
 
 
 def _run(args: FinetuneConfig, loaders: contextlib.ExitStack) -> dict:
     device, out = torch.device(args.device), Path(args.out)
     data = PackedDataset(args.data)
+    record = {"config": args.to_dict(), "data_sha256": data.digest}
+    if (out / "results.json").is_file() and not args.force:
+        results = finished(out, record)
+        print(f"--out {out} already holds this finished run: {out / 'results.json'} (--force runs it again)")
+        return results
     task = Task(data, args.labels, args.uncertain)
     torch.manual_seed(args.seed)
     backbone, init = transfer.load_backbone(args.init, args.backbone, args.channels)
     frozen = transfer.freeze(backbone, args.mode)
-    model = Classifier(backbone, len(task.names), init["in_chans"]).to(device).to(memory_format=torch.channels_last)
+    model = Classifier(backbone, len(task.names), init["in_chans"])
+    head = transfer.classifier_head(init, task.names, data.task)  # a fine-tuned init's head, matched by class name
+    if head is not None:
+        model.head.load_state_dict(head)
+    model = model.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(transfer.trainable_parameters(model), lr=args.lr, weight_decay=args.weight_decay)
 
     split_rows = data.indices("train")
@@ -172,18 +228,22 @@ def _run(args: FinetuneConfig, loaders: contextlib.ExitStack) -> dict:
             return predict(model, val_loader, task, device)
 
     out.mkdir(parents=True, exist_ok=True)
-    config = args.to_dict()
+    if args.force:  # results.json first: without it, what is left is no longer a finished run
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+        for old in out.glob(f"{checkpoint.PREFIX}*"):
+            shutil.rmtree(old)
+    config = record["config"]
     history, best = [], None
     notes = [loader.cache_note for loader in loaders_read_each_epoch if loader.cache_note]
     saved = checkpoint.latest(out)
     if saved is not None:  # a run killed part-way: go on after its last finished epoch
         state = checkpoint.load(saved)
-        changed = [k for k in RESUME_MUST_MATCH if state["config"].get(k) != config[k]]
+        changed = differences(state, record, RESUME_MUST_MATCH)
         if changed:
-            key = changed[0]
-            raise transfer.TransferError(
-                f"--out {out} holds a run with {key} {state['config'].get(key)!r}, not {config[key]!r}; "
-                "use another --out"
+            raise InputError(
+                f"--out {out} holds an unfinished run with other settings: {'; '.join(changed)}; use another --out, "
+                "or --force to start it over"
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -212,7 +272,7 @@ def _run(args: FinetuneConfig, loaders: contextlib.ExitStack) -> dict:
         if best is None or row["val_score"] > best["score"]:  # selection reads val only
             state = copy.deepcopy(model.state_dict())
             best = {"score": row["val_score"], "epoch": epoch + 1, "val": val, "state": state}
-        state = {"config": config, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        state = {**record, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
         checkpoint.save(out, epoch + 1, {**state, "history": history, "best": best}, keep=1)
         for note in notes:  # where each split's cache went; after the save, like every line
             print(note)
@@ -224,6 +284,7 @@ def _run(args: FinetuneConfig, loaders: contextlib.ExitStack) -> dict:
     test = task.metrics(*predict(model, test_loader, task, device))  # read once, after selection
     results = {
         "config": config,
+        "data_sha256": data.digest,  # what identifies the data: the sha256 of its manifest.json
         "init": init,
         "task": "multilabel" if task.multilabel else "multiclass",
         "classes": task.names,

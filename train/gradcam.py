@@ -6,6 +6,11 @@ Each RUN_DIR is a train/finetune.py output (model.safetensors + model.json). One
 image; each panel overlays the heat map (blue low, red high) on the X-ray and names the true and predicted labels.
 For multilabel data a "class" is a label: images positive for it, with the map and prediction for that label.
 The maps come from the `grad-cam` package at the backbone's last convolutional stage.
+
+Classes are matched by name (model.json's "classes" against the data's manifest), never by position: data that
+holds some of a model's classes works, and a class of the data that a model does not know is one line, exit 2.
+FILE.json beside the PNG records what each panel shows: the image's row and true class, and for each model the
+output it maps (its index of that class) and its prediction.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from twinray.atomic import write_json
 from twinray.cli import InputError, OneLineParser, run_cli
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment import EVAL_RECIPE
@@ -26,6 +32,7 @@ from twinray.prep.format import PackedDataset
 from twinray.storage import location
 from twinray.train.labels import POSITIVE
 from twinray.train.model import Classifier, build_backbone
+from twinray.train.transfer import class_indices
 
 
 def load_model(run: Path) -> tuple[Classifier, dict]:
@@ -47,21 +54,35 @@ def target_layer(model: Classifier) -> torch.nn.Module:
     return backbone.conv_head
 
 
-def pick_rows(data: PackedDataset, classes: list[str], per_class: int) -> tuple[np.ndarray, list[int]]:
-    """The first `per_class` test rows of each class (or positive for each label): rows and their class numbers."""
+def pick_rows(data: PackedDataset, classes: list[str], per_class: int) -> tuple[np.ndarray, list[str]]:
+    """The first `per_class` test rows of each class named in `classes` (or positive for each label), all of them
+    among `data.classes`: the rows (int64) and each row's class name. Raises InputError when there are none."""
     test = data.indices("test")
     labels = data.labels(test)
-    rows, targets = [], []
-    for c, name in enumerate(classes):
-        if data.task == "multiclass":
-            hits = test[labels == c]
-        else:
-            hits = test[labels[:, data.classes.index(name)] == POSITIVE]
+    rows, names = [], []
+    for name in classes:
+        column = data.classes.index(name)  # the data's number of the class, whatever the model's is
+        hits = test[labels == column] if data.task == "multiclass" else test[labels[:, column] == POSITIVE]
         rows += hits[:per_class].tolist()
-        targets += [c] * len(hits[:per_class])
+        names += [name] * len(hits[:per_class])
     if not rows:
-        raise InputError(f"{data.root}: the test split has no image of {', '.join(classes)}")
-    return np.array(rows), targets
+        raise InputError(f"{data.location}: the test split has no image of {', '.join(classes)}")
+    return np.array(rows), names
+
+
+def shown_classes(data: PackedDataset, loaded: list[tuple[Classifier, dict]], runs: list[str]) -> list[str]:
+    """The classes to draw, by name, in the first model's order: those of its classes the data has. Every model
+    must be of the data's task and know every class of multiclass data (and every label drawn). Raises InputError
+    (one line) naming the run, the class it does not know and its classes."""
+    for (_, info), run in zip(loaded, runs):
+        if info.get("task", "multiclass") != data.task:
+            raise InputError(f"--models {run}: a {info.get('task')} model, and --data {data.location} is {data.task}")
+    classes = [name for name in loaded[0][1]["classes"] if name in data.classes]
+    for (_, info), run in zip(loaded, runs):
+        class_indices(info["classes"], data.classes if data.task == "multiclass" else classes, f"--models {run}")
+    if not classes:
+        raise InputError(f"--data {data.location} has none of the labels of --models {runs[0]}")
+    return classes
 
 
 def cams(model: Classifier, images: torch.Tensor, targets: list[int]) -> np.ndarray:
@@ -97,35 +118,43 @@ def draw(images: np.ndarray, maps: list[np.ndarray], titles: list[list[str]], na
     return out
 
 
-def run(args: argparse.Namespace) -> Path:
+def run(args: argparse.Namespace) -> dict:
+    """Draws the grid into args.out and writes its record beside it (FILE.json); returns the record: {"png",
+    "data", "data_sha256", "rows", "true" (class names), "models": [{"run", "classes", "targets" (the model's output
+    index mapped for each image), "predicted" (class names, or yes/no per label)}]}."""
     data = PackedDataset(args.data)
     loaded = [load_model(Path(m)) for m in args.models]
-    classes = loaded[0][1]["classes"]
-    if any(info["classes"] != classes for _, info in loaded):
-        raise InputError("--models: the runs were trained on different classes")
+    runs = [str(m) for m in args.models]
+    classes = shown_classes(data, loaded, runs)
     size = args.size or loaded[0][1]["size"]
-    rows, targets = pick_rows(data, classes, args.per_class)
+    rows, true = pick_rows(data, classes, args.per_class)
     unique = np.unique(rows)  # an image positive for two labels is read once
     with build_loader(str(args.data), split="test", batch_size=len(unique), recipe=EVAL_RECIPE, size=size,
                       views=1, drop_last=False, rows=unique) as loader:  # fmt: skip
         batch = next(iter(loader))  # every picked image in one batch, in the loader's shuffled order
     position = {int(row): k for k, row in enumerate(batch.indices)}
     images = batch.views[0][[position[int(r)] for r in rows]].float().contiguous()
-    maps, titles, names = [], [], []
+    maps, titles, names, drawn = [], [], [], []
     for (model, info), path in zip(loaded, args.models):
+        targets = class_indices(info["classes"], true, f"--models {path}")  # this model's output of each class
         with torch.no_grad():
             logits = model(images)
         if data.task == "multiclass":
-            predicted = [classes[int(k)] for k in logits.argmax(1)]
+            predicted = [info["classes"][int(k)] for k in logits.argmax(1)]
         else:
             predicted = [("yes" if logits[i, t] > 0 else "no") for i, t in enumerate(targets)]
         maps.append(cams(model, images, targets))
-        titles.append([f"true: {classes[t]}\npred: {p}" for t, p in zip(targets, predicted)])
+        titles.append([f"true: {name}\npred: {p}" for name, p in zip(true, predicted)])
         init = Path(info["init"])  # a backbone file is named by its run directory
         source = init.parent.name if init.suffix == ".safetensors" else info["init"]
         names.append(f"{Path(path).parent.name}/{Path(path).name}\ninit: {source}")
+        drawn.append({"run": str(path), "classes": info["classes"], "targets": targets, "predicted": predicted})
     pictures = images[:, 0].numpy().clip(0, 1).astype(np.float32)
-    return draw(pictures, maps, titles, names, Path(args.out))
+    png = draw(pictures, maps, titles, names, Path(args.out))
+    record = {"png": str(png), "data": data.location, "data_sha256": data.digest, "rows": rows.tolist(),
+              "true": true, "models": drawn}  # fmt: skip
+    write_json(png.with_suffix(".json"), record)
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     shard_cache.configure_from(args)
     if args.per_class < 1:
         parser.error(f"--per-class {args.per_class} must be at least 1")
-    print(f"wrote {run(args)}")
+    if args.out.suffix.lower() == ".json":
+        parser.error(f"--out {args.out}: the picture's file (its record goes beside it, as .json)")
+    record = run(args)
+    print(f"wrote {record['png']} and {Path(record['png']).with_suffix('.json')}")
     return 0
 
 

@@ -1,7 +1,9 @@
 """Where a downstream model's backbone comes from (`--init`) and which of its parts train (`--mode`).
 
 --init   a pretraining run directory (its exported backbone.safetensors), a backbone .safetensors file,
-         `imagenet` (timm's weights; the RGB stem is summed into one channel), or `random`.
+         a fine-tuned model (a train/finetune.py run directory or its model.safetensors: its backbone, and its head
+         matched to the data's classes by name, `classifier_head`), `imagenet` (timm's weights; the RGB stem is
+         summed into one channel), or `random`.
 --mode   `full` trains everything; `linear` only the head; `freeze:K` freezes the stem and the first K residual stages
          (K = 0..4, the study's figure 15), so freeze:4 leaves only the head to train.
 """
@@ -28,10 +30,13 @@ class TransferError(ValueError):
 def _backbone_file(init: Path) -> Path:
     if init.is_dir():
         path = init / "backbone.safetensors"
+        if not path.is_file() and (init / "model.safetensors").is_file():
+            return init / "model.safetensors"  # a fine-tuned model
         if not path.is_file():
             raise TransferError(
                 f"--init {init}: this directory has no backbone.safetensors (a pretraining run exports it when it "
-                "finishes; pass the run directory or the .safetensors file)"
+                "finishes) nor model.safetensors (a fine-tuning run's); pass the run directory or the .safetensors "
+                "file"
             )
         return path
     if init.suffix != ".safetensors":
@@ -40,8 +45,9 @@ def _backbone_file(init: Path) -> Path:
 
 
 def load_backbone(init: str, name: str = "resnet18", in_chans: int = 1) -> tuple[nn.Module, dict]:
-    """The backbone and what it is: {"init", "timm_name", "in_chans"}. A file's own name and channels win over
-    `name` and `in_chans`, which serve `imagenet` and `random`."""
+    """The backbone and what it is: {"init", "timm_name", "in_chans"}, plus the model's "classes" and "task" for a
+    fine-tuned model (its model.json). A file's own name and channels win over `name` and `in_chans`, which serve
+    `imagenet` and `random`. Raises TransferError in one line naming the bad --init."""
     if init == "random":
         return build_backbone(name, in_chans), {"init": "random", "timm_name": name, "in_chans": in_chans}
     if init == "imagenet":
@@ -65,12 +71,54 @@ def load_backbone(init: str, name: str = "resnet18", in_chans: int = 1) -> tuple
         name = info.get("timm_name", meta.get("timm_name", name))
         in_chans = int(info.get("in_chans", meta.get("in_chans", in_chans)))
         model = build_backbone(name, in_chans)
-        model.load_state_dict(load_file(path))
+        tensors = load_file(path)
+        classifier = any(k.startswith("head.") for k in tensors)  # a fine-tuned model: backbone.* and head.*
+        if classifier:
+            tensors = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+        model.load_state_dict(tensors)
+        if classifier and not isinstance(info.get("classes"), list):
+            raise TransferError(f"--init {path}: a fine-tuned model without its classes ({info_file} has none)")
     except TransferError:
         raise
     except Exception as e:
         raise TransferError(f"--init {path}: not a twinray backbone ({type(e).__name__}: {str(e)[:120]})") from None
-    return model, {"init": str(path), "timm_name": name, "in_chans": in_chans}
+    found = {"init": str(path), "timm_name": name, "in_chans": in_chans}
+    if classifier:
+        found.update(classes=list(info["classes"]), task=info.get("task", "multiclass"))
+    return model, found
+
+
+def class_indices(known: list[str], names: list[str], model: str) -> list[int]:
+    """The index among a model's classes `known` of each class in `names`: classes match by name, never by
+    position. Raises TransferError naming `model` (how the user gave it), the classes it does not know, and its
+    classes."""
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        which = "class" if len(unknown) == 1 else "classes"
+        raise TransferError(
+            f"{model}: the data's {which} {', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} "
+            f"not among the model's classes ({', '.join(known)})"
+        )
+    return [known.index(n) for n in names]
+
+
+def classifier_head(init: dict, names: list[str], task: str) -> dict[str, torch.Tensor] | None:
+    """The head of a fine-tuned --init (`init` is load_backbone's dict) for data whose classes (or labels) are
+    `names`, in that order: output k is the model's output for the class named names[k], so a class keeps its
+    weights whatever its position in either list. None when the init is not a fine-tuned model.
+
+    Returns the state dict of Classifier.head. Raises TransferError naming a class the model does not know and the
+    model's classes, or a task (multiclass, multilabel) other than the model's."""
+    if "classes" not in init:
+        return None
+    known = init["classes"]
+    if init["task"] != task:
+        raise TransferError(f"--init {init['init']}: a {init['task']} model, and the data is {task}")
+    rows = torch.tensor(class_indices(known, names, f"--init {init['init']}"))
+    tensors = load_file(init["init"])
+    head = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
+    head["1.weight"], head["1.bias"] = head["1.weight"][rows], head["1.bias"][rows]
+    return head
 
 
 def parse_mode(mode: str) -> tuple[str, int]:
