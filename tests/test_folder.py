@@ -68,8 +68,10 @@ def test_every_file_type_in_class_folders(tmp_path):
     (src / "b" / "masks").mkdir()
     Image.fromarray(ramp).save(src / "b" / "masks" / "x.png")
     (src / "b" / "notes.docx").write_bytes(b"PK\x03\x04")
-    result = build.pack(folder.plan(src, split="100/0/0"), tmp_path / "out", workers=1, progress=False)
+    # a 12-bit detector's TIFF without range tags: scaled by the dataset's --bit-depth (docs/format.md)
+    result = build.pack(folder.plan(src, split="100/0/0"), tmp_path / "out", workers=1, progress=False, bit_depth=12)
     data = PackedDataset(result.out)
+    assert data.manifest["prep"]["bit_depth"] == 12
     sources = sorted(data.metadata(i)["source"] for i in range(len(data)))
     assert sources == ["a/nested/x.bmp", "a/x.jpeg", "a/x.png", "b/x.dcm", "b/x.tif"]
     assert [s["source"] for s in result.manifest["skipped"]] == ["b/notes.docx"]

@@ -10,7 +10,7 @@ from tests.layouts import REAL_CXR
 from twinray.prep import build
 from twinray.prep.datasets import folder
 from twinray.prep.format import PackedDataset
-from twinray.prep.images import ImageError, bit_depth, convert_file, read_grey, resize_short_side
+from twinray.prep.images import ImageError, convert_file, read_grey, resize_short_side
 
 RAMP = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (8, 1))  # 8 x 64
 
@@ -51,12 +51,15 @@ def test_palette_image(tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tif"])
-def test_12_bit_data_in_16_bit_file_scales_by_12_bits(tmp_path, suffix):
+def test_12_bit_data_in_16_bit_file_scales_by_the_bit_depth_policy(tmp_path, suffix):
+    """No declared depth: the dataset's --bit-depth, never a guess from the image's maximum (tests/test_bitdepth.py
+    has the declared depths)."""
     values = np.array([[0, 1024, 2048, 4095]], dtype=np.uint16)
     path = tmp_path / f"twelve{suffix}"
     Image.fromarray(values).save(path)
     assert Image.open(path).mode.startswith("I")
-    assert read_grey(path).tolist() == [[0, 64, 128, 255]]
+    assert read_grey(path, bit_depth=12).tolist() == [[0, 64, 128, 255]]
+    assert read_grey(path).tolist() == [[0, 4, 8, 16]]  # "full", the default: 0..65535
 
 
 def test_full_16_bit_png(tmp_path):
@@ -64,14 +67,6 @@ def test_full_16_bit_png(tmp_path):
     path = tmp_path / "full16.png"
     Image.fromarray(values).save(path)
     assert read_grey(path).tolist() == [[0, 255, 128]]
-
-
-def test_bit_depth_rounds_up_to_detector_depths():
-    assert bit_depth(np.array([200])) == 8
-    assert bit_depth(np.array([900])) == 10
-    assert bit_depth(np.array([3000])) == 12
-    assert bit_depth(np.array([40000])) == 16
-    assert bit_depth(np.array([5]), stored_bits=12) == 12
 
 
 def test_jpeg_and_bmp(tmp_path):
@@ -169,12 +164,12 @@ def test_tiff_orientation_is_applied(tmp_path, orientation):
 @pytest.mark.parametrize("compression", [None, "tiff_lzw"])
 def test_16_bit_tiff_orientation_6(tmp_path, compression):
     """Pillow 13 memory-maps an uncompressed TIFF opened by name and then loses its orientation; we open a file
-    object. The 12-bit values scale by 12 bits as without orientation."""
+    object. The 12-bit values scale by 12 bits (--bit-depth 12) as without orientation."""
     values = PATTERN.astype(np.uint16) * 16  # 0..3680: 12-bit
     path = tmp_path / "o6.tif"
     Image.fromarray(values).save(path, tiffinfo={274: 6}, compression=compression)
     expected = np.rint(np.rot90(values, -1).astype(float) * 255 / 4095).astype(np.uint8)
-    np.testing.assert_array_equal(read_grey(path), expected)
+    np.testing.assert_array_equal(read_grey(path, bit_depth=12), expected)
 
 
 def test_jpeg_orientation_6_is_stored_upright(tmp_path):

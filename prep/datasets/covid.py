@@ -8,7 +8,8 @@
       COVID.metadata.xlsx ...                Sheet1: FILE NAME, FORMAT, SIZE, URL
 
 `masks/` holds lung masks, not training images, and is never read. Class folders are walked through symbolic
-links (a loop is cut, a file reached twice is one sample). The xlsx gives each image's source URL; its
+links (a loop is cut, a file reached twice is one sample); a file name that is not UTF-8 is packed, its
+bytes that are not escaped in the manifest (`caf\\xe9.png`). The xlsx gives each image's source URL; its
 `FILE NAME` is matched whatever its case or extension (NORMAL-1, normal-1.PNG and Normal-1.png all name
 Normal-1.png). Images left without a source URL are counted in the plan's notes, so the summary line says so.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from twinray.cli import InputError
 from twinray.prep.build import Plan, Record
-from twinray.prep.datasets.inputs import file_id, merge_repeats, normalize_path, walk_files
+from twinray.prep.datasets.inputs import file_id, merge_repeats, normalize_path, printable_name, walk_files
 from twinray.prep.images import RASTER_SUFFIXES, SUPPORTED_SUFFIXES
 from twinray.prep.splits import assign_splits, parse_split
 
@@ -100,7 +101,7 @@ def plan(src: str | Path, split: str = "80/10/10", seed: int = 0) -> Plan:
         repeats += repeated
         without = 0
         for path in sorted(files, key=lambda p: natural_key(p.relative_to(folder).as_posix())):
-            source = path.relative_to(src).as_posix()
+            source = printable_name(path.relative_to(src).as_posix())  # names that are not UTF-8 escaped
             if path.suffix.lower() not in RASTER_SUFFIXES:
                 skipped.append({"source": source, "reason": f"not an image file ({path.suffix or 'no suffix'})"})
                 continue
@@ -133,5 +134,11 @@ def plan(src: str | Path, split: str = "80/10/10", seed: int = 0) -> Plan:
     if repeats:
         notes.append(f"{repeats} file(s) reached twice through links, packed once")
     return Plan(
-        DATASET, "multiclass", list(CLASSES), records, {"src": str(src), "split": split}, skipped, scan_notes=notes
+        DATASET,
+        "multiclass",
+        list(CLASSES),
+        records,
+        {"src": printable_name(str(src)), "split": split},
+        skipped,
+        scan_notes=notes,
     )

@@ -7,16 +7,33 @@ Class folders are walked through symbolic links; a link back to an ancestor is c
 one sample. The CSV may have a BOM and CRLF line endings, and Windows paths (backslashes). A path listed twice is
 one sample; listed twice with different labels (or patients) it is an error naming the path.
 With a patient column, a patient's images never span two splits.
+
+A label cell that is empty or a usual spelling of a missing value (`inputs.MISSING_VALUES`: NA, N/A, nan, None,
+null, ?, ...) is missing: its row is skipped by line, never a class; such a patient cell is no patient. Labels are
+stripped of surrounding blanks and put in Unicode NFC; two labels, or class folders, that still read as one value
+('1' and '1.0', 'Normal' and 'NORMAL', 'Viral Pneumonia' with one blank or two) are an error naming both spellings.
+File and folder names that are not UTF-8 are packed, with the bytes that are not escaped in the manifest
+(`caf\\xe9.png`).
 """
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 from twinray.cli import InputError
 from twinray.prep.build import Plan, Record
-from twinray.prep.datasets.inputs import file_id, merge_repeats, normalize_path, read_table, walk_files
+from twinray.prep.datasets.inputs import (
+    check_spellings,
+    file_id,
+    label_value,
+    merge_repeats,
+    normalize_path,
+    printable_name,
+    read_table,
+    walk_files,
+)
 from twinray.prep.dicom import is_dicom_file
 from twinray.prep.images import SUPPORTED_SUFFIXES
 from twinray.prep.splits import assign_splits, parse_split
@@ -43,19 +60,23 @@ def _from_subfolders(src: Path) -> tuple[list[Item], list[dict], list[str]]:
         raise InputError(f"{src}: no class sub-folders; put images in <class>/ folders or give --csv")
     # An image beside the class folders has no class: said, not dropped. Other files there (a README) are not inputs.
     loose = [p for p in entries if not p.is_dir() and (p.suffix.lower() in SUPPORTED_SUFFIXES or is_dicom_file(p))]
-    skipped = [{"source": p.name, "reason": "image outside the class sub-folders (no class)"} for p in loose]
+    reason = "image outside the class sub-folders (no class)"
+    skipped = [{"source": printable_name(p.name), "reason": reason} for p in loose]
     items, repeats = [], 0
     for class_dir in class_dirs:
         files, unreadable, repeated = walk_files(class_dir, IGNORED_FOLDERS, seen_folders=[src, *class_dirs])
-        skipped += [{**s, "source": f"{class_dir.name}/{s['source']}"} for s in unreadable]
+        folder_name = printable_name(class_dir.name)
+        skipped += [{**s, "source": f"{folder_name}/{s['source']}"} for s in unreadable]
         repeats += repeated
+        label = unicodedata.normalize("NFC", folder_name)
         for path in files:
-            source = path.relative_to(src).as_posix()
+            source = printable_name(path.relative_to(src).as_posix())
             if path.suffix.lower() in SUPPORTED_SUFFIXES or is_dicom_file(path):  # PACS exports: no suffix
-                items.append(Item(path, source, class_dir.name, None, source))
+                items.append(Item(path, source, label, None, source))
             else:
                 reason = f"not an image file ({path.suffix or 'no suffix'})"
                 skipped.append({"source": source, "reason": reason})
+    check_spellings(((item.label, item.source.split("/")[0] + "/") for item in items), f"{src}: class folders")
     identity = {id(item): file_id(item.path) for item in items}
     merge_repeats(
         items,
@@ -73,18 +94,24 @@ def _from_csv(src: Path, csv_path: Path, path_col: str, label_col: str, patient_
     needed = [c for c in (path_col, label_col, patient_col) if c]
     _, rows, skipped = read_table(csv_path, needed)
     items = []
+    table = printable_name(csv_path.name)
     for line, row in rows:
-        where = f"{csv_path.name}:{line}"
+        where = f"{table}:{line}"
         relative = normalize_path(row[path_col])
-        label = row[label_col].strip()
-        if not relative or not label:
-            empty = label_col if relative else path_col
-            skipped.append({"source": where, "reason": f"empty {empty!r}"})
+        label = label_value(row[label_col])
+        if not relative:
+            skipped.append({"source": where, "reason": f"empty {path_col!r}"})
             continue
-        patient = (row[patient_col].strip() or None) if patient_col else None
+        if label is None:  # empty, or NA, N/A, nan, None, ...: a missing label, never a class
+            cell = row[label_col].strip()
+            reason = f"missing {label_col!r} ({cell!r})" if cell else f"empty {label_col!r}"
+            skipped.append({"source": where, "reason": reason})
+            continue
+        patient = label_value(row[patient_col]) if patient_col else None
         path = src / relative  # an absolute path stays absolute
         source = path.relative_to(src).as_posix() if path.is_relative_to(src) else relative
         items.append(Item(path, source, label, patient, where))
+    check_spellings(((item.label, item.where) for item in items), f"{csv_path}: column {label_col!r}")
     items, repeats = merge_repeats(
         items,
         key=lambda item: item.source,
@@ -92,7 +119,7 @@ def _from_csv(src: Path, csv_path: Path, path_col: str, label_col: str, patient_
         where=lambda item: item.where,
         conflict="listed twice with different values",
     )
-    notes = [f"{repeats} repeated row(s) of {csv_path.name} merged (same path and label)"] if repeats else []
+    notes = [f"{repeats} repeated row(s) of {table} merged (same path and label)"] if repeats else []
     return items, skipped, notes
 
 
@@ -128,5 +155,7 @@ def plan(
     groups = [r.meta.get("patient") for r in records]
     for record, assigned in zip(records, assign_splits(strata, fractions, seed, groups)):
         record.split = assigned
-    args = {"src": str(src), "csv": str(csv_file) if csv_file else None, "split": split}
-    return Plan(name or src.name or DATASET, "multiclass", classes, records, args, skipped, scan_notes=notes)
+    args = {"src": printable_name(str(src)), "csv": printable_name(str(csv_file)) if csv_file else None, "split": split}
+    return Plan(
+        printable_name(name or src.name or DATASET), "multiclass", classes, records, args, skipped, scan_notes=notes
+    )

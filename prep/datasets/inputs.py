@@ -1,5 +1,6 @@
-"""Reading what a user brings, the same way for every dataset: folder trees (symbolic links followed, loops cut)
-and label tables (CSV with or without a BOM, any line ending, Windows paths), with repeated entries merged."""
+"""Reading what a user brings, the same way for every dataset: folder trees (symbolic links followed, loops cut,
+names that are not UTF-8 escaped) and label tables (CSV with or without a BOM, any line ending, Windows paths,
+missing values in their usual spellings, one value never two classes), with repeated entries merged."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import csv
 import io
 import os
 import posixpath
+import unicodedata
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -15,6 +17,54 @@ from typing import TypeVar
 from twinray.cli import InputError
 
 T = TypeVar("T")
+
+# How a label table says "no value": pandas' default `na_values` (pandas.read_csv), plus "?" and "missing". A cell
+# is missing when, stripped of blanks, it is one of these in any case. "-" is not among them: +/- is a labelling.
+MISSING_VALUES = frozenset(
+    spelling.casefold()
+    for spelling in (
+        *("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>"),
+        *("N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"),
+        *("?", "missing"),
+    )
+)
+
+
+def printable_name(name: str) -> str:
+    """A name from the file system -> text that is valid UTF-8, for the manifest and messages. Bytes that are not
+    UTF-8 (Python holds them as surrogate escapes: latin-1 b'caf\\xe9.png' is 'caf\\udce9.png') are written as
+    a visible escape, 'caf\\\\xe9.png'; every other name is returned as it is."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def label_value(cell: str) -> str | None:
+    """A label or patient cell -> its text stripped of surrounding blanks and in Unicode NFC (composed and
+    decomposed accents are one spelling), or None when the cell is missing (empty or a MISSING_VALUES spelling)."""
+    text = cell.strip()
+    return None if text.casefold() in MISSING_VALUES else unicodedata.normalize("NFC", text)
+
+
+def label_key(label: str) -> Hashable:
+    """What a reader takes a label for: a number by its value ('1', '1.0' and '01' are 1.0), else its text without
+    regard to case or runs of blanks ('Normal', 'NORMAL' and 'normal ' are 'normal')."""
+    try:
+        return float(label)
+    except ValueError:
+        return " ".join(label.casefold().split())
+
+
+def check_spellings(labels: Iterable[tuple[str, str]], what: str) -> None:
+    """Raises InputError when two different (label, where) spellings read as one value (`label_key`): they would
+    become two classes. The line names `what` (the CSV and column, or the class folders), both spellings and where
+    each was first seen (CSV:LINE, a folder)."""
+    first: dict[Hashable, tuple[str, str]] = {}
+    for label, where in labels:
+        seen, seen_where = first.setdefault(label_key(label), (label, where))
+        if seen != label:
+            raise InputError(
+                f"{what}: {seen!r} ({seen_where}) and {label!r} ({where}) are two spellings of one value, which "
+                "would make two classes; write it one way"
+            )
 
 
 def file_id(path: str | Path) -> tuple:
@@ -44,6 +94,7 @@ def walk_files(
 
     def unreadable(error: OSError) -> None:
         where = Path(error.filename).relative_to(root).as_posix() if error.filename else root.as_posix()
+        where = printable_name(where)
         skipped.append({"source": where + "/", "reason": f"folder not readable ({error.strerror or error})"})
 
     for folder, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
@@ -92,8 +143,8 @@ def read_table(path: Path, required: Sequence[str]) -> tuple[list[str], list[tup
 
     Reads UTF-8 with or without a BOM (and UTF-16 with one), and LF, CRLF or CR line endings. Header names are
     stripped of blanks. Rows whose cells are all empty are ignored; a row with more or fewer cells than the header
-    (extra empty cells excepted) is skipped by line, as "NAME:LINE". Raises InputError for a missing or unreadable
-    file, or a header without the `required` columns."""
+    (extra empty cells excepted) is skipped by line, as "NAME:LINE" (`printable_name`). Raises InputError for a
+    missing or unreadable file, or a header without the `required` columns."""
     if not path.is_file():
         raise InputError(f"{path}: no such CSV file")
     try:
@@ -117,7 +168,7 @@ def read_table(path: Path, required: Sequence[str]) -> tuple[list[str], list[tup
                 continue
             if len(cells) != len(header):
                 reason = f"{len(cells)} cells where the header has {len(header)}"
-                skipped.append({"source": f"{path.name}:{start}", "reason": reason})
+                skipped.append({"source": f"{printable_name(path.name)}:{start}", "reason": reason})
                 continue
             rows.append((start, dict(zip(header, cells))))
     except csv.Error as e:
