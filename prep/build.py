@@ -13,9 +13,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from twinray.atomic import naming
 from twinray.cli import InputError
+from twinray.lock import exclusive
 from twinray.prep.format import MANIFEST, SPLITS, PackWriter
-from twinray.prep.images import DEFAULT_MAX_PIXELS, Converted, ImageError, convert_file
+from twinray.prep.images import (
+    DEFAULT_BIT_DEPTH,
+    DEFAULT_MAX_PIXELS,
+    Converted,
+    ImageError,
+    convert_file,
+    parse_bit_depth,
+)
 
 
 @dataclass
@@ -67,11 +76,11 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _convert(job: tuple[str, int, str, int]) -> Converted | str:
+def _convert(job: tuple[str, int, str, int, str | int]) -> Converted | str:
     """One file -> Converted, or the skip reason. Every exception is a skip: one bad file never stops a run."""
-    path, size, encoding, max_pixels = job
+    path, size, encoding, max_pixels, bit_depth = job
     try:
-        return convert_file(path, size, encoding, max_pixels)
+        return convert_file(path, size, encoding, max_pixels, bit_depth)
     except ImageError as e:
         return str(e)
     except Exception as e:  # a decoder's or library's own error: still this one file's problem
@@ -125,7 +134,17 @@ def check_output(out: Path, force: bool) -> dict | None:
     return None
 
 
-def pack(
+def pack(plan: Plan, out: str | Path, **options) -> Result:
+    """Convert and write every record of `plan` into `out` (the options: `_pack`'s), holding `out`'s lock
+    (twinray.lock) from the check of what `out` holds to the publish: a second prep into the same `out` is refused
+    in one line while this one runs, and afterwards finds the dataset complete. A full disk is an OSError naming
+    `out` (twinray.cli.run_cli's one line); the temporary folder is deleted and `out` is left as it was."""
+    out = Path(out).absolute()
+    with exclusive(out, "prep"), naming(out):
+        return _pack(plan, out, **options)
+
+
+def _pack(
     plan: Plan,
     out: str | Path,
     *,
@@ -137,6 +156,7 @@ def pack(
     force: bool = False,
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    bit_depth: str | int = DEFAULT_BIT_DEPTH,
 ) -> Result:
     """Convert and write every record of `plan` into `out`. Files that cannot be packed are listed in the manifest's
     `skipped` with the reason, pipeline departures in its `notes`; every record ends up packed or skipped."""
@@ -150,6 +170,10 @@ def pack(
         raise InputError(f"--shard-samples {shard_samples} must be at least 1")
     if max_pixels < 1:
         raise InputError(f"--max-pixels {max_pixels} must be at least 1")
+    try:
+        bit_depth = parse_bit_depth(bit_depth)  # one scale for every file of the dataset that declares no depth
+    except ValueError as e:
+        raise InputError(str(e)) from None
     if not plan.records:
         raise InputError(f"no images found for {plan.dataset}")
     workers = workers or default_workers()
@@ -159,7 +183,7 @@ def pack(
     shutil.rmtree(tmp, ignore_errors=True)
 
     records = _write_order(plan.records, seed)
-    jobs = [(str(r.path), size, encoding, max_pixels) for r in records]
+    jobs = [(str(r.path), size, encoding, max_pixels, bit_depth) for r in records]
     skipped = list(plan.skipped)
     notes = []
     try:
@@ -208,6 +232,7 @@ def pack(
                     "seed": seed,
                     "shard_samples": shard_samples,
                     "max_pixels": max_pixels,
+                    "bit_depth": bit_depth,
                 },
             }
         )

@@ -12,7 +12,7 @@ from twinray.cli import InputError, OneLineParser, say_error
 from twinray.prep import build, shard_cache
 from twinray.prep.datasets import chexpert, covid, folder
 from twinray.prep.format import ENCODINGS, LABEL_MISSING, SPLITS, PackedDataset, verify
-from twinray.prep.images import DEFAULT_MAX_PIXELS
+from twinray.prep.images import DEFAULT_BIT_DEPTH, DEFAULT_MAX_PIXELS, parse_bit_depth
 from twinray.storage import is_url, join, local_path, location, storage_options_type
 
 
@@ -47,6 +47,13 @@ def _pixel_count(text: str) -> int:
     return int(value)
 
 
+def _bit_depth(text: str) -> str | int:
+    try:
+        return parse_bit_depth(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'full' or a whole number of bits from 8 to 16") from None
+
+
 def _add_pack_options(p: argparse.ArgumentParser, split_default: str | None, out_default: Path | None = None):
     if out_default is None:
         p.add_argument("--out", required=True, type=location, help="output directory or URL (one dataset)")
@@ -66,6 +73,13 @@ def _add_pack_options(p: argparse.ArgumentParser, split_default: str | None, out
         type=_pixel_count,
         default=DEFAULT_MAX_PIXELS,
         help=f"skip images with more pixels, by their header, before decoding ({DEFAULT_MAX_PIXELS:.0e})",
+    )
+    p.add_argument(
+        "--bit-depth",
+        type=_bit_depth,
+        default=DEFAULT_BIT_DEPTH,
+        help="scale of 16-bit PNG/TIFF files that declare no depth (sBIT, SMaxSampleValue): 'full' (0..65535, "
+        f"whatever the content) or N bits, 8 to 16, for the whole dataset ({DEFAULT_BIT_DEPTH})",
     )
     if split_default:
         p.add_argument("--split", default=split_default, help=f"split percentages ({split_default})")
@@ -88,6 +102,7 @@ def _pack(plan: build.Plan, args) -> int:
         shard_samples=args.shard_samples,
         force=args.force,
         max_pixels=args.max_pixels,
+        bit_depth=args.bit_depth,
     )
     print(result.summary)
     return 0

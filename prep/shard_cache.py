@@ -8,15 +8,26 @@ e.g. `~/.cache/twinray/shards`):
         manifest.json             the remote's, copied last when it changed: PackedDataset reads this directory
         index.npy, *.idx          fetched when the dataset is opened (small)
         {split}-{NNNNN}.tar       shards, fetched whole when first needed, then kept
+        .checked/{shard}.json     per shard in place: the sha256 it was checked against, and its (size, mtime_ns,
+                                  inode) then; its own mtime is when the shard was last used
         .remote.json              where the files come from (URL, options less secrets, shard sizes, the limit)
-        fetch.log                 one JSON line per download, failed check or eviction
+        fetch.log                 one JSON line per download, failed check, re-check or eviction
         .locks/                   one lock file per shard
 
 How a shard arrives (`Remote.ensure`): under a file lock, so that of the processes on a node only one downloads a
 given shard and the others wait for it; the whole object is downloaded to a temporary name, its sha256 is checked
 against the manifest, and only then is it renamed into place. A copy whose bytes do not match is downloaded once
-more; a second mismatch is one line naming the shard. A cached copy whose size differs from the store's (cut short
-on disk) is deleted and fetched again.
+more; a second mismatch is one line naming the shard.
+
+A cached shard never serves bytes that differ from the manifest's sha256: each time a process opens one, its
+(size, mtime_ns, inode) is compared with those recorded when it was checked (`.checked/`). Any write to the file
+changes its mtime, and a replaced file has another inode, so a copy changed after its download, at the same size
+too, is noticed before it is read: it is hashed again, and if its sha256 no longer matches it is deleted, fetched
+again, and named in one line on stderr and in fetch.log. (The download's mtime is set to the fine clock's
+nanoseconds, which a later write, stamped by the kernel's coarse clock, does not repeat.) The check costs one stat
+per shard and process (microseconds; bench/shard_check.py), where hashing every shard at every open would cost a
+full read of the split per process and epoch. A change made while a process has the shard open is not seen by
+that process; `python -m prep verify` hashes everything.
 
 When: opening a split (`PackedDataset.indices(split)`, which every loader calls) queues its shards for background
 threads that download them in manifest order, several at a time. A read that needs a shard not there yet fetches it
@@ -39,6 +50,7 @@ import json
 import os
 import queue
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -58,6 +70,7 @@ CACHE_ENV = "TWINRAY_SHARD_CACHE"
 LIMIT_ENV = "TWINRAY_SHARD_CACHE_LIMIT"
 MARKER = ".remote.json"
 LOG = "fetch.log"
+CHECKED = ".checked"
 PREFETCH_THREADS = 4
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20}
 _UNITS.update({"GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12})
@@ -224,6 +237,7 @@ def resolve(url: str, directory=None, limit=None, storage_options=None) -> Path:
             for name, digest in old.get("shards", {}).items():
                 if shards.get(name) != digest:
                     (local / name).unlink(missing_ok=True)
+                    _record_path(local, name).unlink(missing_ok=True)
             for idx in local.glob("*.idx"):
                 idx.unlink()
             old_path.unlink()  # the directory is incomplete until the new manifest is in place
@@ -248,6 +262,16 @@ def resolve(url: str, directory=None, limit=None, storage_options=None) -> Path:
             _write_atomic(old_path, manifest_bytes)  # last: with it, the directory opens as a packed dataset
     Remote._open.pop((os.getpid(), local), None)  # a Remote opened before holds the old manifest
     return local
+
+
+def _record_path(local: Path, name: str) -> Path:
+    return local / CHECKED / f"{name}.json"
+
+
+def _stat(path: Path) -> list[int]:
+    """What any change to a file changes: its size, mtime (ns) and inode. Raises FileNotFoundError."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 def _clean_stale(local: Path) -> None:
@@ -303,6 +327,7 @@ class Remote:
         self._fs = None
         self._fs_lock = threading.Lock()
         self._ready: set[str] = set()  # shards this process has checked are in place
+        self._records: dict[str, dict] = {}  # .checked/ records this process has read or written
         self._failed: dict[str, InputError] = {}  # background fetches that failed, raised on use
         self._queued: set[str] = set()
         self._queue: queue.Queue | None = None
@@ -331,46 +356,86 @@ class Remote:
         return self.sizes[name]
 
     def ensure(self, name: str) -> Path:
-        """The local path of shard `name`, downloaded and checked first if needed (see the module docstring).
-        Raises InputError naming the shard's URL after a second bad download, or when the cache cannot hold it."""
+        """The local path of shard `name`, its bytes those of the manifest's sha256: downloaded and checked first if
+        needed, hashed again if the copy changed on disk since it was checked (see the module docstring). Raises
+        InputError naming the shard's URL after a second bad download, or when the cache cannot hold it."""
         path = self.root / name
-        if name in self._ready and path.exists():  # exists: another process may have evicted it since
-            return path
-        if name in self._failed:
-            raise self._failed[name]
-        size = self.sizes[name]
-        if not self._in_place(path, size):
+        if not self._intact(name, path):
+            if name in self._failed:
+                raise self._failed[name]
             with _lock(self.root / ".locks" / f"{name}.lock"):
                 if name in self._failed:  # a background thread of this process failed while this one waited
                     raise self._failed[name]
-                if not self._in_place(path, size):  # another process may have fetched it while this one waited
-                    if path.exists():
-                        _log(self.root, event="refetch", file=name, why="size differs from the store's")
-                        path.unlink()
-                    reservation = self._make_room(name, size)
-                    fs, remote_root = self._filesystem()
-                    digest = self.manifest["shards"][name]
-                    try:
-                        _fetch_checked(fs, join(remote_root, name), path, digest, join(self.url, name), self.root, size)
-                    except InputError as e:
-                        self._failed[name] = e  # not tried again by this process
-                        raise
-                    finally:
-                        if reservation is not None:
-                            reservation.unlink(missing_ok=True)
+                # Another process may have fetched it while this one waited; a copy on disk is hashed again.
+                if not self._intact(name, path) and not self._recheck(name, path):
+                    self._fetch(name, path)
         try:
-            os.utime(path)  # least recently used = oldest mtime
+            os.utime(_record_path(self.root, name))  # least recently used = oldest mtime of the record
         except FileNotFoundError:  # evicted by another process in the meantime: fetch it again
             return self.ensure(name)
         self._ready.add(name)
         return path
 
-    @staticmethod
-    def _in_place(path: Path, size: int) -> bool:
+    def _intact(self, name: str, path: Path) -> bool:
+        """Whether the file's (size, mtime_ns, inode) are those recorded when it was checked against the manifest's
+        sha256: one stat, and a read of the record when it is new to this process or the stat differs."""
         try:
-            return path.stat().st_size == size
+            now = _stat(path)
         except FileNotFoundError:
             return False
+        record = self._records.get(name)
+        if record is None or record["stat"] != now:
+            try:  # another process may have fetched or checked it since
+                record = json.loads(_record_path(self.root, name).read_bytes())
+            except (FileNotFoundError, json.JSONDecodeError):
+                return False
+            self._records[name] = record
+        return record["stat"] == now and record["sha256"] == self.manifest["shards"][name]
+
+    def _seal(self, name: str, path: Path) -> None:
+        """Records that `path` holds the manifest's bytes of `name`, with the stat that shows any later change."""
+        now = time.time_ns()  # the fine clock: a later write stamps the coarse one, so its mtime differs
+        os.utime(path, ns=(now, now))
+        record = {"sha256": self.manifest["shards"][name], "stat": _stat(path)}
+        (self.root / CHECKED).mkdir(exist_ok=True)
+        _write_atomic(_record_path(self.root, name), json.dumps(record).encode())
+        self._records[name] = record
+
+    def _recheck(self, name: str, path: Path) -> bool:
+        """A copy on disk that changed since it was checked (or has no record): True when its sha256 still matches
+        the manifest's, and it is recorded again; otherwise it is deleted, the change named on stderr, and False."""
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return False
+        if size != self.sizes[name]:
+            why = "size differs from the store's"
+        elif sha256_file(path) == self.manifest["shards"][name]:
+            self._seal(name, path)
+            _log(self.root, event="recheck", file=name, ok=True)
+            return True
+        else:
+            why = "changed on disk after its download: sha256 differs from the manifest's"
+            sys.stderr.write(f"shard cache: {path}: {why}; fetching it again\n")
+        _log(self.root, event="refetch", file=name, why=why)
+        path.unlink()
+        _record_path(self.root, name).unlink(missing_ok=True)
+        return False
+
+    def _fetch(self, name: str, path: Path) -> None:
+        size = self.sizes[name]
+        reservation = self._make_room(name, size)
+        fs, remote_root = self._filesystem()
+        digest = self.manifest["shards"][name]
+        try:
+            _fetch_checked(fs, join(remote_root, name), path, digest, join(self.url, name), self.root, size)
+            self._seal(name, path)
+        except InputError as e:
+            self._failed[name] = e  # not tried again by this process
+            raise
+        finally:
+            if reservation is not None:
+                reservation.unlink(missing_ok=True)
 
     def want(self, split: str) -> None:
         """This process will read `split`: refuse it if it cannot fit the cache, keep its shards from eviction, and
@@ -424,7 +489,11 @@ class Remote:
                     stat = path.stat()
                 except FileNotFoundError:
                     continue
-                shards.append((stat.st_mtime, stat.st_size, path))
+                try:  # when the shard was last used: its record's mtime (ensure)
+                    used = _record_path(path.parent, path.name).stat().st_mtime
+                except FileNotFoundError:
+                    used = stat.st_mtime
+                shards.append((used, stat.st_size, path))
                 total += stat.st_size
             for reservation in self.cache.glob("*/.locks/*.reserve"):
                 pid = int(reservation.name.rsplit(".", 2)[-2])
@@ -438,6 +507,7 @@ class Remote:
                 if path in Remote._pinned:
                     continue
                 path.unlink(missing_ok=True)
+                _record_path(path.parent, path.name).unlink(missing_ok=True)
                 total -= shard_size
                 _log(path.parent, event="evict", file=path.name, bytes=shard_size)
             if total + size > self.limit:

@@ -77,7 +77,7 @@ def test_bad_files_are_skipped_and_the_rest_packed(covid_copy, tmp_path):
     Image.new("RGBA", (300, 300), (50, 60, 70, 255)).save(images / "COVID-904.png")
     Image.fromarray(np.full((300, 300), 4095, np.uint16)).save(images / "COVID-905.png")
 
-    result = build.pack(covid.plan(covid_copy), tmp_path / "out", workers=1, progress=False)
+    result = build.pack(covid.plan(covid_copy), tmp_path / "out", workers=1, progress=False, bit_depth=12)
     reasons = {s["source"]: s["reason"] for s in result.manifest["skipped"]}
     assert set(reasons) == {
         f"COVID/images/{n}" for n in ("COVID-900.png", "COVID-901.png", "COVID-902.png", "notes.txt")
@@ -129,7 +129,7 @@ def test_rerun_does_nothing_and_force_rebuilds(covid_sample, tmp_path):
     forced = run_prep("covid", "--src", covid_sample, "--out", out, "--workers", "1", "--force", "--encoding", "png")
     assert forced.returncode == 0 and "packed 60 images" in forced.stdout
     assert PackedDataset(out).encoding == "png"
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or old directories left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]  # no temp or old directories left
 
 
 def test_killed_run_leaves_nothing_a_loader_accepts(tmp_path):

@@ -19,6 +19,12 @@ A pretraining sweep (recipe, projector, lambda: tables 4-7), each pretraining fo
 Grid keys that are pretraining fields make one pretraining per value; the others (here `fraction`) vary only the
 finetunes, which all start from the same pretraining.
 
+The whole file is checked before the first run starts (and by --dry-run): a slip is one line naming the key and
+its value, exit code 2, and no run directory is made. Checked: the keys and each one's type; seeds, a non-empty list
+of distinct whole numbers; grid values, non-empty lists of distinct single values; `then`, distinct modes; every
+field of every run (train/config.py); each `init`, `imagenet`, `random`, or a pretraining run or backbone file that
+exists (or one this scan pretrains); `metric`, one the runs' results hold for the dataset's task.
+
 Every run has its own directory under `out`; a finished run (results.json, or backbone.safetensors for a
 pretraining) is skipped, so an interrupted scan resumes where it stopped. Writes runs.csv (one row per run),
 summary.csv (mean and 95% t-interval over seeds per cell) and scan.png (the spread of seeds around each mean).
@@ -42,21 +48,88 @@ from twinray.train.config import ConfigError, FinetuneConfig, PretrainConfig, fr
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"data", "out", "seeds", "finetune", "pretrain", "grid", "then", "metric"}
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "mean_auroc")
+TASK_METRICS = {"multiclass": METRICS[:4], "multilabel": ("mean_auroc",)}  # what finetune's results hold per task
+SET_BY_SCAN = ("data", "out", "seed")  # each run's: from the scan's data, out and seeds
+
+
+def _distinct_list(path: Path, key: str, value, kinds: tuple[type, ...], what: str) -> list:
+    """`value` as a non-empty list of distinct values of `kinds` (a bool counts only where `kinds` holds bool); else
+    InputError naming `key` and `value`. `what` names one entry: "a whole number"."""
+    if not isinstance(value, list) or not value:
+        raise InputError(f"{path}: {key} {value!r} is not a non-empty list of values, each {what}")
+    for item in value:
+        if not isinstance(item, kinds) or (isinstance(item, bool) and bool not in kinds):
+            raise InputError(f"{path}: {key} {value!r}: {item!r} is not {what}")
+    for k, item in enumerate(value):
+        if item in value[:k]:
+            raise InputError(f"{path}: {key} {value!r} lists {item!r} twice")
+    return value
 
 
 def load_config(path: Path) -> dict:
+    """The scan's YAML, its keys and their types checked. Raises InputError in one line naming the key and value."""
     cfg = read_mapping(path, "scan")
     check_fields(cfg, KEYS, str(path), what="key")
     for key in ("data", "out", "grid"):
         if key not in cfg:
             raise InputError(f"{path}: missing {key!r}")
-    if not isinstance(cfg["grid"], dict) or not all(isinstance(v, list) and v for v in cfg["grid"].values()):
-        raise InputError(f"{path}: grid maps each flag to a non-empty list of values")
+    for key in ("data", "out"):
+        if not isinstance(cfg[key], str) or not cfg[key].strip():
+            raise InputError(f"{path}: {key} {cfg[key]!r} is not a path")
+    for key in ("finetune", "pretrain"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise InputError(f"{path}: {key} {cfg[key]!r} is not a mapping of field: value")
+        for name in cfg.get(key, {}):
+            if str(name).replace("-", "_") in SET_BY_SCAN:
+                raise InputError(f"{path}: {key} {name}: set by the scan (from its data, out and seeds)")
+    if not isinstance(cfg["grid"], dict):
+        raise InputError(f"{path}: grid {cfg['grid']!r} is not a mapping of flag: [values]")
+    for name, values in cfg["grid"].items():
+        if str(name).replace("-", "_") in SET_BY_SCAN:
+            raise InputError(f"{path}: grid {name}: set by the scan (seeds: a list at the top level)")
+        if not isinstance(values, list) or not values:
+            raise InputError(f"{path}: grid {name} {values!r}: grid maps each flag to a non-empty list of values")
+        _distinct_list(path, f"grid {name}", values, (str, int, float, bool), "a single value")
     if "then" in cfg and "pretrain" not in cfg:
         raise InputError(f"{path}: 'then' needs a 'pretrain' section")
+    if "pretrain" in cfg:
+        for name in ("init", "mode"):
+            if name in cfg["grid"] or name in cfg.get("finetune", {}):
+                raise InputError(
+                    f"{path}: {name} {cfg['grid'].get(name, cfg.get('finetune', {}).get(name))!r}: a pretraining "
+                    f"sweep sets each finetune's {name} (its own backbones; modes: 'then')"
+                )
     cfg.setdefault("seeds", [0])
+    _distinct_list(path, "seeds", cfg["seeds"], (int,), "a whole number")
     cfg.setdefault("then", ["linear", "full"])
+    _distinct_list(path, "then", cfg["then"], (str,), "a mode (linear, full or freeze:K)")
+    if "metric" in cfg and cfg["metric"] not in METRICS:
+        raise InputError(f"{path}: metric {cfg['metric']!r} is not one of: {', '.join(METRICS)}")
     return cfg
+
+
+def check_inputs(cfg: dict, runs: list[dict], path: Path) -> None:
+    """What the runs read, before any starts: each finetune's init exists (or is a pretraining of this scan), and the
+    metric is one the dataset's task yields. Raises InputError in one line naming the key and value."""
+    made = {str(run["dir"]) for run in runs if run["kind"] == "pretrain"}
+    for run in runs:
+        init = getattr(run["config"], "init", None)
+        if run["kind"] != "finetune" or init in ("imagenet", "random") or init in made:
+            continue
+        backbone = Path(init) / "backbone.safetensors" if Path(init).is_dir() else Path(init)
+        if not (backbone.suffix == ".safetensors" and backbone.is_file()):
+            raise InputError(
+                f"{path}: init {init!r} is neither imagenet, random, a finished pretraining run (its "
+                "backbone.safetensors) nor a .safetensors backbone; train/pretrain.py --out DIR makes one"
+            )
+    metric = cfg.get("metric")
+    manifest = Path(str(cfg["data"])) / "manifest.json"
+    if metric is not None and manifest.is_file():  # a URL's task is known once a run opens it
+        task = json.loads(manifest.read_text()).get("task")
+        if metric not in TASK_METRICS.get(task, METRICS):
+            raise InputError(
+                f"{path}: metric {metric!r}: the {task} dataset {cfg['data']} yields {', '.join(TASK_METRICS[task])}"
+            )
 
 
 def cell_name(cell: dict) -> str:
@@ -225,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         cfg["out"] = str(args.out)
     runs = plan(cfg)
+    check_inputs(cfg, runs, args.config)
     out = Path(cfg["out"])
     done = sum(finished(r) for r in runs)
     print(f"scan: {len(runs)} runs, {done} already finished, in {out}")

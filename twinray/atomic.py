@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
+
+from twinray.cli import DISK_FULL, disk_full
 
 
 @contextmanager
@@ -16,10 +19,30 @@ def atomic(path: str | Path):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with naming(path):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def naming(path: str | Path):
+    """Names `path` in a full-disk error (ENOSPC, EDQUOT) raised in the block, which twinray.cli.run_cli turns into
+    one line naming the path: an OSError that names no file (those of write() and close() do not) gets `path`, and a
+    library's own error that carries the OS error only in its text (safetensors: "... (os error 28)") becomes that
+    OSError. Other errors pass as they are."""
+    try:
+        yield
+    except OSError as e:
+        if disk_full(e) and e.filename is None:
+            e.filename = str(path)
+        raise
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code and int(code.group(1)) in DISK_FULL:
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
+        raise
 
 
 def write_json(path: str | Path, obj) -> Path:

@@ -1,7 +1,8 @@
-"""The one error type the CLIs turn into a single line and exit code 2, the parser that does the same, and the
-quiet exit for a reader that left (`... | head`)."""
+"""The one error type the CLIs turn into a single line and exit code 2, the parser that does the same, the line for
+a full disk, and the quiet exit for a reader that left (`... | head`)."""
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -41,19 +42,51 @@ def say_error(prog: str, message: str) -> None:
     sys.stderr.flush()
 
 
+DISK_FULL = {errno.ENOSPC: "ENOSPC", errno.EDQUOT: "EDQUOT: the disk quota is used up"}
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether `error` is an OSError for a full disk or an exhausted quota (ENOSPC, EDQUOT)."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL
+
+
+def disk_full_message(error: OSError) -> str:
+    """ "PATH: no space left on the device (...)" for a disk_full error; PATH is the error's file name (writers that
+    know only the folder they write into attach it: twinray.atomic.naming)."""
+    where = error.filename if error.filename is not None else "the output"
+    return f"{where}: no space left on the device ({DISK_FULL[error.errno]}): free some space there or write elsewhere"
+
+
+def _program_name() -> str:
+    """The running program's name for a line with no `prog`: `pretrain` for train/pretrain.py, `prep` for
+    `python -m prep`."""
+    path = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.basename(os.path.dirname(path)) if stem == "__main__" else stem
+
+
 def run_cli(main: Callable[[], int], prog: str | None = None, errors: tuple[type[Exception], ...] = ()) -> NoReturn:
     """Every CLI's entry point: exits with `main()`'s code.
 
     With `prog`, an InputError (or one of `errors`, such as ValueError for a library that names the bad value) that
     reaches here becomes one line, "PROG: error: MESSAGE", on stderr and exit code 2, never a traceback. When
     stdout's reader has gone (`... | head`), it says nothing more and exits as a shell expects (141) instead of
-    printing a traceback. The CLIs save their work before they print about it, so this loses nothing."""
+    printing a traceback. The CLIs save their work before they print about it, so this loses nothing.
+
+    A full disk (OSError ENOSPC or EDQUOT), with or without `prog`, is one line naming the path and exit code 2:
+    "PROG: error: PATH: no space left on the device (ENOSPC): ...". Outputs are written atomically (twinray.atomic,
+    prep's temporary folder), so what was there before is intact and nothing half-written is published."""
     caught = (InputError, *errors) if prog else ()
     try:
         try:
             code = main()
         except caught as e:
             say_error(prog, str(e))
+            code = 2
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            say_error(prog or _program_name(), disk_full_message(e))
             code = 2
         sys.stdout.flush()  # a closed pipe shows up here, where it is handled, rather than at exit
     except BrokenPipeError:
