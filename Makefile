@@ -59,7 +59,7 @@ lint: install
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache
 
-# The real-data label-efficiency study (README: "Does pretraining pay? Real X-rays"); re-running skips finished runs.
+# The real-data label-efficiency study (docs/results.md); re-running skips finished runs.
 REAL_CXR ?= ../shared/data/real-cxr
 STUDY_PROFILE ?= auto
 .PHONY: study-real

@@ -80,7 +80,7 @@ stage train_speed 85 $PY bench/train_speed.py --device "$DEVICE" --data "$work/j
 stage compile_modes 50 $PY bench/train_speed.py --device "$DEVICE" --configs d \
   --compile-modes default,reduce-overhead,max-autotune-no-cudagraphs --batch-sizes 128 --steps 20 --warmup 5 \
   --json "$res/compile_modes.json"
-# What each pretraining method costs (README "Choosing an objective"): images/s and the allocator's peak at the
+# What each pretraining method costs (docs/methods.md): images/s and the allocator's peak at the
 # study's batch, bf16 eager (config c, no compile time), synthetic batches, each method at its defaults.
 stage methods 40 $PY bench/train_speed.py --device "$DEVICE" --methods barlow,simclr,moco,byol,vicreg --configs c \
   --batch-sizes 128 --steps 10 --warmup 3 --json "$res/methods.json"

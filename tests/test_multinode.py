@@ -143,8 +143,8 @@ def test_two_nodes_from_s3_stop_mid_epoch_resume_then_resume_on_one_process(s3, 
 
 @pytest.mark.slow
 def test_accelerate_launch_on_two_machines_records_two_nodes(s3, s3_covid, tmp_path):
-    """README's multi-node `accelerate launch` form, one process per "machine" on 127.0.0.1 (GPUs: --multi_gpu;
-    here ACCELERATE_USE_CPU makes its processes use gloo on the CPU)."""
+    """docs/distributed.md's multi-node `accelerate launch` form, one process per "machine" on 127.0.0.1 (GPUs:
+    --multi_gpu; here ACCELERATE_USE_CPU makes its processes use gloo on the CPU)."""
     port, out = _free_port(), tmp_path / "run"
     env = {**s3.env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     machines = [
@@ -201,8 +201,8 @@ def test_accelerate_launch_on_two_machines_records_two_nodes(s3, s3_covid, tmp_p
 
 
 def test_a_global_step_holds_the_same_samples_whatever_the_world_size():
-    """What resuming on another world size keeps (README): global step k covers the same rows, except for the
-    epoch's tail that is cut to a multiple of the world size."""
+    """What resuming on another world size keeps (docs/distributed.md): global step k covers the same rows, except
+    for the epoch's tail that is cut to a multiple of the world size."""
     from twinray.pipelines.loader import rank_order
 
     rows, global_batch = np.arange(1000, 1050), 8

@@ -1,7 +1,7 @@
 """What a run across processes and nodes needs beyond Accelerate: agreeing on an early stop, and counting nodes.
 
 Accelerate (through torch.distributed) runs the processes; twinray's loaders give each rank its disjoint part of every
-epoch (pipelines/loader.py). README "Many GPUs, many nodes" tells how to launch.
+epoch (pipelines/loader.py). docs/distributed.md tells how to launch.
 """
 
 from __future__ import annotations
