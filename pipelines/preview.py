@@ -12,12 +12,14 @@ import cv2
 import numpy as np
 import torch
 
-from twinray.cli import InputError, run_cli
+from twinray.cli import InputError, OneLineParser, run_cli
 from twinray.pipelines.augment import Augment, load_recipe
+from twinray.pipelines.augment.recipes import RECIPES, TOKENS
 from twinray.pipelines.native import pad_batch
 from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
 from twinray.storage import location
+from twinray.usage import examples, program
 
 HEADER = 28
 
@@ -57,19 +59,32 @@ def preview_grid(data_dir, recipe="seed-final", n: int = 6, views: int = 2, spli
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m twinray.pipelines.preview",
+    prog = program("preview", "twinray.pipelines.preview")
+    parser = OneLineParser(  # a bad argument is one line, exit 2
+        prog=prog,
         description=__doc__,
+        epilog=examples(
+            prog,
+            "--data data/packed/covid --out grid.png",
+            "--data data/packed/covid --recipe base+vflip+equalize --n 4 --views 3 --out grid.png",
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data", required=True, type=location)
+    parser.add_argument("--data", required=True, type=location, help="a packed dataset or its URL (required)")
     shard_cache.add_arguments(parser)  # --shard-cache, ...: for a --data URL
-    parser.add_argument("--recipe", default="seed-final", help="a named recipe, base+op+..., or a .yaml file")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--n", type=int, default=6, help="images (rows)")
-    parser.add_argument("--views", type=int, default=2)
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--recipe",
+        default="seed-final",
+        help=f"the augmentation recipe: a named one ({', '.join(RECIPES)}), base+OP+... (OP: {', '.join(TOKENS)}) or "
+        "a .yaml file (default: %(default)s)",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="the PNG to write (required)")
+    parser.add_argument(
+        "--n", type=int, default=6, help="images, one row each: the split's first N (default: %(default)s)"
+    )
+    parser.add_argument("--views", type=int, default=2, help="augmented views beside each (default: %(default)s)")
+    parser.add_argument("--split", default="train", help="the split the images come from (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the augmentations (default: %(default)s)")
     args = parser.parse_args(argv)
     shard_cache.configure_from(args)
     grid = preview_grid(args.data, args.recipe, args.n, args.views, args.split, args.seed)

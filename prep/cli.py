@@ -14,6 +14,7 @@ from twinray.prep.datasets import chexpert, covid, folder
 from twinray.prep.format import ENCODINGS, LABEL_MISSING, SPLITS, PackedDataset, verify
 from twinray.prep.images import DEFAULT_BIT_DEPTH, DEFAULT_MAX_PIXELS, parse_bit_depth
 from twinray.storage import is_url, join, local_path, location, storage_options_type
+from twinray.usage import examples, program
 
 
 def _positive_int(text: str) -> int:
@@ -236,22 +237,54 @@ def cmd_info(args) -> int:
     return 0
 
 
+# What each subcommand's --help ends with: its arguments after `prep NAME`.
+EXAMPLES = {
+    "covid": ("--src data/raw/COVID-19_Radiography_Dataset --out data/packed/covid",),
+    "chexpert": ("--src data/raw/CheXpert-v1.0-small --out data/packed/chexpert --views frontal",),
+    "folder": (
+        "--src my-xrays --out data/packed/mine",
+        "--src my-xrays --csv labels.csv --patient-col patient --out data/packed/mine",
+    ),
+    "sample": ("--out data/demo/raw --n 400",),
+    "all": ("--raw data/raw --out data/packed",),
+    "ffcv": ("data/packed/covid --splits train,val",),
+    "verify": ("data/packed/covid",),
+    "info": ("data/packed/covid",),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m prep", description=__doc__)
+    prog = program("prep", "twinray.prep")
+    parser = OneLineParser(
+        prog=prog,
+        description=__doc__,
+        epilog=examples(prog, EXAMPLES["sample"][0], EXAMPLES["covid"][0]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    p = sub.add_parser("covid", help="the COVID-19 Radiography Database")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        """A subcommand whose --help ends with its EXAMPLES."""
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=examples(f"{prog} {name}", *EXAMPLES[name]),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    p = command("covid", "the COVID-19 Radiography Database")
     p.add_argument("--src", required=True, type=local_path, help=f"the {covid.FOLDER_NAME} folder")
     _add_pack_options(p, "80/10/10")
     p.set_defaults(func=cmd_covid)
 
-    p = sub.add_parser("chexpert", help="CheXpert-v1.0-small or CheXpert-v1.0")
+    p = command("chexpert", "CheXpert-v1.0-small or CheXpert-v1.0")
     p.add_argument("--src", required=True, type=local_path, help="the folder holding train.csv and valid.csv")
     p.add_argument("--views", choices=chexpert.VIEWS, default="frontal", help="frontal (default) or all")
     _add_pack_options(p, "90/10")
     p.set_defaults(func=cmd_chexpert)
 
-    p = sub.add_parser("folder", help="your own X-rays: class sub-folders or a CSV")
+    p = command("folder", "your own X-rays: class sub-folders or a CSV")
     p.add_argument("--src", required=True, type=local_path, help="root folder of the images")
     p.add_argument("--csv", type=local_path, help="CSV with a path and a label column (paths relative to --src)")
     p.add_argument("--path-col", default="path", help="CSV column with the image path (path)")
@@ -261,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pack_options(p, "80/10/10")
     p.set_defaults(func=cmd_folder)
 
-    p = sub.add_parser("sample", help="generate a synthetic COVID-19 Radiography Database for demos and tests")
+    p = command("sample", "generate a synthetic COVID-19 Radiography Database for demos and tests")
     p.add_argument("--out", required=True, type=local_path, help="writes OUT/COVID-19_Radiography_Dataset")
     p.add_argument("--n", type=_positive_int, default=400, help="number of images (400)")
     p.add_argument("--seed", type=int, default=0)
@@ -276,23 +309,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("all", help="every known dataset under --raw (what `make prep` runs)")
+    p = command("all", "every known dataset under --raw (what `make prep` runs)")
     p.add_argument("--raw", type=local_path, default=Path("data/raw"), help="where the downloads are (data/raw)")
     _add_pack_options(p, None, out_default=Path("data/packed"))
     p.set_defaults(func=cmd_all)
 
-    p = sub.add_parser("ffcv", help="write DIR/ffcv/<split>.beton files for the FFCV backend")
+    p = command("ffcv", "write DIR/ffcv/<split>.beton files for the FFCV backend")
     p.add_argument("dir", type=location, help="a packed directory or URL")
     shard_cache.add_arguments(p)
     p.add_argument("--splits", default="train,val,test")
     p.set_defaults(func=cmd_ffcv)
 
-    p = sub.add_parser("verify", help="re-hash shards, decode every image, check the index")
+    p = command("verify", "re-hash shards, decode every image, check the index")
     p.add_argument("dir", type=location, help="a packed directory or URL")
     shard_cache.add_arguments(p)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("info", help="counts per split and class, size, encoding, what was skipped")
+    p = command("info", "counts per split and class, size, encoding, what was skipped")
     p.add_argument("dir", type=location, help="a packed directory or URL")
     shard_cache.add_arguments(p)
     p.set_defaults(func=cmd_info)

@@ -62,7 +62,7 @@ def test_a_finished_run_is_kept_and_only_force_replaces_it(named, tmp_path, caps
     out = tmp_path / "ft"
     shutil.copytree(named["run"], out)
     before = snapshot(out)
-    assert set(before) == {"results.json", "model.safetensors", "model.json", "confusion.png"}
+    assert set(before) == {"results.json", "model.safetensors", "model.json", "confusion.png", "train.log"}
     moved = tmp_path / "elsewhere"  # the same data at another path is the same data
     shutil.copytree(named["AB"], moved)
     capsys.readouterr()

@@ -243,11 +243,12 @@ def test_force_discards_the_run_and_starts_over_leaving_other_files(two, stopped
     result = pretrain(capsys, *args(two, out, epochs=3, size=48, max_steps=1, log_every=1), "--force")
     assert result.returncode == 0, result.stderr
     assert (
-        f"--force: discarded ckpt-000000004, ckpt-000000006, config.json, metrics.jsonl from {out}; starting over"
-        in result.stdout
+        f"--force: discarded ckpt-000000004, ckpt-000000006, config.json, curves.png, metrics.jsonl, train.log from "
+        f"{out}; starting over" in result.stdout
     )
     assert "resuming" not in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt-000000001", "config.json", "metrics.jsonl", "notes.txt"]
+    kept = ["ckpt-000000001", "config.json", "curves.png", "metrics.jsonl", "notes.txt", "train.log"]
+    assert sorted(p.name for p in out.iterdir()) == kept
     assert (out / "notes.txt").read_text() == "mine"
     parts = json.loads((out / "config.json").read_text())["parts"]
     assert [(p["steps"], p["size"]) for p in parts] == [([0, 1], 48)]

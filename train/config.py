@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+import textwrap
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
+import yaml
+
 from twinray.cli import OneLineParser
 from twinray.config import check_fields, read_mapping
+from twinray.pipelines.augment.recipes import RECIPES, TOKENS
 from twinray.pipelines.cache import CACHES
 from twinray.pipelines.loader import BACKENDS
 from twinray.storage import location
@@ -24,8 +29,10 @@ from twinray.train.label_fractions import check_fraction
 from twinray.train.labels import UNCERTAIN_POLICIES
 from twinray.train.methods import METHODS, STUDY_BATCH
 from twinray.train.model import BACKBONES, parse_projector
+from twinray.train.runlog import parse_report_to
 from twinray.train.step import COMPILE_MODES
 from twinray.train.transfer import parse_mode
+from twinray.usage import examples, program
 
 CHOICES = {
     "method": tuple(METHODS),
@@ -39,6 +46,17 @@ CHOICES = {
     "channels": (1, 3),
     "compile_mode": COMPILE_MODES,
 }
+
+
+LIMIT_SHOWN = "$TWINRAY_SHARD_CACHE_LIMIT, else no limit"
+
+
+def setting(default, help: str, shown: str | None = None):
+    """A config field with its --help sentence; `shown`: how --help states the default where the value itself does
+    not say it (None: "the CPUs there are"). field_help adds the default and the choices; a field without a
+    sentence is refused there, so none goes undocumented."""
+    metadata = {"help": help} if shown is None else {"help": help, "shown": shown}
+    return field(default=default, metadata=metadata)
 
 
 class ConfigError(ValueError):
@@ -102,54 +120,82 @@ class PretrainConfig:
     schedule, warmup_epochs, and the method's own fields (METHOD_ONLY). They are filled when the object is made,
     so a YAML file or a flag overrides any of them."""
 
-    data: str = "data/packed/covid"
-    out: str = "runs/pretrain"
-    method: str = "barlow"
-    epochs: int = 300
-    batch_size: int = 128
-    size: int = 224
-    backbone: str = "resnet18"
-    channels: int = 1
-    projector: str | None = None  # barlow: 512
-    lambd: float | None = None  # barlow: 5e-3
-    lr: float | None = None  # barlow: 2e-3
-    weight_decay: float | None = None  # barlow: 1e-5
-    optimizer: str | None = None  # barlow: adam
-    exclude_bias_norm: bool = False  # Adam/AdamW: keep biases and BN out of weight decay (LARS always does)
-    schedule: str | None = None  # barlow: cosine
-    warmup_epochs: float | None = None  # barlow: 0
-    temperature: float | None = None  # simclr 0.1, moco 0.2
-    momentum: float | None = None  # moco 0.999 (constant), byol 0.996 (base of BYOL's cosine schedule)
-    queue_size: int | None = None  # moco: 65536
-    key_bn_chunk: int | None = None  # moco: 32 images per BatchNorm batch of the key encoder
-    predictor: str | None = None  # byol: 4096-256
-    sim_coeff: float | None = None  # vicreg: 25
-    std_coeff: float | None = None  # vicreg: 25
-    cov_coeff: float | None = None  # vicreg: 1
-    recipe: str = "seed-final"
-    backend: str = "native"
-    cache: str = "auto"  # native backend: the split decoded once and kept in memory (pipelines/cache.py)
-    compile: bool | None = None  # None: on with CUDA, off on the CPU where it does not pay
-    compile_mode: str = "default"  # the CUDA default stays until a GPU measurement of the modes says otherwise
-    mixed_precision: str = "auto"  # auto: bf16 on CUDA, no on the CPU
-    grad_accum: int = 1
-    wandb: str = "offline"
-    seed: int = 0
-    workers: int | None = None
+    COMMAND: ClassVar[str] = "pretrain"  # the usage line's program: twinray pretrain (twinray/usage.py)
+    MODULE: ClassVar[str] = "twinray.train.pretrain"
+    EXAMPLES: ClassVar[tuple[str, ...]] = (
+        "--method byol --batch-size 256 --print-config > byol.yaml",
+        "--config byol.yaml --data data/packed/covid --out runs/byol",
+    )
+
+    data: str = setting("data/packed/covid", "the packed dataset (python -m prep ...), a local folder or a URL")
+    out: str = setting("runs/pretrain", "the run's directory: checkpoints, metrics.jsonl, config.json, the backbone")
+    method: str = setting("barlow", "the self-supervised method; it sets the defaults of the fields shown per method")
+    epochs: int = setting(300, "passes over the train split")
+    batch_size: int = setting(128, "images per optimizer step, over all processes (the lr defaults scale with it)")
+    size: int = setting(224, "the side of the square views, in pixels")
+    backbone: str = setting("resnet18", "the encoder whose weights the run exports (backbone.safetensors)")
+    channels: int = setting(1, "input channels: 1 (grey) or 3 (the grey image repeated, for RGB backbones)")
+    projector: str | None = setting(None, "the projector's layer sizes, e.g. 512 or 2048-128")
+    lambd: float | None = setting(None, "Barlow Twins' weight of the off-diagonal terms")
+    lr: float | None = setting(None, "the peak learning rate")
+    weight_decay: float | None = setting(None, "the optimizer's weight decay")
+    optimizer: str | None = setting(None, "the optimizer")
+    exclude_bias_norm: bool = setting(
+        False, "Adam/AdamW: keep biases and BatchNorm out of weight decay (LARS always does)"
+    )
+    schedule: str | None = setting(None, "the learning-rate schedule after warm-up")
+    warmup_epochs: float | None = setting(None, "epochs of linear warm-up from 0 to --lr")
+    temperature: float | None = setting(None, "the InfoNCE temperature")
+    momentum: float | None = setting(
+        None, "the key/target encoder's EMA momentum (moco constant; byol the base of its cosine schedule)"
+    )
+    queue_size: int | None = setting(None, "MoCo's queue of negative keys, at least one --batch-size")
+    key_bn_chunk: int | None = setting(None, "MoCo: images per BatchNorm batch of the key encoder (shuffled BN)")
+    predictor: str | None = setting(None, "BYOL's predictor layer sizes; it ends with the projector's size")
+    sim_coeff: float | None = setting(None, "VICReg's invariance weight")
+    std_coeff: float | None = setting(None, "VICReg's variance weight")
+    cov_coeff: float | None = setting(None, "VICReg's covariance weight")
+    recipe: str = setting(
+        "seed-final",
+        f"the augmentation recipe: a named one ({', '.join(RECIPES)}), base+OP+... (OP: {', '.join(TOKENS)}) or a "
+        ".yaml file (docs/augmentation.md)",
+    )
+    backend: str = setting("native", "the data loader (dali and ffcv need their extras)")
+    cache: str = setting(
+        "auto", "native backend: the split decoded once and kept in memory (auto: device or host where it fits)"
+    )
+    compile: bool | None = setting(None, "torch.compile the training step", shown="on with CUDA, off on the CPU")
+    compile_mode: str = setting("default", "torch.compile's mode")
+    mixed_precision: str = setting("auto", "autocast dtype (auto: bf16 on CUDA, no on the CPU)")
+    grad_accum: int = setting(1, "batches accumulated per optimizer step")
+    wandb: str = setting(
+        "offline", "Weights & Biases mode when --report-to has wandb (online needs WANDB_API_KEY; disabled drops it)"
+    )
+    report_to: str = setting(
+        "wandb", "trackers to log to, comma-separated: wandb, tensorboard, mlflow, or none (docs/pretrain.md)"
+    )
+    seed: int = setting(0, "seeds the weights, the augmentations and the data order")
+    workers: int | None = setting(None, "CPU decode threads", shown="the CPUs this process may use")
     # Each kNN evaluation re-extracts its bank's features (a forward pass over up to knn_bank train images, plus
     # their loading), so not every epoch; the linear probe reports every step anyway. The last epoch always is.
-    eval_every: int = 10  # epochs between kNN evaluations
-    knn_k: int = 20
-    knn_bank: int = 20000  # train images kNN compares against: a fixed random subset of larger splits (CheXpert)
-    keep_checkpoints: int = 2
-    log_every: int = 10  # steps between metrics.jsonl lines
-    deterministic: bool = False
-    max_steps: int | None = None  # stop after this many steps in all (tests, smoke runs)
+    eval_every: int = setting(10, "epochs between kNN evaluations (the last epoch always has one)")
+    knn_k: int = setting(20, "neighbours of the kNN evaluation")
+    knn_bank: int = setting(20000, "train images kNN compares against: a fixed random subset of larger splits")
+    keep_checkpoints: int = setting(2, "checkpoints kept in --out; older ones are deleted")
+    log_every: int = setting(10, "steps between metrics.jsonl lines")
+    deterministic: bool = setting(False, "deterministic kernels: reproducible to the bit, slower")
+    max_steps: int | None = setting(None, "stop after this many steps in all (tests, smoke runs)", shown="no limit")
     # A --data URL is read through a node-local shard cache (prep/shard_cache.py); credentials come from the
     # environment, never from these (storage_options is recorded in config.json: endpoints, not secrets).
-    shard_cache: str | None = None  # default: $TWINRAY_SHARD_CACHE, else ~/.cache/twinray/shards
-    shard_cache_limit: str | None = None  # e.g. 200GB; least recently used shards are deleted past it
-    storage_options: str | None = None  # fsspec options as JSON, e.g. {"client_kwargs": {"endpoint_url": ...}}
+    shard_cache: str | None = setting(
+        None, "node-local cache for a --data URL", shown="$TWINRAY_SHARD_CACHE, else ~/.cache/twinray/shards"
+    )
+    shard_cache_limit: str | None = setting(
+        None, "shard cache size limit, e.g. 200GB; least recently used shards are deleted past it", LIMIT_SHOWN
+    )
+    storage_options: str | None = setting(
+        None, 'fsspec options as JSON, e.g. {"client_kwargs": {"endpoint_url": ...}}; no credentials (the environment)'
+    )
 
     def __post_init__(self):
         if self.method in METHODS:  # else validate() names the choices
@@ -171,6 +217,10 @@ class PretrainConfig:
                     f"{flag(name)} does not apply to --method {self.method} (only to {', '.join(methods)})"
                 )
         check_batch_size(self.batch_size)  # per process, once the world size is known: train/pretrain.py
+        try:
+            parse_report_to(self.report_to)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         for name in (
             "epochs",
             "size",
@@ -269,6 +319,7 @@ PRETRAIN_RUNS = (
     "compile",
     "compile_mode",
     "wandb",
+    "report_to",
     "workers",
     "eval_every",
     "keep_checkpoints",
@@ -304,10 +355,6 @@ def _method_help(name: str) -> str:
     return f"per method{lr}: {shown}"
 
 
-# --help shows each method's default of the method-dependent fields (train/config.py parser reads HELP).
-PretrainConfig.HELP = {name: _method_help(name) for name in METHOD_FIELDS}
-
-
 @dataclass
 class FinetuneConfig:
     """Fine-tuning or a linear probe of one backbone on a packed dataset.
@@ -315,51 +362,48 @@ class FinetuneConfig:
     The defaults are the study's downstream settings (report, section 3.4): Adam, lr 0.00153, weight decay
     9.87e-6, batch 96, 15 epochs, 224 px. `data`, `init` and `out` have no default and must be given."""
 
-    PROG: ClassVar[str] = "train/finetune.py"
+    COMMAND: ClassVar[str] = "finetune"  # the usage line's program: twinray finetune (twinray/usage.py)
+    MODULE: ClassVar[str] = "twinray.train.finetune"
     REQUIRED: ClassVar[tuple[str, ...]] = ("data", "init", "out")
+    EXAMPLES: ClassVar[tuple[str, ...]] = (
+        "--data data/packed/covid --init runs/byol --out runs/ft-10 --fraction 0.1",
+        "--data data/packed/covid --init imagenet --out runs/probe --mode linear --print-config > probe.yaml",
+    )
 
-    data: str | None = None
-    init: str | None = None
-    out: str | None = None
-    mode: str = "full"
-    fraction: float = 1.0
-    seed: int = 0
-    epochs: int = 15
-    size: int = 224
-    batch_size: int = 96
-    lr: float = 0.00153
-    weight_decay: float = 9.87e-6
-    backbone: str = "resnet18"
-    channels: int = 1
-    backend: str = "native"
-    labels: str | None = None
-    uncertain: str = "ones"
-    device: str | None = None
-    workers: int | None = None
-    cache: str = "auto"
-    shard_cache: str | None = None
-    shard_cache_limit: str | None = None
-    storage_options: str | None = None
-    force: bool = False
+    data: str | None = setting(None, "a packed dataset (python -m prep ...), or its URL")
+    init: str | None = setting(
+        None, "RUN_DIR, BACKBONE.safetensors, a fine-tuned run (its head matched by class name), imagenet or random"
+    )
+    out: str | None = setting(None, "the run's directory; a run left there resumes, a finished one is kept")
+    mode: str = setting(
+        "full", "full, linear (the backbone frozen) or freeze:K (the stem and layer1..layerK frozen, K = 0..4)"
+    )
+    fraction: float = setting(1.0, "label fraction of the train split, in (0, 1]")
+    seed: int = setting(0, "seeds the head, the label fraction's draw and the data order")
+    epochs: int = setting(15, "passes over the (fraction of the) train split")
+    size: int = setting(224, "the side of the square input, in pixels")
+    batch_size: int = setting(96, "images per optimizer step")
+    lr: float = setting(0.00153, "Adam's learning rate")
+    weight_decay: float = setting(9.87e-6, "Adam's weight decay")
+    backbone: str = setting("resnet18", "the encoder for imagenet and random (a run or file brings its own)")
+    channels: int = setting(1, "input channels for imagenet and random")
+    backend: str = setting("native", "the data loader (dali and ffcv need their extras)")
+    labels: str | None = setting(
+        None, "multilabel: comma-separated label names", shown="the 5 CheXpert competition ones"
+    )
+    uncertain: str = setting("ones", "multilabel: what an uncertain label (-1) counts as")
+    device: str | None = setting(None, "the torch device", shown="cuda when there is one, else cpu")
+    workers: int | None = setting(None, "CPU decode threads, native backend", shown="the CPUs this process may use")
+    cache: str = setting(
+        "auto", "native backend: keep the decoded train and val images in memory (auto: where they fit)"
+    )
+    shard_cache: str | None = setting(
+        None, "node-local cache for a --data URL", shown="$TWINRAY_SHARD_CACHE, else ~/.cache/twinray/shards"
+    )
+    shard_cache_limit: str | None = setting(None, "shard cache size limit, e.g. 200GB", LIMIT_SHOWN)
+    storage_options: str | None = setting(None, "fsspec options as JSON; credentials come from the environment")
+    force: bool = setting(False, "replace the run in --out (finished or not) instead of keeping or resuming it")
 
-    HELP: ClassVar[dict] = {
-        "data": "a packed dataset (python -m prep ...), or its URL",
-        "init": "RUN_DIR, BACKBONE.safetensors, a fine-tuned run (its head matched by class name), imagenet or random",
-        "out": "the run's directory; a run left there resumes, a finished one is kept",
-        "mode": "full, linear or freeze:K (K = 0..4)",
-        "fraction": "label fraction of the train split, in (0, 1]",
-        "backbone": "for imagenet and random",
-        "channels": "for imagenet and random: 1 or 3",
-        "labels": "multilabel: comma-separated (default: the 5 competition ones)",
-        "uncertain": "multilabel: what -1 means (ones, zeros, ignore)",
-        "device": "cuda when there is one, else cpu",
-        "workers": "CPU decode threads (native backend)",
-        "cache": "native backend: keep the decoded train and val images in memory (auto: where they fit)",
-        "shard_cache": "node-local cache for a --data URL",
-        "shard_cache_limit": "shard cache size limit, e.g. 200GB",
-        "storage_options": "fsspec options as JSON; credentials come from the environment",
-        "force": "replace the run in --out (finished or not) instead of keeping or resuming it",
-    }
     CHOICES: ClassVar[dict] = {
         "backbone": BACKBONES,
         "channels": (1, 3),
@@ -481,20 +525,55 @@ def load_yaml(path: str | Path, cls=PretrainConfig) -> dict:
     return typed_fields(cls, read_mapping(path, "config", error=ConfigError), str(path))
 
 
+def field_help(cls, f: dataclasses.Field) -> str:
+    """Field `f`'s --help text: its sentence, then its default (each method's, for PretrainConfig's method-dependent
+    fields; "required" for FinetuneConfig's data, init and out) and its choices. Raises TypeError for a field
+    declared without a sentence (`setting(default, help)`), so that none goes undocumented."""
+    sentence = f.metadata.get("help", "").strip()
+    if not sentence:
+        raise TypeError(f"{cls.__name__}.{f.name} has no help: declare it as setting(default, 'its sentence')")
+    if cls is PretrainConfig and f.name in METHOD_FIELDS:
+        default = "default " + _method_help(f.name)
+    elif f.name in getattr(cls, "REQUIRED", ()):
+        default = "required"
+    else:
+        default = f"default: {f.metadata.get('shown', 'none' if f.default is None else f.default)}"
+    allowed = (CHOICES if cls is PretrainConfig else getattr(cls, "CHOICES", {})).get(f.name)
+    choices = f"; choices: {', '.join(str(c) for c in allowed)}" if allowed else ""
+    return f"{sentence} ({default}{choices})"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's, with the description and epilog kept as written and flag names (--batch-size) never broken at
+    their hyphens when a sentence wraps."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def parser(cls=PretrainConfig, description: str | None = None) -> argparse.ArgumentParser:
-    """One flag per field of `cls`, plus --config (and --resume for pretraining); no defaults, so that the flags
-    given can be told from the YAML's fields."""
+    """One flag per field of `cls`, each with its sentence, default and choices (field_help), plus --config and
+    --print-config (and --resume, --allow-change, --force for pretraining); no defaults, so that the flags given can
+    be told from the YAML's fields. The usage line and the examples name the tool as it was started
+    (twinray/usage.py). Raises TypeError for a field without help metadata."""
     hints = typing.get_type_hints(cls)
     default = (
         "Self-supervised pretraining (--method barlow, simclr, moco, byol or vicreg; Barlow Twins by default) on a "
         "packed chest X-ray dataset. The fields without a default shown take their method's (docs/methods.md)."
     )
+    prog = program(cls.COMMAND, cls.MODULE)
     p = OneLineParser(
-        prog=getattr(cls, "PROG", "train/pretrain.py"),
+        prog=prog,
         description=description or (default if cls is PretrainConfig else cls.__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples(prog, *cls.EXAMPLES),
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--config", help="YAML file of fields; flags override it")
+    p.add_argument("--config", metavar="FILE", help="YAML file of fields (as --print-config writes); flags override it")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (--config, flags, defaults filled in) as YAML for --config, and exit",
+    )
     if cls is PretrainConfig:
         p.add_argument("--resume", action="store_true", help="continue the run in --out (also the default)")
         p.add_argument(
@@ -509,8 +588,7 @@ def parser(cls=PretrainConfig, description: str | None = None) -> argparse.Argum
         )
     for f in fields(cls):
         kind = _base_type(hints[f.name])
-        shown = "" if f.default is None else f" (default: {f.default})"
-        text = (getattr(cls, "HELP", {}).get(f.name, "") + shown).strip() or None
+        text = field_help(cls, f).replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
@@ -518,9 +596,22 @@ def parser(cls=PretrainConfig, description: str | None = None) -> argparse.Argum
     return p
 
 
+def to_yaml(config) -> str:
+    """`config`'s every field as YAML that --config (load_yaml) reads back into an equal config."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
 def from_args(argv: list[str] | None = None, cls=PretrainConfig, description: str | None = None):
-    """(validated config, the parsed namespace) from a command line; --config's fields first, flags on top."""
+    """(validated config, the parsed namespace) from a command line; --config's fields first, flags on top.
+
+    With --print-config, writes the validated config to stdout (to_yaml) and raises SystemExit(0), as --help
+    does: nothing is read from or written to --out. Raises ConfigError for a bad value or file."""
     args = parser(cls, description).parse_args(argv)
     values = load_yaml(args.config, cls) if args.config else {}
     values.update({f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None})
-    return cls(**values).validate(), args
+    config = cls(**values).validate()
+    if args.print_config:
+        sys.stdout.write(to_yaml(config))
+        sys.stdout.flush()
+        raise SystemExit(0)
+    return config, args

@@ -7,7 +7,8 @@ Defaults are the study's downstream settings: Adam, lr 0.00153, weight decay 9.8
 horizontal flip. The train split is cut to a stratified label fraction (nested across fractions for one seed). The
 epoch with the best val score (accuracy, or mean AUROC for multilabel data) is kept; only then is the test split
 read, once. Writes results.json (config, history, best val, `"test"` metrics), model.safetensors + model.json,
-and confusion.png (multiclass). Every flag is a field of FinetuneConfig (train/config.py): `--config FILE.yaml` sets
+confusion.png (multiclass) and train.log (the command, versions, config and each epoch's line; appended on a
+resume: train/runlog.py). Every flag is a field of FinetuneConfig (train/config.py): `--config FILE.yaml` sets
 fields first, and flags win.
 
 An --out that holds a finished run (results.json) with the same settings is left as it is (one line, exit 0); with
@@ -37,7 +38,7 @@ from twinray.pipelines.augment import EVAL_RECIPE, FINETUNE_RECIPE
 from twinray.prep import shard_cache
 from twinray.prep.datasets.chexpert import COMPETITION  # used by default when the dataset has them all
 from twinray.prep.format import PackedDataset
-from twinray.train import checkpoint, transfer
+from twinray.train import checkpoint, runlog, transfer
 from twinray.train.config import FinetuneConfig, from_args
 from twinray.train.label_fractions import label_fraction
 from twinray.train.labels import policy_targets, targets_bce
@@ -165,14 +166,16 @@ def finished(out: Path, now: dict) -> dict:
     return results
 
 
-def run(args: FinetuneConfig) -> dict:
+def run(args: FinetuneConfig, command: str | None = None) -> dict:
     """Trains, selects on val, tests once and writes --out (the module's docstring); returns results.json's dict.
-    Raises InputError (one line) for bad data, an --out holding another run, or an --out another finetune writes."""
+    `command`: the command line train.log records (default: sys.argv). Raises InputError (one line) for bad data,
+    an --out holding another run, or an --out another finetune writes."""
+    command = command or runlog.command_line(None, "train/finetune.py")
     with lock.exclusive(args.out, "fine-tuning"), contextlib.ExitStack() as loaders:  # loader threads end here
-        return _run(args, loaders)
+        return _run(args, loaders, command)
 
 
-def _run(args: FinetuneConfig, loaders: contextlib.ExitStack) -> dict:
+def _run(args: FinetuneConfig, loaders: contextlib.ExitStack, command: str) -> dict:
     device, out = torch.device(args.device), Path(args.out)
     data = PackedDataset(args.data)
     record = {"config": args.to_dict(), "data_sha256": data.digest}
@@ -249,6 +252,9 @@ def _run(args: FinetuneConfig, loaders: contextlib.ExitStack) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         history, best = state["history"], state["best"]
         print(f"resuming {out} after epoch {len(history)}")
+    log = runlog.RunLog(out / "train.log")  # appended after a separator on a resume, else a new one
+    resumed = f"{saved.name}: after epoch {len(history)}" if saved is not None else None
+    log.start(command, str(device), {**config, "data_sha256": data.digest}, resumed)
     for epoch in range(len(history), args.epochs):
         model.train()
         transfer.keep_frozen_in_eval(frozen)
@@ -277,7 +283,9 @@ def _run(args: FinetuneConfig, loaders: contextlib.ExitStack) -> dict:
         for note in notes:  # where each split's cache went; after the save, like every line
             print(note)
         notes = []
-        print(f"epoch {epoch + 1}/{args.epochs}  train_loss {row['train_loss']:.4f}  val {row['val_score']:.4f}")
+        said = f"epoch {epoch + 1}/{args.epochs}  train_loss {row['train_loss']:.4f}  val {row['val_score']:.4f}"
+        print(said)
+        log.line(said)
 
     model.load_state_dict(best["state"])
     test_loader = loaders.enter_context(_loader(args, "test"))
@@ -308,12 +316,14 @@ def _run(args: FinetuneConfig, loaders: contextlib.ExitStack) -> dict:
         if not task.multilabel
         else f"mean_auroc {test['mean_auroc']}"
     )
-    print(f"test ({test['n']} images, best val epoch {best['epoch']}): {summary}  -> {out / 'results.json'}")
+    said = f"test ({test['n']} images, best val epoch {best['epoch']}): {summary}  -> {out / 'results.json'}"
+    print(said)
+    log.line(said)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(parse_args(argv))
+    run(parse_args(argv), command=runlog.command_line(argv, "train/finetune.py"))
     return 0
 
 

@@ -33,6 +33,7 @@ from twinray.storage import location
 from twinray.train.labels import POSITIVE
 from twinray.train.model import Classifier, build_backbone
 from twinray.train.transfer import class_indices
+from twinray.usage import examples, program
 
 
 def load_model(run: Path) -> tuple[Classifier, dict]:
@@ -158,13 +159,23 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=location, required=True, help="the packed dataset the models were tuned on")
+    prog = program("gradcam", "twinray.train.gradcam")
+    parser = OneLineParser(
+        prog=prog,
+        description=__doc__,
+        epilog=examples(prog, "--data data/packed/covid --models runs/ft-random runs/ft-byol --out gradcam.png"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--data", type=location, required=True, help="the packed dataset the models were tuned on (required)"
+    )
     shard_cache.add_arguments(parser)  # --shard-cache, ...: for a --data URL
-    parser.add_argument("--models", nargs="+", required=True, help="finetune run directories, one row each")
+    parser.add_argument("--models", nargs="+", required=True, help="finetune run directories, one row each (required)")
     parser.add_argument("--size", type=int, default=None, help="input size (default: the first run's)")
-    parser.add_argument("--per-class", type=int, default=1, help="test images per class")
-    parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    parser.add_argument("--per-class", type=int, default=1, help="test images per class (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="the PNG to write; its record goes beside it as .json (required)"
+    )
     args = parser.parse_args(argv)
     shard_cache.configure_from(args)
     if args.per_class < 1:

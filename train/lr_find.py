@@ -10,6 +10,7 @@ multilabel data) of a ResNet-18 with a linear head on horizontally flipped crops
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -25,6 +26,7 @@ from twinray.train.config import ConfigError, check_batch_size
 from twinray.train.labels import certain_bce
 from twinray.train.model import BarlowTwins
 from twinray.train.step import BarlowTwinsMethod, train_step
+from twinray.usage import examples, program
 
 
 def suggest(lrs: list[float], losses: list[float]) -> float:
@@ -80,19 +82,35 @@ def plot(lrs, losses, lr_suggested: float, title: str, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="train/lr_find.py", description=__doc__)
-    parser.add_argument("--data", required=True, type=location)
+    prog = program("lr-find", "twinray.train.lr_find")
+    parser = OneLineParser(
+        prog=prog,
+        description=__doc__,
+        epilog=examples(
+            prog,
+            "--data data/packed/covid --task pretrain --out lr-pretrain.png",
+            "--data data/packed/covid --task finetune --out lr-finetune.png --steps 200",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data", required=True, type=location, help="a packed dataset or its URL (required)")
     shard_cache.add_arguments(parser)  # --shard-cache, ...: for a --data URL
-    parser.add_argument("--task", choices=["pretrain", "finetune"], default="pretrain")
-    parser.add_argument("--out", required=True, type=Path, help="the plot (.png); the JSON goes beside it")
-    parser.add_argument("--min-lr", type=float, default=1e-7)
-    parser.add_argument("--max-lr", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--task",
+        choices=["pretrain", "finetune"],
+        default="pretrain",
+        help="whose loss: Barlow Twins pretraining or fine-tuning (default: %(default)s; choices: %(choices)s)",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="the plot (.png); the JSON goes beside it (required)")
+    parser.add_argument("--min-lr", type=float, default=1e-7, help="the first step's lr (default: %(default)s)")
+    parser.add_argument("--max-lr", type=float, default=1.0, help="the last step's lr (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=100, help="steps from --min-lr to --max-lr (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=224, help="the side of the square input, px (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="the torch device (default: cuda when there is one, else cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the data (default: %(default)s)")
     args = parser.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         check_batch_size(args.batch_size)  # BatchNorm trains on the batch: one image cannot
     except ConfigError as e:

@@ -30,8 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
-from tqdm import tqdm
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 
 from twinray.atomic import atomic, naming, write_json
 from twinray.cli import InputError, run_cli, say_error
@@ -39,7 +38,7 @@ from twinray.lock import exclusive
 from twinray.pipelines import build_loader
 from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
-from twinray.train import checkpoint, health
+from twinray.train import checkpoint, health, runlog
 from twinray.train.config import ConfigError, PretrainConfig, check_batch_size, from_args, parse_allow_change
 from twinray.train.distributed import StopVote, count_nodes
 from twinray.train.meter import NonFiniteLoss, StepMeter
@@ -76,16 +75,18 @@ def _mixed_precision(cfg: PretrainConfig, cuda: bool) -> str:
     return cfg.mixed_precision
 
 
-def _trackers(cfg: PretrainConfig):
-    if cfg.wandb == "disabled":
-        return None
+def _trackers(cfg: PretrainConfig) -> list[str] | None:
+    """Accelerate's `log_with` for --report-to (train/runlog.py), less wandb under --wandb disabled. Raises
+    ConfigError, one line naming the package, for a tracker whose package is missing: before anything is written.
+    wandb runs offline unless --wandb online and WANDB_API_KEY is set (it never waits on a login prompt)."""
+    names = [n for n in runlog.parse_report_to(cfg.report_to) if not (n == "wandb" and cfg.wandb == "disabled")]
     try:
-        import wandb  # noqa: F401
-    except ImportError:
-        raise ConfigError("wandb is not installed: pip install wandb, or pass --wandb disabled") from None
-    if cfg.wandb == "offline" or not os.environ.get("WANDB_API_KEY"):
-        os.environ["WANDB_MODE"] = "offline"  # never block on a login prompt
-    return "wandb"
+        names = runlog.check_trackers(tuple(names))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if "wandb" in names and (cfg.wandb == "offline" or not os.environ.get("WANDB_API_KEY")):
+        os.environ["WANDB_MODE"] = "offline"
+    return names or None
 
 
 @torch.no_grad()
@@ -164,6 +165,13 @@ def evaluate(model, cfg, accelerator, classes: int, multilabel: bool, bank: np.n
     return row
 
 
+def _device_line(device: torch.device, world: int, nodes: int, precision: str) -> str:
+    """train.log's device line: "cuda:0 (NVIDIA H100 80GB HBM3), 8 processes on 1 node, bf16"."""
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    many = "es" if world > 1 else ""
+    return f"{device}{name}, {world} process{many} on {nodes} node{'s' if nodes > 1 else ''}, precision {precision}"
+
+
 def _peak_memory_mb(cuda: bool) -> float:
     """GPU: the allocator's peak. CPU: the process' peak resident set."""
     if cuda:
@@ -200,7 +208,17 @@ def write_config(cfg: PretrainConfig, parts: list[dict]) -> None:
 
 
 # What a pretraining writes in --out, which --force discards; anything else there stays.
-OUTPUTS = ("config.json", "metrics.jsonl", "backbone.safetensors", "backbone.json", "wandb")
+OUTPUTS = (
+    "config.json",
+    "metrics.jsonl",
+    "train.log",
+    "curves.png",
+    "backbone.safetensors",
+    "backbone.json",
+    "wandb",
+    "tensorboard",
+    "mlruns",
+)
 
 
 def discard(out: Path) -> list[str]:
@@ -311,23 +329,26 @@ def log(row: dict, accelerator, path: Path) -> None:
         accelerator.log(row, step=row["step"])
 
 
-def train(cfg: PretrainConfig, allow_change=(), force: bool = False) -> dict:
+def train(cfg: PretrainConfig, allow_change=(), force: bool = False, command: str | None = None) -> dict:
     """A pretraining run in cfg.out: a new one, or the one there resumed (docs/pretrain.md says when). `allow_change`:
     learned settings that may differ from the checkpoint's (train/config.py parse_allow_change); `force`: discard
     what cfg.out holds and start over. Holds cfg.out's lock throughout. Raises ConfigError or InputError (one line)
-    before anything in cfg.out changes. Returns the last epoch's row, {"stopped", "step"} or {"done", "step"}."""
+    before anything in cfg.out changes. `command`: the command line train.log records (default: sys.argv).
+    Returns the last epoch's row, {"stopped", "step"} or {"done", "step"}."""
     precision = _mixed_precision(cfg, torch.cuda.is_available())
+    out = Path(cfg.out)
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=_trackers(cfg),
-        project_dir=str(cfg.out),
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
     )  # writes nothing in --out
-    with one_writer(Path(cfg.out), accelerator):  # a second launch on this --out is refused here
-        return _train(cfg, accelerator, precision, allow_change, force)
+    command = command or runlog.command_line(None, "train/pretrain.py")
+    with one_writer(out, accelerator):  # a second launch on this --out is refused here
+        return _train(cfg, accelerator, precision, allow_change, force, command)
 
 
-def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force: bool) -> dict:
+def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force: bool, command: str) -> dict:
     # ---- setup: processes, data ---------------------------------------------------------------------------------
     out = Path(cfg.out)
     world = accelerator.num_processes
@@ -397,6 +418,13 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
 
     model = compile_model(run.model, cuda if cfg.compile is None else cfg.compile, cfg.compile_mode)
     model, optimizer = accelerator.prepare(model, run.optimizer)
+    resolved = {
+        **cfg.to_dict(),
+        "mixed_precision": precision,
+        "world_size": world,
+        "nodes": nodes,
+        "data_digest": digest,
+    }
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         metrics = out / "metrics.jsonl"
@@ -408,9 +436,14 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
         if accelerator.log_with:
             accelerator.init_trackers(
                 "twinray",
-                config={**cfg.to_dict(), "world_size": world, "nodes": nodes, "data_digest": digest},
-                init_kwargs={"wandb": {"dir": str(out)}},
+                config=resolved,
+                init_kwargs={"wandb": {"dir": str(out)}, "mlflow": {"logging_dir": str(out / "mlruns")}},
             )
+    log_file = runlog.RunLog(out / "train.log" if accelerator.is_main_process else None)
+    where = f"{saved['name']}: epoch {pos.epoch}, step {pos.in_epoch} of {steps_per_epoch}" if saved else None
+    log_file.start(command, _device_line(device, world, nodes, precision), resolved, where)
+    for name, (old, new) in changes.items():
+        log_file.line(f"changed since the checkpoint: {name} {old!r} -> {new!r}")
     stop = _stop_on_signals()
     vote = StopVote()  # every rank stops after the same step (train/distributed.py)
     meter = StepMeter()
@@ -423,7 +456,7 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
     while pos.epoch < cfg.epochs and not stopped:
         loader.set_epoch(pos.epoch, start_step=pos.in_epoch)
         meter.new_epoch()
-        bar = tqdm(
+        bar = runlog.progress(  # tqdm on a terminal, whole lines in a log file
             total=steps_per_epoch,
             initial=pos.in_epoch,
             desc=f"epoch {pos.epoch + 1}/{cfg.epochs}",
@@ -486,17 +519,24 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
         score = " ".join(
             f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("probe_acc", "knn", "rankme", "emb_std", "corr_"))
         )
-        accelerator.print(f"epoch {pos.epoch}/{cfg.epochs}  mean loss {row.get('loss', float('nan')):.2f}  {score}")
+        said = f"epoch {pos.epoch}/{cfg.epochs}  mean loss {row.get('loss', float('nan')):.2f}  {score}"
+        accelerator.print(said)
+        log_file.line(said)
 
     # ---- the run's end: a checkpoint to continue from, or the backbone ----------------------------------------
     loader.close()  # its decode pool and any epoch left open end now (pipelines/loader.py)
     vote.close()
     if stopped:
         save(run, cfg, accelerator, parts)
-        accelerator.print(f"stopped ({stopped}) at step {pos.step}; checkpoint saved, re-run to continue")
+        said = f"stopped ({stopped}) at step {pos.step}; checkpoint saved, re-run to continue"
+        accelerator.print(said)
+        log_file.line(said)
         summary = {"stopped": stopped, "step": pos.step}
     elif accelerator.is_main_process:
         export_backbone(run.model, cfg, out, parts)
+        log_file.line(f"done: {pos.epoch} epochs, {pos.step} steps; backbone.safetensors written")
+    if accelerator.is_main_process:
+        runlog.draw_curves(out / "metrics.jsonl", out / "curves.png")  # with or without a tracker
     accelerator.end_training()
     return summary
 
@@ -504,7 +544,8 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = from_args(argv)
-        train(cfg, parse_allow_change(args.allow_change), force=args.force)
+        command = runlog.command_line(argv, "train/pretrain.py")
+        train(cfg, parse_allow_change(args.allow_change), force=args.force, command=command)
     except (ConfigError, InputError, ValueError) as e:
         say_error("pretrain", str(e))
         return 2

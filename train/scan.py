@@ -44,6 +44,7 @@ from twinray.atomic import write_csv
 from twinray.cli import InputError, OneLineParser, run_cli
 from twinray.config import check_fields, read_mapping
 from twinray.train.config import ConfigError, FinetuneConfig, PretrainConfig, from_mapping, to_flags
+from twinray.usage import examples, program
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"data", "out", "seeds", "finetune", "pretrain", "grid", "then", "metric"}
@@ -289,10 +290,16 @@ def draw(rows: list[dict], summary: list[dict], keys: list[str], metric: str, ou
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", type=Path, help="the scan's YAML file")
-    parser.add_argument("--out", type=Path, default=None, help="overrides the YAML's out")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and stop")
+    prog = program("scan", "twinray.train.scan")
+    parser = OneLineParser(
+        prog=prog,
+        description=__doc__,
+        epilog=examples(prog, "configs/scan-fractions.yaml --dry-run", "configs/scan-fractions.yaml --out runs/scan"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", type=Path, help="the scan's YAML file (twinray configs lists the shipped ones)")
+    parser.add_argument("--out", type=Path, default=None, help="the scan's folder of runs (default: the YAML's out)")
+    parser.add_argument("--dry-run", action="store_true", help="check the file, list the runs and stop")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     if args.out is not None:

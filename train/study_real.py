@@ -38,6 +38,7 @@ import yaml
 from twinray.atomic import write_csv, write_json
 from twinray.cli import InputError, OneLineParser, run_cli, say_error
 from twinray.config import check_fields, read_mapping
+from twinray.usage import examples, program
 
 KEYS = {"raw", "work", "results", "patients_per_class", "prep", "seeds", "fractions", "modes", "source_class",
         "pretrain", "finetune", "profile", "profiles"}  # fmt: skip
@@ -351,13 +352,21 @@ def study(cfg: dict, command: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="train/study_real.py", description=__doc__,
+    prog = program("study-real", "twinray.train.study_real")
+    epilog = examples(prog, "configs/study-real.yaml --profile quick", "configs/study-real.yaml --raw data/real-cxr")
+    parser = OneLineParser(prog=prog, description=__doc__, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("config", type=Path, help="the study's YAML (configs/study-real.yaml)")
-    parser.add_argument("--profile", default=None, help="a profile of the YAML, or auto (gpu with CUDA, else cpu)")
-    parser.add_argument("--raw", type=Path, default=None, help="overrides the YAML's raw (the real-cxr folder)")
-    parser.add_argument("--work", type=Path, default=None, help="overrides the YAML's work")
-    parser.add_argument("--results", type=Path, default=None, help="overrides the YAML's results")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="a profile of the YAML, or auto: gpu with CUDA, else cpu (default: the YAML's profile)",
+    )
+    parser.add_argument("--raw", type=Path, default=None, help="the real-cxr folder (default: the YAML's raw)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="the folder of intermediate outputs (default: the YAML's work)"
+    )
+    parser.add_argument("--results", type=Path, default=None, help="the report's folder (default: the YAML's results)")
     args = parser.parse_args(argv)
     command = " ".join(["python", "train/study_real.py", *(argv if argv is not None else sys.argv[1:])])
     try:
