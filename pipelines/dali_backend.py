@@ -137,7 +137,7 @@ class DALILoader(LoaderBase):
                     for v in range(self.views)
                 )
                 labels = batch["labels"].to(self.device)
-                labels = labels.long() if self.data.task == "multiclass" else labels
+                labels = labels if self.data.task == "multilabel" else labels.long()
                 yield Batch(views, labels, batch["rows"].cpu().long())
         except RuntimeError as e:  # DALI reports a bad image as a "Critical error in pipeline", naming none
             working_on = self.epoch_order()[step * self.batch_size :][: (PREFETCH + 2) * self.batch_size]  # + margin

@@ -59,7 +59,7 @@ class FFCVLoader(LoaderBase):
 
             # On CUDA, FFCV copies on its own streams and syncs them with the consumer's; the CPU needs no op.
             to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
-            label_decoder = IntDecoder() if self.data.task == "multiclass" else NDArrayDecoder()
+            label_decoder = NDArrayDecoder() if self.data.task == "multilabel" else IntDecoder()
             with torch_threads_kept():
                 self._loader = Loader(
                     str(self.beton),
@@ -113,10 +113,10 @@ class FFCVLoader(LoaderBase):
                 sizes = sizes.to(torch.int64)
                 self.augment.generator.manual_seed(batch_seed(self.seed, self.epoch, step, self.rank))
                 views = tuple(self.augment(images, sizes) for _ in range(self.views))
-                if self.data.task == "multiclass":
-                    labels = labels.reshape(-1).to(torch.int64, copy=True)
-                else:
+                if self.data.task == "multilabel":
                     labels = labels.to(torch.int8, copy=True)
+                else:  # multiclass, or unlabeled (LABEL_NONE)
+                    labels = labels.reshape(-1).to(torch.int64, copy=True)
                 yield Batch(views, labels, rows)
         finally:
             _stop_reader(batches)

@@ -52,7 +52,7 @@ class NativeLoader(LoaderBase):
         super().__init__(data, **contract)
         self.augment = Augment(self.recipe, device=self.device, seed=self.seed)
         labels = torch.from_numpy(np.ascontiguousarray(self.data.labels()))
-        self.labels = labels.long() if self.data.task == "multiclass" else labels
+        self.labels = labels if self.data.task == "multilabel" else labels.long()
         self.gpu_jpeg = self.device.type == "cuda" and self.data.encoding == "jpeg"
         self.pool = ThreadPoolExecutor(workers or len(os.sched_getaffinity(0)))
         self.prefetch = prefetch

@@ -112,7 +112,7 @@ class _Samples(Dataset):
         padded = np.zeros((self.height, self.width), np.uint8)
         padded[: image.shape[0], : image.shape[1]] = image
         label = self.data.labels(np.array([i]))[0]
-        label = int(label) if self.data.task == "multiclass" else label.astype(np.int8)
+        label = label.astype(np.int8) if self.data.task == "multilabel" else int(label)
         return padded, np.array(image.shape, np.int32), label, i
 
 
@@ -128,7 +128,7 @@ def write_beton(data_dir, split: str, out_path=None) -> Path:
     if len(rows) == 0:
         raise ValueError(f"{data.root}: split {split!r} is empty")
     height, width = (int(data.index[f][rows].max()) for f in ("height", "width"))
-    label = IntField() if data.task == "multiclass" else NDArrayField(np.dtype("int8"), (len(data.classes),))
+    label = NDArrayField(np.dtype("int8"), (len(data.classes),)) if data.task == "multilabel" else IntField()
     fields = {
         "image": NDArrayField(np.dtype("uint8"), (height, width)),
         "size": NDArrayField(np.dtype("int32"), (2,)),

@@ -28,7 +28,8 @@ from twinray.cli import InputError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
-TASKS = ("multiclass", "multilabel")
+# "none": an unlabeled dataset (prep images); its index holds `label` = LABEL_NONE for every row
+TASKS = ("multiclass", "multilabel", "none")
 # prep encoding name -> member extension (the extensions DALI and webdataset key on)
 ENCODINGS = {"jpeg": "jpg", "png": "png", "npy": "npy"}
 # How each encoding's bytes begin. Checked on every read: GPU decoders (nvJPEG, DALI) fail badly on damaged bytes.
@@ -36,6 +37,8 @@ SIGNATURES = {"jpeg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n", "npy": b"\x9
 JPEG_QUALITY = 95
 # index.npy code for a multilabel label that is blank in the source (JSON null)
 LABEL_MISSING = -128
+# index.npy `label` of every row of an unlabeled dataset (task "none"); also no class in a multiclass batch
+LABEL_NONE = -1
 MANIFEST = "manifest.json"
 INDEX = "index.npy"
 DALI_INDEX_VERSION = "v1.2"
@@ -57,7 +60,7 @@ def index_dtype(task: str, num_classes: int) -> np.dtype:
         ("height", "<u2"),
         ("width", "<u2"),
     ]
-    if task == "multiclass":
+    if task != "multilabel":  # multiclass, or "none" (every row LABEL_NONE)
         fields.append(("label", "<i2"))
     else:
         fields.append(("labels", "i1", (num_classes,)))
@@ -164,7 +167,8 @@ class PackWriter:
         return writer
 
     def add(self, split: str, image: bytes, height: int, width: int, meta: dict) -> None:
-        """`meta` is the sample JSON; it must hold `label` (multiclass) or `labels` (multilabel)."""
+        """`meta` is the sample JSON; it must hold `label` (multiclass) or `labels` (multilabel); an unlabeled
+        dataset's (task "none") holds neither, and its index row gets LABEL_NONE."""
         if split not in SPLITS:
             raise InputError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         shard = self._shard_for(split)
@@ -174,6 +178,8 @@ class PackWriter:
         image_offset, meta_offset = shard.add(key, ENCODINGS[self.encoding], image, meta_bytes)
         if self.task == "multiclass":
             label = meta["label"]
+        elif self.task == "none":
+            label = LABEL_NONE
         else:
             label = [LABEL_MISSING if meta["labels"][c] is None else meta["labels"][c] for c in self.classes]
         self._rows.append(
@@ -349,8 +355,9 @@ class PackedDataset:
         return json.loads(self._shard(int(row["shard"]))[start : start + int(row["meta_length"])])
 
     def labels(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """int labels (multiclass) or int8 codes with LABEL_MISSING (multilabel), for `rows` or all."""
-        field_name = "label" if self.task == "multiclass" else "labels"
+        """int labels (multiclass; LABEL_NONE for every row of an unlabeled dataset, task "none") or int8 codes
+        with LABEL_MISSING (multilabel), for `rows` or all."""
+        field_name = "labels" if self.task == "multilabel" else "label"
         column = self.index[field_name]
         return np.asarray(column if rows is None else column[rows])
 
@@ -424,7 +431,10 @@ def verify(root: str | Path) -> Iterator[str]:
             meta = data.metadata(i)
             if meta.get("split") != SPLITS[row["split"]]:
                 raise InputError(f"{where}: JSON split {meta.get('split')!r} disagrees with the index")
-            if data.task == "multiclass":
+            if data.task == "none":
+                if "label" in meta or row["label"] != LABEL_NONE:
+                    raise InputError(f"{where}: an unlabeled dataset's sample has a label")
+            elif data.task == "multiclass":
                 if meta.get("label") != row["label"]:
                     raise InputError(f"{where}: JSON label {meta.get('label')!r} disagrees with the index")
             else:
