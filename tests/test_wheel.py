@@ -97,6 +97,11 @@ def test_installed_wheel_runs_from_elsewhere(tmp_path):
     packed = run([twinray, "prep", "covid", "--src", "raw/COVID-19_Radiography_Dataset", "--out", "packed",
                   "--workers", "1", "--size", "48"], work)  # fmt: skip
     assert "packed 24 images" in packed.stdout and "(train 19 " in packed.stdout
+    # the same files as a user's own tree of class folders (masks/ ignored, the .xlsx beside them not an input)
+    folder = run([twinray, "prep", "folder", "--src", "raw/COVID-19_Radiography_Dataset", "--out", "mine",
+                  "--workers", "1", "--size", "48"], work)  # fmt: skip
+    assert "packed 24 images" in folder.stdout, folder.stdout
+    assert json.loads((work / "mine/manifest.json").read_text())["dataset"] == "COVID-19_Radiography_Dataset"
     run([twinray, "configs", "demo-scan", "--copy", "."], work)
     assert (work / "demo-scan.yaml").read_bytes() == (REPO / "configs/demo-scan.yaml").read_bytes()
     # one step: 19 training images, batch 16, the last partial batch dropped; the epoch's end exports the backbone
