@@ -125,7 +125,7 @@ def main() -> None:
         parser.error(f"--caches {','.join(unknown)}: each is one of {', '.join(CACHES)}")
 
     device = torch.device(args.device)
-    recipe = load_recipe(args.recipe, size=args.size)
+    recipe = load_recipe(args.recipe).at_size(args.size)  # as the loaders use it
     if is_url(args.data):
         remote(args, device, recipe)
         return

@@ -69,7 +69,8 @@ class LoaderBase:
         if len(self.rows) < world_size:
             raise ValueError(f"{data}: split {split!r} holds {len(self.rows)} samples, fewer than {world_size} ranks")
         self.device = torch.device(device)
-        self.recipe = (load_recipe(recipe) if isinstance(recipe, str) else recipe).replace(size=size)
+        # the recipe at this size: pixel-valued parameters scaled from its reference size (Recipe.at_size)
+        self.recipe = (load_recipe(recipe) if isinstance(recipe, str) else recipe).at_size(size)
         self.batch_size, self.views, self.seed = batch_size, views, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch, self.start_step = 0, 0

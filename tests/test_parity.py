@@ -263,7 +263,7 @@ def test_distributions_match_the_study_list(patterns, case):
             reference["dali"] = reference["native"]
             continue
         torch.manual_seed(0)  # the same draws for both
-        study = study_transforms(recipe, equalize)
+        study = study_transforms(recipe.at_size(S), equalize)  # the parameters the loaders use at S px
         reference[backend] = torch.stack([study(im)[0] for im in images for _ in range(2)])
     for backend in ("native", "dali"):
         ours, theirs = _statistics(_loader_views(root, backend, recipe)), _statistics(reference[backend])

@@ -7,6 +7,7 @@ the study's transform scans (tables 4 and 5) is a name: `base+vflip+equalize`, `
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -40,13 +41,16 @@ class Recipe:
     warp_interpolation: str = "bilinear"  # perspective and rotation: RandomPerspective's default, as in the study
     perspective_distortion: float = 0.15
     rotation_degrees: float = 20.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_kernel: int = 23
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels at `reference_size`
+    blur_kernel: int = 23  # pixels at `reference_size`: about 10% of the side, SimCLR's rule
     noise_mean_fraction: tuple[float, float] = (0.06, 0.1)  # sigma = image mean x U(a, b), as in the study
     noise_sigma: float | None = None  # a fixed sigma instead, on the [0, 1] scale
     brightness: float = 0.4  # factor drawn from [1 - b, 1 + b], as ColorJitter
     contrast: float = 0.4
     normalize: tuple[float, float] | None = None  # (mean, std); None as in the study
+    # The side, in pixels, at which the pixel-valued parameters (blur_kernel, blur_sigma) are stated; `at_size`
+    # scales them to the view size. None: taken as given at every size.
+    reference_size: int | None = 224
 
     def __post_init__(self):
         problems = []
@@ -65,6 +69,8 @@ class Recipe:
             problems.append(f"crop_ratio={self.crop_ratio} must satisfy 0 < low <= high")
         if self.blur_kernel % 2 == 0 or self.blur_kernel < 1:
             problems.append(f"blur_kernel={self.blur_kernel} must be odd")
+        if self.reference_size is not None and self.reference_size < 8:
+            problems.append(f"reference_size={self.reference_size} is below 8")
         if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
             problems.append(f"blur_sigma={self.blur_sigma} must satisfy 0 < low <= high")
         if not 0 <= self.perspective_distortion <= 1:
@@ -74,6 +80,26 @@ class Recipe:
 
     def replace(self, **changes) -> Recipe:
         return dataclasses.replace(self, **changes)
+
+    def at_size(self, size: int) -> Recipe:
+        """This recipe for views of `size` x `size` pixels, with its pixel-valued parameters scaled from
+        `reference_size` (docs/augmentation.md, "Resolution"): blur_sigma x size / reference_size, and
+        blur_kernel the odd integer nearest blur_kernel x size / reference_size (a tie goes up), at least 3.
+        At reference_size (224 for every named recipe) nothing changes, so the study's seed-final at 224 px is
+        exactly the study's. The rule keeps the blur the same share of the image at any size, as SimCLR's kernel
+        of 10% of the side does; at 64 px seed-final blurs with a kernel of 7 and sigma in (0.029, 0.571) instead
+        of 23 and (0.1, 2.0), which smeared most of a 64-px view. Fractions (crop scale, perspective), degrees and
+        intensity factors need no scaling."""
+        if self.reference_size is None or size == self.reference_size:
+            return self.replace(size=size)
+        factor = size / self.reference_size
+        kernel = max(3, 2 * math.floor((self.blur_kernel * factor - 1) / 2 + 0.5) + 1)  # ties go up
+        sigma = (self.blur_sigma[0] * factor, self.blur_sigma[1] * factor)
+        return self.replace(size=size, blur_kernel=kernel, blur_sigma=sigma)
+
+    def effective(self) -> dict:
+        """The fields as the ops use them (after `at_size`), JSON-ready: what config.json records."""
+        return {f.name: list(v) if isinstance(v, tuple) else v for f in fields(self) for v in [getattr(self, f.name)]}
 
 
 def _from_tokens(name: str) -> Recipe:
