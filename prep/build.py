@@ -7,6 +7,8 @@ import json
 import multiprocessing
 import os
 import shutil
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +50,10 @@ class Plan:
     args: dict  # the prep arguments that shape the output, stored in the manifest
     skipped: list[dict] = field(default_factory=list)  # found while scanning, before any image is read
     scan_notes: list[str] = field(default_factory=list)  # dataset-level facts the summary line must state
+    manifest: dict = field(default_factory=dict)  # dataset-level manifest entries of this kind of plan
+    # given the sources packed (after conversion), more manifest entries and scan notes: counts of what was packed
+    describe_packed: Callable[[list[str]], tuple[dict, list[str]]] | None = None
+    count_reasons: bool = False  # the summary line counts the skipped files by reason (prep images)
 
 
 @dataclass
@@ -55,21 +61,37 @@ class Result:
     out: Path
     manifest: dict
     written: bool  # False when the output was already complete and left alone
+    count_reasons: bool = False
 
     @property
     def summary(self) -> str:
-        """One line: packed per split, skipped, every source file found (found = packed + skipped), the dataset's
-        scan notes, and how many per-file notes the manifest holds."""
+        """One line: packed per split, skipped, every source file found (found = packed + skipped), with
+        `count_reasons` the skipped counted by reason (the six most common), the dataset's scan notes, and how many
+        per-file notes the manifest holds."""
         splits = " / ".join(f"{s} {n}" for s, n in self.manifest["splits"].items())
         total = sum(self.manifest["splits"].values())
         skipped = len(self.manifest["skipped"])
         verb = "packed" if self.written else "already packed (use --force to rebuild):"
         line = f"{verb} {total} images into {self.out} ({splits}), {skipped} skipped ({total + skipped} found)"
+        if self.count_reasons and skipped:
+            line += ": " + count_reasons(s["reason"] for s in self.manifest["skipped"])
         line += "".join(f"; {note}" for note in self.manifest.get("scan_notes", []))
         notes = len(self.manifest.get("notes", []))
         if notes:
             line += f"; {notes} file note{'s' * (notes != 1)} in {MANIFEST} (`python -m prep info` lists them)"
         return line
+
+
+def count_reasons(reasons: Iterable[str], shown: int = 6) -> str:
+    """'6 lateral (ViewPosition LL), 1 DICOMDIR (...)': the `shown` most common reasons with their counts, most
+    common first (then by text), and how many other reasons there are. A reason over 60 characters counts by its
+    words before the first parenthesis (a decoder's message names each file's own numbers); the manifest keeps each
+    reason whole."""
+    heads = (r if len(r) <= 60 else r.split(" (", 1)[0] for r in reasons)
+    counts = sorted(Counter(heads).items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{n} {reason}" for reason, n in counts[:shown])
+    rest = len(counts) - shown
+    return text + (f", and {rest} other reason{'s' * (rest != 1)}" if rest > 0 else "")
 
 
 def default_workers() -> int:
@@ -163,7 +185,7 @@ def _pack(
     out = Path(out).absolute()
     existing = check_output(out, force)
     if existing is not None:
-        return Result(out, existing, written=False)
+        return Result(out, existing, written=False, count_reasons=plan.count_reasons)
     if size < 8:
         raise InputError(f"--size {size} is too small (at least 8)")
     if shard_samples < 1:
@@ -186,6 +208,7 @@ def _pack(
     jobs = [(str(r.path), size, encoding, max_pixels, bit_depth) for r in records]
     skipped = list(plan.skipped)
     notes = []
+    packed = []
     try:
         writer = PackWriter(tmp, plan.dataset, plan.task, plan.classes, encoding, size, shard_samples)
         bar = tqdm(total=len(jobs), desc=f"prep {plan.dataset}", unit="img", disable=None if progress else True)
@@ -204,6 +227,7 @@ def _pack(
                 writer.add(
                     record.split, result.data, result.height, result.width, {"source": record.source, **record.meta}
                 )
+                packed.append(record.source)
                 notes += [{"source": record.source, "note": note} for note in result.notes]
         finally:
             bar.close()
@@ -220,11 +244,14 @@ def _pack(
                 raise InputError(
                     f"the {split} split came out empty: all {len(members)} of its images were skipped ({first})"
                 )
+        entries, packed_notes = plan.describe_packed(packed) if plan.describe_packed else ({}, [])
         manifest = writer.finish(
             {
                 "skipped": sorted(skipped, key=lambda s: s["source"]),
                 "notes": sorted(notes, key=lambda n: n["source"]),
-                "scan_notes": list(plan.scan_notes),
+                "scan_notes": [*packed_notes, *plan.scan_notes],
+                **plan.manifest,
+                **entries,
                 "prep": {
                     **plan.args,
                     "size": size,
@@ -240,4 +267,4 @@ def _pack(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Result(out, manifest, written=True)
+    return Result(out, manifest, written=True, count_reasons=plan.count_reasons)

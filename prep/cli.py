@@ -11,7 +11,7 @@ import numpy as np
 from twinray.cli import InputError, OneLineParser, say_error
 from twinray.prep import build, shard_cache
 from twinray.prep.datasets import chexpert, covid, folder
-from twinray.prep.format import ENCODINGS, LABEL_MISSING, SPLITS, PackedDataset, verify
+from twinray.prep.format import ENCODINGS, LABEL_MISSING, LABEL_NONE, SPLITS, PackedDataset, verify
 from twinray.prep.images import DEFAULT_BIT_DEPTH, DEFAULT_MAX_PIXELS, parse_bit_depth
 from twinray.storage import is_url, join, local_path, location, storage_options_type
 from twinray.usage import examples, program
@@ -131,9 +131,34 @@ def cmd_folder(args) -> int:
     return _pack(plan, args)
 
 
+def cmd_images(args) -> int:
+    from twinray.prep.datasets import unlabeled
+
+    plan = unlabeled.plan(
+        args.src,
+        views=args.views,
+        modalities=args.modalities,
+        body_parts=args.body_parts,
+        patient_from=args.patient_from,
+        csv_file=args.csv,
+        path_col=args.path_col,
+        patient_col=args.patient_col,
+        drop_phi=args.drop_phi,
+        split=args.split,
+        seed=args.seed,
+        name=args.name,
+        workers=args.workers or build.default_workers(),
+    )
+    return _pack(plan, args)
+
+
 def cmd_sample(args) -> int:
     from twinray.prep import sample
 
+    if args.dicom_tree:
+        root = sample.dicom_tree(args.out, patients=args.patients, seed=args.seed, force=args.force)
+        print(f"sample ready: {root}")
+        return 0
     root = sample.generate(
         args.out,
         n=args.n,
@@ -182,7 +207,11 @@ def cmd_verify(args) -> int:
     shard_cache.configure_from(args)
     for line in verify(args.dir):
         print(line)
-    print(f"ok: {args.dir}")
+    data = PackedDataset(args.dir)
+    if data.task == "none":
+        print(f"ok: {args.dir} (unlabeled: {len(data)} images, no labels, every index label {LABEL_NONE})")
+    else:
+        print(f"ok: {args.dir}")
     return 0
 
 
@@ -195,8 +224,10 @@ def describe(data: PackedDataset) -> str:
         f"{len(data.shard_names)} shards, {size_mb:.1f} MB",
     ]
     splits = data.index["split"]
-    width = max(len(c) for c in data.classes) + 2
-    if data.task == "multiclass":
+    width = max((len(c) for c in data.classes), default=0) + 2
+    if data.task == "none":
+        lines.append("  unlabeled (task none): no classes and no labels; for pretraining, with --eval-data to evaluate")
+    elif data.task == "multiclass":
         lines.append("  " + "class".ljust(width) + "".join(s.rjust(8) for s in SPLITS) + "total".rjust(8))
         for k, name in enumerate(data.classes):
             per = [int(((data.index["label"] == k) & (splits == j)).sum()) for j in range(len(SPLITS))]
@@ -211,6 +242,7 @@ def describe(data: PackedDataset) -> str:
             column = codes[train, k]
             counts = [(column == 1).sum(), (column == 0).sum(), (column == -1).sum(), (column == LABEL_MISSING).sum()]
             lines.append("  " + name.ljust(width) + "".join(str(int(n)).rjust(10) for n in counts))
+    lines += _describe_images(m)
     totals = " / ".join(f"{s} {m['splits'][s]}" for s in SPLITS)
     lines.append(f"  samples: {totals} ({sum(m['splits'].values())} in all)")
     if len(data):
@@ -231,6 +263,44 @@ def describe(data: PackedDataset) -> str:
     return "\n".join(lines)
 
 
+def _describe_images(m: dict) -> list[str]:
+    """`prep images`' manifest entries in words: patients, the DICOM selection, the header fields kept."""
+    lines = []
+    patients = m.get("patients")
+    if patients:
+        if patients["count"]:
+            studies = f", {patients['studies']} studies" if patients.get("studies") else ""
+            without = f"; {patients['images_without']} images without one" if patients["images_without"] else ""
+            lines.append(
+                f"  patients: {patients['count']} from {patients['from']}{studies}, each in one split{without}"
+            )
+        else:
+            lines.append("  patients: none found; the split is per image")
+    selection = m.get("selection")
+    if selection:
+        kept = "; ".join(
+            f"{k} {', '.join(v) if isinstance(v, list) else v}"
+            for k, v in selection.items()
+            if k in ("ViewPosition", "Modality", "BodyPartExamined")
+        )
+        lines.append(
+            f"  selection (DICOM): {kept}; {selection['dicom_images']} DICOM and {selection['other_images']}"
+            " other images packed"
+        )
+        if selection["left_out"]:
+            lines.append("  left out: " + ", ".join(f"{n} {reason}" for reason, n in selection["left_out"].items()))
+        if selection["unknown"]:
+            lines.append(
+                "  kept without the attribute (unknown): "
+                + ", ".join(f"{n} without {k}" for k, n in selection["unknown"].items())
+            )
+    metadata = m.get("metadata")
+    if metadata:
+        phi = "PHI left out (--drop-phi)" if metadata["drop_phi"] else "PatientID, StudyInstanceUID, dates included"
+        lines.append(f"  sample JSON (DICOM headers): {', '.join(metadata['kept'])}; {phi}")
+    return lines
+
+
 def cmd_info(args) -> int:
     shard_cache.configure_from(args)
     print(describe(PackedDataset(args.dir)))
@@ -245,7 +315,12 @@ EXAMPLES = {
         "--src my-xrays --out data/packed/mine",
         "--src my-xrays --csv labels.csv --patient-col patient --out data/packed/mine",
     ),
-    "sample": ("--out data/demo/raw --n 400",),
+    "images": (
+        "--src my-xrays --out data/packed/unlabeled",
+        "--src /media/dicom-export --out data/packed/hospital --views PA,AP --modalities CR,DX --drop-phi",
+        "--src png-tree --out data/packed/tree --patient-from level:1 --views all",
+    ),
+    "sample": ("--out data/demo/raw --n 400", "--out data/demo/raw --dicom-tree --patients 30"),
     "all": ("--raw data/raw --out data/packed",),
     "ffcv": ("data/packed/covid --splits train,val",),
     "verify": ("data/packed/covid",),
@@ -294,8 +369,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pack_options(p, "80/10/10")
     p.set_defaults(func=cmd_folder)
 
-    p = command("sample", "generate a synthetic COVID-19 Radiography Database for demos and tests")
-    p.add_argument("--out", required=True, type=local_path, help="writes OUT/COVID-19_Radiography_Dataset")
+    p = command("images", "any folder tree of X-rays or a DICOM export, without labels (task none)")
+    p.add_argument("--src", required=True, type=local_path, help="root folder: every image under it, at any depth")
+    p.add_argument(
+        "--views",
+        default="frontal",
+        help="DICOM ViewPosition values kept, comma-separated (PA,AP,LL,...), 'frontal' (PA,AP) or 'all' (frontal)",
+    )
+    p.add_argument("--modalities", default="CR,DX", help="DICOM Modality values kept, or 'all' (CR,DX)")
+    p.add_argument("--body-parts", default="all", help="DICOM BodyPartExamined values kept (CHEST,...), or 'all' (all)")
+    p.add_argument(
+        "--patient-from",
+        default="auto",
+        help="who the patient is, kept in one split: dicom (PatientID, else StudyInstanceUID), level:N (the folder N "
+        "levels under --src), csv (--csv and --patient-col), none (per image); auto: csv with --csv, else dicom",
+    )
+    p.add_argument("--csv", type=local_path, help="CSV with a path and a patient column (paths relative to --src)")
+    p.add_argument("--path-col", default="path", help="CSV column with the image path (path)")
+    p.add_argument("--patient-col", default="patient", help="CSV column with the patient id (patient)")
+    p.add_argument(
+        "--drop-phi",
+        action="store_true",
+        help="leave PatientID, StudyInstanceUID, StudyDate and any patient id out of the sample JSON, and give "
+        "ages over 89 as 90 (the split still keeps patients whole); source paths are kept as they are",
+    )
+    p.add_argument("--name", default=None, help="dataset name in the manifest (default: the folder's name)")
+    _add_pack_options(p, "80/10/10")
+    p.set_defaults(func=cmd_images)
+
+    p = command("sample", "generate a synthetic COVID-19 Radiography Database (or a DICOM export) for demos and tests")
+    p.add_argument(
+        "--out", required=True, type=local_path, help="writes OUT/COVID-19_Radiography_Dataset (or OUT/dicom-export)"
+    )
+    p.add_argument(
+        "--dicom-tree",
+        action="store_true",
+        help="write OUT/dicom-export instead: a DICOMDIR, PATIENT/STUDY/SERIES/IMAGE files without suffix, frontal "
+        "and lateral views, a structured report and presentation states (for prep images)",
+    )
+    p.add_argument("--patients", type=_positive_int, default=30, help="patients of --dicom-tree, 2 studies each (30)")
     p.add_argument("--n", type=_positive_int, default=400, help="number of images (400)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=_positive_int, default=None, help="processes (1)")

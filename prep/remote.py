@@ -50,7 +50,7 @@ def pack_to_url(plan: build.Plan, url: str, storage_options: dict | None = None,
     with remote_errors(url):
         existing = fs.exists(manifest_url)
         if existing and not force:
-            return build.Result(url, json.loads(fs.cat_file(manifest_url)), written=False)
+            return build.Result(url, json.loads(fs.cat_file(manifest_url)), False, plan.count_reasons)
     with tempfile.TemporaryDirectory(prefix="twinray-prep-") as tmp:
         name = url.rstrip("/").rsplit("/", 1)[-1] or "dataset"
         result = build.pack(plan, Path(tmp) / name, force=True, **pack_args)
@@ -58,4 +58,4 @@ def pack_to_url(plan: build.Plan, url: str, storage_options: dict | None = None,
             with remote_errors(url):
                 fs.rm_file(manifest_url)  # first: no reader may pair the old manifest with new shards
         upload_dataset(result.out, url, storage_options)
-    return build.Result(url, result.manifest, written=True)
+    return build.Result(url, result.manifest, written=True, count_reasons=plan.count_reasons)

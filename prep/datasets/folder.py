@@ -3,6 +3,9 @@
     SRC/<class>/**/*.{png,jpg,jpeg,bmp,tif,tiff,dcm}        (any `masks/` folder is ignored)
     or  --csv FILE  with columns path,label[,patient]       (paths relative to SRC)
 
+`scan_tree` is the walk and the file rules; `prep images` (datasets/unlabeled.py) runs the same one on a tree
+without labels.
+
 Class folders are walked through symbolic links; a link back to an ancestor is cut, and a file reached twice is
 one sample. The CSV may have a BOM and CRLF line endings, and Windows paths (backslashes). A path listed twice is
 one sample; listed twice with different labels (or patients) it is an error naming the path.
@@ -19,6 +22,7 @@ File and folder names that are not UTF-8 are packed, with the bytes that are not
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,29 +57,55 @@ class Item:
     where: str
 
 
+def is_image_file(path: Path) -> bool:
+    """Whether prep reads `path` as an image: by a supported suffix, or by DICOM content (PACS exports carry none)."""
+    return path.suffix.lower() in SUPPORTED_SUFFIXES or is_dicom_file(path)
+
+
+def scan_tree(
+    root: Path, base: Path, seen_folders: Sequence[Path] = ()
+) -> tuple[list[tuple[Path, str]], list[dict], int]:
+    """The image files under `root` at any depth, for `prep folder` (each class folder) and `prep images` (the whole
+    tree): one walk and one set of rules for both.
+
+    `inputs.walk_files` walks (symbolic links followed, loops cut, a file reached twice listed once, names starting
+    with "." and `masks/` folders passed over, `seen_folders` never entered). Returns ([(path, source)] of the
+    files `is_image_file` accepts, `source` relative to `base` with non-UTF-8 bytes escaped (`printable_name`);
+    skip entries {"source", "reason"} for the other files and for folders that cannot be read; how many repeated
+    files were dropped)."""
+    files, unreadable, repeats = walk_files(root, IGNORED_FOLDERS, seen_folders=seen_folders)
+    prefix = root.relative_to(base).as_posix()
+    prefix = "" if prefix == "." else printable_name(prefix) + "/"
+    skipped = [{**s, "source": prefix + s["source"]} for s in unreadable]
+    found = []
+    for path in files:
+        source = printable_name(path.relative_to(base).as_posix())
+        if is_image_file(path):
+            found.append((path, source))
+        else:
+            skipped.append({"source": source, "reason": f"not an image file ({path.suffix or 'no suffix'})"})
+    return found, skipped, repeats
+
+
 def _from_subfolders(src: Path) -> tuple[list[Item], list[dict], list[str]]:
     entries = sorted(p for p in src.iterdir() if not p.name.startswith("."))
     class_dirs = [d for d in entries if d.is_dir() and d.name not in IGNORED_FOLDERS]
     if not class_dirs:
-        raise InputError(f"{src}: no class sub-folders; put images in <class>/ folders or give --csv")
+        raise InputError(
+            f"{src}: no class sub-folders; put images in <class>/ folders or give --csv, or pack them without "
+            f"labels: prep images --src {src}"
+        )
     # An image beside the class folders has no class: said, not dropped. Other files there (a README) are not inputs.
-    loose = [p for p in entries if not p.is_dir() and (p.suffix.lower() in SUPPORTED_SUFFIXES or is_dicom_file(p))]
+    loose = [p for p in entries if not p.is_dir() and is_image_file(p)]
     reason = "image outside the class sub-folders (no class)"
     skipped = [{"source": printable_name(p.name), "reason": reason} for p in loose]
     items, repeats = [], 0
     for class_dir in class_dirs:
-        files, unreadable, repeated = walk_files(class_dir, IGNORED_FOLDERS, seen_folders=[src, *class_dirs])
-        folder_name = printable_name(class_dir.name)
-        skipped += [{**s, "source": f"{folder_name}/{s['source']}"} for s in unreadable]
+        found, unreadable, repeated = scan_tree(class_dir, src, seen_folders=[src, *class_dirs])
+        skipped += unreadable
         repeats += repeated
-        label = unicodedata.normalize("NFC", folder_name)
-        for path in files:
-            source = printable_name(path.relative_to(src).as_posix())
-            if path.suffix.lower() in SUPPORTED_SUFFIXES or is_dicom_file(path):  # PACS exports: no suffix
-                items.append(Item(path, source, label, None, source))
-            else:
-                reason = f"not an image file ({path.suffix or 'no suffix'})"
-                skipped.append({"source": source, "reason": reason})
+        label = unicodedata.normalize("NFC", printable_name(class_dir.name))
+        items += [Item(path, source, label, None, source) for path, source in found]
     check_spellings(((item.label, item.source.split("/")[0] + "/") for item in items), f"{src}: class folders")
     identity = {id(item): file_id(item.path) for item in items}
     merge_repeats(
