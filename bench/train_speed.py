@@ -46,6 +46,7 @@ from twinray.pipelines.cache import CACHES
 from twinray.pipelines.loader import Batch
 from twinray.prep.format import PackedDataset
 from twinray.train.config import CHOICES, PretrainConfig
+from twinray.train.labels import POSITIVE, UNCERTAIN
 from twinray.train.meter import StepMeter
 from twinray.train.state import build_run
 from twinray.train.step import COMPILE_MODES, Autocast, compile_model, train_step
@@ -68,8 +69,10 @@ class Labels:
         self.multilabel = packed is not None and packed.task == "multilabel"
 
     def make(self, batch: int, device, random: bool = True) -> torch.Tensor:
-        """int64 B class indices, or int8 B x C codes (1, 0, -1 uncertain); random, or all 0."""
-        low, high = (-1 if self.multilabel else 0, 2 if self.multilabel else self.classes) if random else (0, 1)
+        """int64 B class indices, or int8 B x C codes (POSITIVE, NEGATIVE, UNCERTAIN: prep/format.py); random, or
+        all 0."""
+        low, high = (UNCERTAIN, POSITIVE + 1) if self.multilabel else (0, self.classes)
+        low, high = (low, high) if random else (0, 1)
         shape, dtype = ((batch, self.classes), torch.int8) if self.multilabel else ((batch,), torch.int64)
         return torch.randint(low, high, shape, dtype=dtype, device=device)
 

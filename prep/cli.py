@@ -8,44 +8,23 @@ from pathlib import Path
 
 import numpy as np
 
-from twinray.cli import InputError, OneLineParser, say_error
+from twinray.cli import InputError, OneLineParser, pixel_count, positive_float, positive_int, say_error
 from twinray.prep import build, shard_cache
 from twinray.prep.datasets import chexpert, covid, folder
-from twinray.prep.format import ENCODINGS, LABEL_MISSING, LABEL_NONE, SPLITS, PackedDataset, verify
+from twinray.prep.format import (
+    ENCODINGS,
+    LABEL_MISSING,
+    LABEL_NONE,
+    NEGATIVE,
+    POSITIVE,
+    SPLITS,
+    UNCERTAIN,
+    PackedDataset,
+    verify,
+)
 from twinray.prep.images import DEFAULT_BIT_DEPTH, DEFAULT_MAX_PIXELS, parse_bit_depth
 from twinray.storage import is_url, join, local_path, location, storage_options_type
 from twinray.usage import examples, program
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
-    return value
-
-
-def _pixel_count(text: str) -> int:
-    """A pixel count: an integer, in scientific notation too (`2e8`)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value >= 1 and value == int(value)):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of pixels, at least 1")
-    return int(value)
 
 
 def _bit_depth(text: str) -> str | int:
@@ -60,18 +39,18 @@ def _add_pack_options(p: argparse.ArgumentParser, split_default: str | None, out
         p.add_argument("--out", required=True, type=location, help="output directory or URL (one dataset)")
     else:
         p.add_argument("--out", type=location, default=out_default, help=f"one sub-folder per dataset ({out_default})")
-    p.add_argument("--size", type=_positive_int, default=256, help="shorter side in px, never upsampled (256)")
+    p.add_argument("--size", type=positive_int, default=256, help="shorter side in px, never upsampled (256)")
     p.add_argument("--encoding", choices=list(ENCODINGS), default="jpeg", help="image member encoding (jpeg)")
-    p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of the shard order (0)")
-    p.add_argument("--shard-samples", type=_positive_int, default=1024, help="samples per shard (1024)")
+    p.add_argument("--shard-samples", type=positive_int, default=1024, help="samples per shard (1024)")
     p.add_argument("--force", action="store_true", help="rebuild even if --out is already complete")
     p.add_argument(
         "--storage-options", type=storage_options_type, default=None, help="fsspec options (JSON) for a URL --out"
     )
     p.add_argument(
         "--max-pixels",
-        type=_pixel_count,
+        type=pixel_count,
         default=DEFAULT_MAX_PIXELS,
         help=f"skip images with more pixels, by their header, before decoding ({DEFAULT_MAX_PIXELS:.0e})",
     )
@@ -240,7 +219,7 @@ def describe(data: PackedDataset) -> str:
         train = splits == 0
         for k, name in enumerate(data.classes):
             column = codes[train, k]
-            counts = [(column == 1).sum(), (column == 0).sum(), (column == -1).sum(), (column == LABEL_MISSING).sum()]
+            counts = [(column == code).sum() for code in (POSITIVE, NEGATIVE, UNCERTAIN, LABEL_MISSING)]
             lines.append("  " + name.ljust(width) + "".join(str(int(n)).rjust(10) for n in counts))
     lines += _describe_images(m)
     totals = " / ".join(f"{s} {m['splits'][s]}" for s in SPLITS)
@@ -407,12 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write OUT/dicom-export instead: a DICOMDIR, PATIENT/STUDY/SERIES/IMAGE files without suffix, frontal "
         "and lateral views, a structured report and presentation states (for prep images)",
     )
-    p.add_argument("--patients", type=_positive_int, default=30, help="patients of --dicom-tree, 2 studies each (30)")
-    p.add_argument("--n", type=_positive_int, default=400, help="number of images (400)")
+    p.add_argument("--patients", type=positive_int, default=30, help="patients of --dicom-tree, 2 studies each (30)")
+    p.add_argument("--n", type=positive_int, default=400, help="number of images (400)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=_positive_int, default=None, help="processes (1)")
+    p.add_argument("--workers", type=positive_int, default=None, help="processes (1)")
     p.add_argument("--force", action="store_true", help="regenerate even if it exists")
-    p.add_argument("--finding-strength", type=_positive_float, default=1.0, help="scales each finding (1: subtle)")
+    p.add_argument("--finding-strength", type=positive_float, default=1.0, help="scales each finding (1: subtle)")
     p.add_argument(
         "--no-metadata",
         dest="metadata",

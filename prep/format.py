@@ -35,7 +35,9 @@ ENCODINGS = {"jpeg": "jpg", "png": "png", "npy": "npy"}
 # How each encoding's bytes begin. Checked on every read: GPU decoders (nvJPEG, DALI) fail badly on damaged bytes.
 SIGNATURES = {"jpeg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n", "npy": b"\x93NUMPY"}
 JPEG_QUALITY = 95
-# index.npy code for a multilabel label that is blank in the source (JSON null)
+# index.npy codes of a multilabel label (CheXpert's): positive, negative, uncertain, and blank in the source (JSON
+# null). train/labels.py turns them into training targets.
+POSITIVE, NEGATIVE, UNCERTAIN = 1, 0, -1
 LABEL_MISSING = -128
 # index.npy `label` of every row of an unlabeled dataset (task "none"); also no class in a multiclass batch
 LABEL_NONE = -1

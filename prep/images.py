@@ -288,13 +288,6 @@ def read_image(
     return _read_raster(path, max_pixels, bit_depth)
 
 
-def read_grey(
-    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, bit_depth: str | int = DEFAULT_BIT_DEPTH
-) -> np.ndarray:
-    """`read_image` without the notes: uint8 HxW grey."""
-    return read_image(path, max_pixels, bit_depth)[0]
-
-
 def resize_short_side(image: np.ndarray, size: int) -> np.ndarray:
     """Shorter side -> `size` with area interpolation, aspect kept; never upsamples."""
     h, w = image.shape

@@ -85,3 +85,10 @@ def build_chexpert(parent: Path, n_patients: int = 40, top: str = "CheXpert-v1.0
     with open(root / "valid.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *valid])
     return root
+
+
+def read_grey(path, max_pixels=None, bit_depth=None) -> np.ndarray:
+    """prep's reading of one file, without its notes: uint8 HxW grey (`read_image`'s defaults where None)."""
+    from twinray.prep.images import DEFAULT_BIT_DEPTH, DEFAULT_MAX_PIXELS, read_image
+
+    return read_image(path, max_pixels or DEFAULT_MAX_PIXELS, DEFAULT_BIT_DEPTH if bit_depth is None else bit_depth)[0]

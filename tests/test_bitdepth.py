@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.layouts import read_grey
 from twinray.cli import InputError
 from twinray.prep import build
 from twinray.prep.cli import main
 from twinray.prep.datasets import folder
 from twinray.prep.format import PackedDataset
-from twinray.prep.images import read_grey, read_image
+from twinray.prep.images import read_image
 
 # A 12-bit detector's values: 1000 packs to 1000 / 4095 * 255 = 62.3 -> 62 on the 12-bit scale, and to
 # 1000 / 65535 * 255 = 3.9 -> 4 on the full 16-bit scale.

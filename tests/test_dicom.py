@@ -30,11 +30,12 @@ from pydicom.uid import (
 )
 
 from tests.conftest import REPO
+from tests.layouts import read_grey
 from twinray.prep import build
 from twinray.prep.datasets import folder
 from twinray.prep.dicom import looks_like_dicom
 from twinray.prep.format import PackedDataset
-from twinray.prep.images import ImageError, read_grey
+from twinray.prep.images import ImageError
 
 # A 12-bit ramp: 64 x 64 holds every value 0..4095 once.
 RAMP12 = np.arange(4096, dtype=np.uint16).reshape(64, 64)
@@ -420,8 +421,8 @@ def test_a_missing_decoder_names_the_package(tmp_path):
     code = (
         "import sys\n"
         "for name in ('pylibjpeg', 'libjpeg', 'openjpeg', 'rle', 'gdcm'): sys.modules[name] = None\n"
-        "from twinray.prep.images import ImageError, read_grey\n"
-        "try:\n    read_grey(sys.argv[1])\nexcept ImageError as e:\n    print(e)\n"
+        "from twinray.prep.images import ImageError, read_image\n"
+        "try:\n    read_image(sys.argv[1])\nexcept ImageError as e:\n    print(e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.layouts import REAL_CXR
+from tests.layouts import REAL_CXR, read_grey
 from twinray.prep import build
 from twinray.prep.datasets import folder
 from twinray.prep.format import PackedDataset
-from twinray.prep.images import ImageError, convert_file, read_grey, resize_short_side
+from twinray.prep.images import ImageError, convert_file, resize_short_side
 
 RAMP = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (8, 1))  # 8 x 64
 

@@ -15,11 +15,10 @@ import torch
 import yaml
 
 from tests.conftest import REPO
-from tests.layouts import REAL_CXR
+from tests.layouts import REAL_CXR, read_grey
 from twinray.prep import real_cxr
 from twinray.prep.datasets import folder
 from twinray.prep.format import PackedDataset, PackWriter, encode_image
-from twinray.prep.images import read_grey
 from twinray.train import shortcuts
 from twinray.train.metrics import multiclass_metrics
 from twinray.train.study_real import main as study_main

@@ -1,1 +1,2 @@
-"""Barlow Twins pretraining and downstream evaluation (built in the pretraining and downstream issues)."""
+"""twinray.train: self-supervised pretraining (the methods, their losses, the step, the loop, checkpoints) and what
+is done with a backbone afterwards (fine-tuning, linear probes, scans, Grad-CAM, exports, embeddings, audits)."""

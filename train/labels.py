@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from twinray.prep.format import LABEL_MISSING
+from twinray.prep.format import LABEL_MISSING, NEGATIVE, POSITIVE, UNCERTAIN  # the codes a packed dataset holds
 
-POSITIVE, NEGATIVE, UNCERTAIN, BLANK = 1, 0, -1, LABEL_MISSING  # the codes a packed dataset holds
+BLANK = LABEL_MISSING
 MASKED = -1  # a target that the loss and the metrics leave out
 UNCERTAIN_POLICIES = ("ones", "zeros", "ignore")  # what an uncertain label becomes: 1, 0 or MASKED
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from twinray.train.labels import MASKED
+
 # torchmetrics is imported in the functions that use it: importing it takes seconds, which every CLI that imports
 # this module (finetune, pretrain, gradcam) would pay before it could print a one-line error.
 
@@ -89,7 +91,7 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, labels: list
     logits, targets = logits.float().cpu(), targets.long().cpu()
     per = {}
     for j, name in enumerate(labels):
-        known = targets[:, j] >= 0
+        known = targets[:, j] != MASKED
         t = targets[known, j]
         # AUROC needs both classes among the known targets; a label without them is reported as None.
         per[name] = _round(binary_auroc(logits[known, j].sigmoid(), t)) if 0 < t.sum() < len(t) else None

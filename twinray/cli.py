@@ -34,6 +34,39 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1; else a one-line error naming the text."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number above 0; else a one-line error naming the text."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    return value
+
+
+def pixel_count(text: str) -> int:
+    """A pixel count: an integer, in scientific notation too (`2e8`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value >= 1 and value == int(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of pixels, at least 1")
+    return int(value)
+
+
 def say_error(prog: str, message: str) -> None:
     """Writes "PROG: error: MESSAGE" and its newline to stderr in one write. Python's stderr writes through, so
     print() would write the message and the newline separately, and the lines of two processes sharing a stderr (two

@@ -29,7 +29,6 @@ DATASET = "covid19-radiography"
 FOLDER_NAME = "COVID-19_Radiography_Dataset"
 # The study's order: ImageFolder's alphabetical order of the folder names.
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
-METADATA_COLUMNS = ("FILE NAME", "FORMAT", "SIZE", "URL")
 UNKNOWN_ORIGIN = "unknown"
 
 
