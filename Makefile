@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Pinned here (not in pyproject) because this machine serves exactly these from local disk.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= dali,ffcv,dicom,s3,dev
+EXTRAS ?= dali,ffcv,dicom,s3,onnx,dev
 # FFCV builds from source against these.
 APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
 RAW ?= data/raw

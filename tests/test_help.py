@@ -77,14 +77,18 @@ def test_field_without_help_is_refused():
 
 TOOLS = [
     ("prep",),
-    *[("prep", sub) for sub in ("covid", "chexpert", "folder", "sample", "all", "ffcv", "verify", "info")],
+    *[("prep", sub) for sub in ("covid", "chexpert", "folder", "images", "sample", "all", "ffcv", "verify", "info")],
     ("pretrain",),
     ("finetune",),
     ("scan",),
     ("gradcam",),
     ("lr-find",),
     ("study-real",),
+    ("audit",),
     ("preview",),
+    ("export",),
+    ("embed",),
+    ("neighbours",),
 ]
 
 

@@ -38,7 +38,7 @@ from twinray.pipelines.augment import EVAL_RECIPE, FINETUNE_RECIPE
 from twinray.prep import shard_cache
 from twinray.prep.datasets.chexpert import COMPETITION  # used by default when the dataset has them all
 from twinray.prep.format import PackedDataset
-from twinray.train import checkpoint, runlog, transfer
+from twinray.train import checkpoint, preprocessing, runlog, transfer
 from twinray.train.config import FinetuneConfig, from_args
 from twinray.train.label_fractions import label_fraction
 from twinray.train.labels import policy_targets, targets_bce
@@ -186,6 +186,7 @@ def _run(args: FinetuneConfig, loaders: contextlib.ExitStack, command: str) -> d
     task = Task(data, args.labels, args.uncertain)
     torch.manual_seed(args.seed)
     backbone, init = transfer.load_backbone(args.init, args.backbone, args.channels)
+    preprocessing.warn("finetune", preprocessing.of_init(init), data.manifest, args.data)  # one line, if any
     frozen = transfer.freeze(backbone, args.mode)
     model = Classifier(backbone, len(task.names), init["in_chans"])
     head = transfer.classifier_head(init, task.names, data.task)  # a fine-tuned init's head, matched by class name
@@ -304,7 +305,9 @@ def _run(args: FinetuneConfig, loaders: contextlib.ExitStack, command: str) -> d
         "test": test,
     }
     checkpoint.save_weights(out / "model.safetensors", model)
-    model_info = {**init, "classes": task.names, "size": args.size, "task": results["task"]}
+    model_info = {**init, "classes": task.names, "size": args.size, "task": results["task"],
+                  "dataset": data.manifest.get("dataset"), "data_digest": data.digest,
+                  "preprocessing": preprocessing.record(data.manifest, args.size, init["in_chans"])}  # fmt: skip
     write_json(out / "model.json", model_info)
     if not task.multilabel:
         draw_confusion(test["confusion"], out / "confusion.png", title=f"test, {init['init']}")

@@ -1,50 +1,76 @@
-"""Source-shortcut check: how well can a linear classifier tell the classes apart from features that carry no
-disease, only the look of the hospital that sent the image?
-
-    python train/shortcuts.py --data DIR [--size 96] [--out shortcuts.json]
+"""Source-shortcut probes: how well can a linear classifier tell the classes apart from features that carry no
+disease, only the look of the hospital that sent the image, or its metadata? `twinray audit` (train/audit.py) runs
+them and reads the result; this module computes the features and fits the probes.
 
 Where every image of a class comes from one source (in the real-data study, all COVID-19 images come from Hannover
-Medical School and the other classes from the NIH), a classifier can score by recognising the source. This check
-fits a multinomial logistic regression (L2, strength picked on val) on three feature sets and reports its test
-scores, to be read beside the models' scores:
+Medical School and the other classes from the NIH), a classifier can score by recognising the source. Each probe is
+a multinomial logistic regression (L2, strength picked from `L2_GRID`) on one feature set:
 
-- `statistics`: grey-level statistics of the model's input view (the unaugmented eval view at `--size`, as
+- `statistics`: grey-level statistics of the model's input view (the unaugmented eval view at `size`, as
   train/finetune.py sees it): mean, standard deviation, the 1/5/25/50/75/95/99th percentiles and a 16-bin histogram
   (25 features).
 - `border`: the view reduced to an 8 x 8 grid of cell means (area averaging), keeping only the 28 cells of the outer
   ring (the outer 12.5% of each side: collimation, labels, burnt-in text, padding), plus the ring's mean and std.
 - `geometry`: the packed image's height, width and aspect ratio (prep keeps the aspect ratio, so this is the
   original's); the model sees a centre square, so this is the metadata a careless pipeline could leak.
+- `all`: the three together.
+- one probe per metadata field of the sample JSON (`origin`, `view`, `ap_pa`, `sex`, `age`, ...; docs/format.md):
+  a field of words is one-hot coded (a level per value, one for missing), a field of numbers is used as it is plus
+  a missing indicator. The label's own fields, the patient, the split and fields that name each image apart (the
+  source path) are not probes (`metadata_features` says why each was left out).
 
-Test metrics are torchmetrics' (train/metrics.py): balanced accuracy, macro one-vs-rest AUROC, the one-vs-rest
-AUROC of `--source-class` (COVID-19 by default: for a single-source class, this is how well the source is
-recognised) and `rest_balanced_accuracy`, the mean recall of the other classes (No_findings and Pneumonia, which
-share the NIH as their source, so that one source cannot explain it; predicting the source class counts as
-wrong). 95% intervals are percentile bootstraps over test patients (over images when there is no patient id), 1000
-resamples, because images of one patient are not independent.
+Two protocols (`PROTOCOLS`):
+
+- `cv`: a patient-grouped, stratified k-fold cross-validation over every labelled image of every split
+  (sklearn's StratifiedGroupKFold): each image is scored by the probe fitted on the folds without its patient, the
+  L2 strength chosen inside those folds by a second grouped split (nested), features standardised on them.
+- `held-out`: fit on train, pick the L2 strength on val, score test, as the models are scored.
+
+Scores are torchmetrics' (train/metrics.py), on the scored images (every image in `cv`, the test split in
+`held-out`): balanced accuracy, macro one-vs-rest AUROC and, with a `source_class`, that class's one-vs-rest AUROC
+(for a single-source class, this is how well the source is recognised) and `rest_balanced_accuracy`, the mean recall
+of the other classes (No_findings and Pneumonia in the study, which share the NIH as their source, so that one
+source cannot explain it; predicting the source class counts as wrong). 95% intervals are percentile bootstraps
+over the scored patients (over images when there is no patient id), 1000 resamples, because images of one patient
+are not independent (Efron and Tibshirani 1993, ch. 13: the percentile interval).
 """
 
 from __future__ import annotations
 
-import argparse
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.optimize import minimize
+from scipy.special import log_softmax
+from scipy.stats import rankdata
+from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
-from twinray.atomic import write_json
-from twinray.cli import InputError, OneLineParser, run_cli, say_error
+from twinray.cli import InputError
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment.recipes import EVAL_RECIPE
-from twinray.prep.format import PackedDataset
+from twinray.prep.format import LABEL_NONE, SPLITS, PackedDataset
 from twinray.train.metrics import multiclass_metrics
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 HISTOGRAM_BINS = 16
 GRID = 8  # border cells: the outer ring of a GRID x GRID grid
-L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # weight-decay strengths tried, picked on val balanced accuracy
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # weight-decay strengths tried, picked by balanced accuracy
 FEATURE_SETS = ("statistics", "border", "geometry")
 BOOTSTRAP = 1000
+PROTOCOLS = ("cv", "held-out")
+FOLDS = 5  # outer folds of `cv`
+INNER_FOLDS = 3  # the grouped split inside each outer fold's training part that picks the L2 strength
+MAX_LEVELS = 20  # a field of words with more values than this (or one per image) names images, not a category
+NOT_METADATA = {  # sample JSON fields that are never probes, and why
+    "label": "the label",
+    "labels": "the label",
+    "class": "the label's name",
+    "split": "the split",
+    "patient": "the patient id, the grouping",
+    "source": "the source file's path, one per image",
+}
 
 
 def statistics(views: torch.Tensor) -> torch.Tensor:
@@ -73,7 +99,8 @@ def geometry(data: PackedDataset, rows: np.ndarray) -> torch.Tensor:
 
 
 def split_features(data: PackedDataset, root: Path, split: str, size: int) -> dict:
-    """Every feature set, labels and patient ids of one split, in index order."""
+    """The image feature sets, labels, patient ids and sample JSONs of one split, in index order. A row without a
+    patient id is its own group (`image-ROW`)."""
     rows, stats, ring = [], [], []
     with build_loader(str(root), split=split, batch_size=64, device="cpu", recipe=EVAL_RECIPE, size=size, views=1,
                       seed=0, drop_last=False) as loader:  # fmt: skip
@@ -90,9 +117,130 @@ def split_features(data: PackedDataset, root: Path, split: str, size: int) -> di
         "border": torch.cat(ring)[order],
         "geometry": geometry(data, rows),
     }
-    patients = [data.metadata(int(r)).get("patient", f"image-{int(r)}") for r in rows]
+    metas = [data.metadata(int(r)) for r in rows]
+    patients = [str(m["patient"]) if m.get("patient") is not None else f"image-{int(r)}" for m, r in zip(metas, rows)]
     labels = torch.as_tensor(data.labels(rows), dtype=torch.long)
-    return {"rows": rows, "features": features, "labels": labels, "patients": patients}
+    return {"rows": rows, "features": features, "labels": labels, "patients": patients, "metas": metas,
+            "with_patient": [m.get("patient") is not None for m in metas]}  # fmt: skip
+
+
+def metadata_features(metas: list[dict]) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
+    """Sample JSONs (N dicts) -> ({field: N x D float64 features}, {field: how it is coded}, {field: why it is not a
+    probe}), fields in name order.
+
+    Words (str, or mixed): one-hot, a column per value and one for missing, when 2 to MAX_LEVELS values occur and
+    fewer than one per two images. Numbers (int, float, bool; None is missing): the value (missing ones the mean)
+    and, where any is missing, a missing indicator. Lists and mappings, a single value and NOT_METADATA are left
+    out. The coding uses no label, so it is made once over every image."""
+    fields = sorted({k for m in metas for k in m})
+    features, used, skipped = {}, {}, {}
+    n = len(metas)
+    for name in fields:
+        if name in NOT_METADATA:
+            skipped[name] = NOT_METADATA[name]
+            continue
+        values = [m.get(name) for m in metas]
+        present = [v for v in values if v is not None]
+        if any(isinstance(v, (list, dict)) for v in present):
+            skipped[name] = "not a single value"
+            continue
+        if present and all(isinstance(v, (int, float, bool)) for v in present):
+            numbers = np.array([np.nan if v is None else float(v) for v in values])
+            known = ~np.isnan(numbers)
+            if len(np.unique(numbers[known])) < 2:
+                skipped[name] = "one value"
+                continue
+            columns = [np.where(known, numbers, numbers[known].mean())]
+            if not known.all():
+                columns.append((~known).astype(np.float64))
+            features[name] = np.stack(columns, 1)
+            used[name] = "number" + (", missing indicator" if not known.all() else "")
+            continue
+        words = ["\0missing" if v is None else str(v) for v in values]
+        levels = sorted(set(words))
+        if len(levels) < 2:
+            skipped[name] = "one value"
+        elif len(levels) > MAX_LEVELS or 2 * len(levels) > n:
+            skipped[name] = f"{len(levels)} values in {n} images: names images, not a category"
+        else:
+            index = {level: k for k, level in enumerate(levels)}
+            features[name] = np.eye(len(levels))[[index[w] for w in words]]
+            used[name] = f"one-hot, {len(levels)} values" + (" (one is missing)" if "\0missing" in index else "")
+    return features, used, skipped
+
+
+def fit_logits(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray, classes: int, l2: float) -> torch.Tensor:
+    """A Logistic fitted on `train_x` (N x D, standardised with its own mean and std) -> logits of `x`, M x classes."""
+    mean, std = train_x.mean(0), train_x.std(0).clip(min=1e-8)
+    return Logistic((train_x - mean) / std, train_y, classes, l2).logits((x - mean) / std)
+
+
+def _recall_mean(logits: torch.Tensor, y: np.ndarray) -> float:
+    """Balanced accuracy over the classes present in `y` (a fold may lack one)."""
+    pred = logits.argmax(1).numpy()
+    return float(np.mean([np.mean(pred[y == k] == k) for k in np.unique(y)]))
+
+
+def _folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) positions of a shuffled StratifiedGroupKFold (no group in two folds). Its warning for a class
+    with fewer groups than folds is silenced: the audit reports small classes in its own line."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        return list(splitter.split(np.zeros(len(y)), y, groups))
+
+
+def pick_l2(x: np.ndarray, y: np.ndarray, groups: np.ndarray, classes: int, seed: int) -> float:
+    """The L2_GRID strength with the best pooled out-of-fold balanced accuracy over an INNER_FOLDS grouped split of
+    (x, y) (ties: the weaker penalty); the middle one where there are too few groups to split."""
+    inner = min(INNER_FOLDS, len(np.unique(groups)))
+    if inner < 2:
+        return L2_GRID[len(L2_GRID) // 2]
+    splits = _folds(y, groups, inner, seed)
+    best = None
+    for l2 in L2_GRID:
+        logits = torch.zeros(len(y), classes, dtype=torch.float64)
+        for train, test in splits:
+            logits[test] = fit_logits(x[train], y[train], x[test], classes, l2)
+        score = _recall_mean(logits, y)
+        if best is None or score > best[1]:
+            best = (l2, score)
+    return best[0]
+
+
+def cross_validated(x, y, patients, classes, source_class, folds=FOLDS, resamples=BOOTSTRAP, seed=0) -> dict:
+    """One probe under `cv`: x N x D float64, y N int, patients N group names. Returns {"features", "l2" (one per
+    fold), "test" (scores of the out-of-fold logits), "test_ci95"}."""
+    groups = np.asarray(patients)
+    logits = torch.zeros(len(y), len(classes), dtype=torch.float64)
+    l2s = []
+    for train, test in _folds(y, groups, folds, seed):
+        l2 = pick_l2(x[train], y[train], groups[train], len(classes), seed)
+        logits[test] = fit_logits(x[train], y[train], x[test], len(classes), l2)
+        l2s.append(l2)
+    y_t = torch.as_tensor(y)
+    return {"features": int(x.shape[1]), "l2": l2s, "test": _scores(logits, y_t, classes, source_class),
+            "test_ci95": bootstrap(logits, y_t, list(patients), classes, source_class, resamples, seed)}  # fmt: skip
+
+
+def held_out(parts: dict, classes, source_class, resamples=BOOTSTRAP, seed=0) -> dict:
+    """One probe under `held-out`: parts = {split: (x, y, patients)} for train, val and test. Returns {"features",
+    "l2" (picked on val), "val", "test", "test_ci95"}."""
+    train_x, train_y, _ = parts["train"]
+    best = None
+    for l2 in L2_GRID:
+        logits = fit_logits(train_x, train_y, parts["val"][0], len(classes), l2)
+        val = _scores(logits, torch.as_tensor(parts["val"][1]), classes, source_class)
+        if best is None or val["balanced_accuracy"] > best[1]["balanced_accuracy"]:
+            best = (l2, val)
+    l2, val = best
+    test_x, test_y, test_patients = parts["test"]
+    logits = fit_logits(train_x, train_y, test_x, len(classes), l2)
+    y = torch.as_tensor(test_y)
+    return {"features": int(train_x.shape[1]), "l2": l2, "val": val, "test": _scores(logits, y, classes, source_class),
+            "test_ci95": bootstrap(logits, y, test_patients, classes, source_class, resamples, seed)}  # fmt: skip
 
 
 class Logistic:
@@ -100,9 +248,6 @@ class Logistic:
     scipy's L-BFGS-B on float64, from zeros, so a fit is deterministic. x: N x D (standardised), y: N int."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, classes: int, l2: float):
-        from scipy.optimize import minimize
-        from scipy.special import log_softmax
-
         n, d = x.shape
         xb = np.hstack([x, np.ones((n, 1))])
         onehot = np.eye(classes)[y]
@@ -137,8 +282,6 @@ def _scores(logits: torch.Tensor, y: torch.Tensor, classes: list[str], source_cl
 def fast_scores(probs: np.ndarray, y: np.ndarray, source: int | None) -> dict:
     """Balanced accuracy and one-vs-rest AUROCs in numpy (the Mann-Whitney U statistic with mid-ranks for ties),
     equal to torchmetrics' on the same inputs (tested) and fast enough for 1000 bootstrap resamples."""
-    from scipy.stats import rankdata
-
     classes = probs.shape[1]
     pred = probs.argmax(1)
     recall = [np.mean(pred[y == k] == k) for k in range(classes)]
@@ -175,75 +318,114 @@ def bootstrap(logits, y, patients, classes, source_class, resamples: int = BOOTS
             for k, v in draws.items()}  # fmt: skip
 
 
-def check(root: str | Path, size: int = 96, source_class: str | None = "COVID-19", resamples: int = BOOTSTRAP) -> dict:
-    """The three probes' val and test scores, with intervals: {"probes": {name: {...}}, "classes", "n", ...}."""
+def _counts(y: np.ndarray, groups: list[str], classes: list[str]) -> dict:
+    """{"images", "groups", "per_class": {class: {"images", "groups"}}} of a scored set."""
+    groups = np.asarray(groups)
+    per = {c: {"images": int((y == k).sum()), "groups": len(set(groups[y == k]))} for k, c in enumerate(classes)}
+    return {"images": int(len(y)), "groups": len(set(groups)), "per_class": per}
+
+
+def check(root: str | Path, size: int = 96, source_class: str | None = "COVID-19", resamples: int = BOOTSTRAP,
+          protocol: str = "held-out", folds: int = FOLDS, seed: int = 0) -> dict:  # fmt: skip
+    """Every probe's scores with intervals under `protocol` (PROTOCOLS), for a packed multiclass dataset at `root`.
+
+    Returns {"data", "size", "classes", "source_class", "protocol", "folds" (cv), "seed", "n" (labelled images
+    per split), "grouped_by" ("patient" or "image"), "without_patient" (images that are their own group),
+    "scored" (_counts of the images scored), "test_patients" (groups scored), "metadata" ({"used", "skipped"}),
+    "probes": {name: {"kind": "image" or "metadata", "features", "l2", "test", "test_ci95", ...}}}.
+    Raises InputError (one line naming `root` or the value) for an unlabelled or multilabel dataset, a
+    `source_class` not among the classes, and a dataset too small to score: fewer than 2 classes, a class with
+    fewer than 2 groups, fewer groups than folds (cv), or a split of train, val and test without every class
+    (held-out)."""
     root = Path(root)
+    if protocol not in PROTOCOLS:
+        raise InputError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
     data = PackedDataset(root)
+    if data.task == "none":
+        raise InputError(f"{root}: unlabelled (task 'none'): the audit predicts the label, so it needs labels")
     if data.task != "multiclass":
-        raise InputError(f"{root}: the shortcut check needs a multiclass dataset, not {data.task}")
+        raise InputError(f"{root}: the shortcut audit needs a multiclass dataset, not {data.task}")
     classes = list(data.classes)
     if source_class is not None and source_class not in classes:
         raise InputError(f"--source-class {source_class!r} is not one of {', '.join(classes)}")
-    splits = {s: split_features(data, root, s, size) for s in ("train", "val", "test")}
-    if any(len(splits[s]["rows"]) == 0 for s in splits):
-        raise InputError(f"{root}: the shortcut check needs images in train, val and test")
-    probes = {}
-    for name in (*FEATURE_SETS, "all"):
+    present = [s for s in SPLITS if len(data.indices(s))]
+    if protocol == "held-out" and present != list(SPLITS):
+        raise InputError(f"{root}: the held-out protocol needs images in train, val and test (try --protocol cv)")
+    splits = {s: split_features(data, root, s, size) for s in present}
+    for part in splits.values():  # rows with no class (LABEL_NONE) are not scored
+        keep = (part["labels"] != LABEL_NONE).numpy()
+        for key in ("rows", "labels"):
+            part[key] = part[key][keep]
+        part["features"] = {k: v[keep] for k, v in part["features"].items()}
+        for key in ("patients", "metas", "with_patient"):
+            part[key] = [v for v, k in zip(part[key], keep) if k]
+    y_all = np.concatenate([splits[s]["labels"].numpy() for s in present])
+    patients_all = [p for s in present for p in splits[s]["patients"]]
+    metas_all = [m for s in present for m in splits[s]["metas"]]
+    counts = _counts(y_all, patients_all, classes)
+    found = [c for c, v in counts["per_class"].items() if v["images"]]
+    if len(found) < 2:
+        raise InputError(f"{root}: too small to audit: {len(y_all)} labelled images, classes present: "
+                         f"{', '.join(found) or 'none'} (at least 2 are needed)")  # fmt: skip
+    few = [f"{c} ({v['groups']})" for c, v in counts["per_class"].items() if v["groups"] < 2]
+    if few:
+        raise InputError(f"{root}: too small to audit: every class needs at least 2 patients, and "
+                         f"{', '.join(few)} {'has' if len(few) == 1 else 'have'} fewer")  # fmt: skip
+    if protocol == "cv" and counts["groups"] < folds:
+        raise InputError(f"{root}: too small to audit: {counts['groups']} patients for {folds} folds (--folds)")
+    if protocol == "held-out":
+        for s in SPLITS:
+            missing = sorted(set(classes) - {classes[k] for k in splits[s]["labels"].tolist()})
+            if missing:
+                raise InputError(f"{root}: the {s} split has no image of {', '.join(missing)} (try --protocol cv)")
 
-        def feats(split, name=name):
-            parts = FEATURE_SETS if name == "all" else (name,)
-            return torch.cat([splits[split]["features"][p] for p in parts], 1).numpy()
+    meta_features, used, skipped = metadata_features(metas_all)
+    # probe name -> the metadata field it reads (None: an image probe)
+    probe_fields = {name: None for name in (*FEATURE_SETS, "all")}
+    for field in meta_features:
+        probe_fields[f"meta:{field}" if field in probe_fields else field] = field
+    ends = np.cumsum([0] + [len(splits[s]["labels"]) for s in present])
+    span = {s: slice(int(a), int(b)) for s, a, b in zip(present, ends[:-1], ends[1:])}  # each split's rows in *_all
 
-        train_x = feats("train")
-        mean, std = train_x.mean(0), train_x.std(0).clip(min=1e-8)
-        train_y = splits["train"]["labels"].numpy()
-        best = None
-        for l2 in L2_GRID:
-            model = Logistic((train_x - mean) / std, train_y, len(classes), l2)
-            logits = model.logits((feats("val") - mean) / std)
-            val = _scores(logits, splits["val"]["labels"], classes, source_class)
-            if best is None or val["balanced_accuracy"] > best[1]["balanced_accuracy"]:
-                best = (l2, val, model)
-        l2, val, model = best
-        logits = model.logits((feats("test") - mean) / std)
-        y, patients = splits["test"]["labels"], splits["test"]["patients"]
-        probes[name] = {
-            "features": int(train_x.shape[1]),
-            "l2": l2,
-            "val": val,
-            "test": _scores(logits, y, classes, source_class),
-            "test_ci95": bootstrap(logits, y, patients, classes, source_class, resamples),
-        }
-    n = {s: len(v["rows"]) for s, v in splits.items()}
-    return {"data": str(root), "size": size, "classes": classes, "source_class": source_class, "n": n,
-            "test_patients": len(set(splits["test"]["patients"])), "probes": probes}  # fmt: skip
+    def feats(name: str, split: str | None) -> np.ndarray:
+        """Probe `name`'s features, N x D float64, of `split` (None: of every present split, in order)."""
+        chosen = present if split is None else [split]
+        field = probe_fields[name]
+        if field is not None:
+            return np.concatenate([meta_features[field][span[s]] for s in chosen])
+        parts = FEATURE_SETS if name == "all" else (name,)
+        return np.concatenate([torch.cat([splits[s]["features"][p] for p in parts], 1).numpy() for s in chosen])
 
+    def _probe(name: str) -> dict:
+        if protocol == "cv":
+            return cross_validated(feats(name, None), y_all, patients_all, classes, source_class, folds, resamples,
+                                   seed)  # fmt: skip
+        parts = {s: (feats(name, s), splits[s]["labels"].numpy(), splits[s]["patients"]) for s in SPLITS}
+        return held_out(parts, classes, source_class, resamples, seed)
 
-def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="train/shortcuts.py", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--data", type=Path, required=True, help="a packed multiclass dataset")
-    parser.add_argument("--size", type=int, default=96, help="side of the eval view in px, as the models' (96)")
-    parser.add_argument("--source-class", default="COVID-19", help="the class from a single source (COVID-19)")
-    parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
-    args = parser.parse_args(argv)
-    if args.size < 8:
-        parser.error(f"--size {args.size} must be at least 8")
-    try:
-        report = check(args.data, args.size, args.source_class)
-    except InputError as e:
-        say_error("shortcuts", str(e))
-        return 2
-    if args.out is not None:
-        write_json(args.out, report)
-    for name, probe in report["probes"].items():
-        t, ci = probe["test"], probe["test_ci95"]
-        extra = f"  {args.source_class} AUROC {t['source_class_auroc']:.3f}" if "source_class_auroc" in t else ""
-        low, high = ci["balanced_accuracy"]
-        print(f"{name:<11} ({probe['features']:>2} features)  test balanced accuracy {t['balanced_accuracy']:.3f} "
-              f"[{low:.3f}, {high:.3f}]  AUROC {t['auroc']:.3f}{extra}")  # fmt: skip
-    return 0
-
-
-if __name__ == "__main__":
-    run_cli(main)
+    # Fits of a few hundred x a few dozen numbers gain nothing from BLAS threads, and on a busy machine threads
+    # spinning against each other made each fit ~30-500x slower. (scipy's own OpenBLAS is limited only once it is
+    # loaded: hence scipy.optimize imported at the top.)
+    with threadpool_limits(limits=1, user_api="blas"):
+        probes = {name: {"kind": "image" if field is None else "metadata", **_probe(name)}
+                  for name, field in probe_fields.items()}  # fmt: skip
+    if protocol == "cv":
+        scored = counts
+    else:
+        scored = _counts(splits["test"]["labels"].numpy(), splits["test"]["patients"], classes)
+    without = sum(not w for s in present for w in splits[s]["with_patient"])
+    report = {"data": str(root), "size": size, "classes": classes, "source_class": source_class, "protocol": protocol}
+    if protocol == "cv":
+        report["folds"] = folds
+    report.update({
+        "seed": seed,
+        "resamples": resamples,
+        "n": {s: len(splits[s]["labels"]) if s in splits else 0 for s in SPLITS},
+        "grouped_by": "image" if without == len(patients_all) else "patient",
+        "without_patient": without,
+        "scored": scored,
+        "test_patients": scored["groups"],
+        "metadata": {"used": used, "skipped": skipped},
+        "probes": probes,
+    })  # fmt: skip
+    return report

@@ -51,10 +51,17 @@ TOOLS: dict[str, Tool] = {
                     "gradcam", ("ValueError",)),
     "lr-find": Tool("twinray.train.lr_find", "LR range test for pretraining or fine-tuning.",
                     "lr_find", ("ValueError",)),
-    "shortcuts": Tool("twinray.train.shortcuts", "Source-shortcut check: the classes told apart without disease."),
+    "audit": Tool("twinray.train.audit", "Shortcut audit: how far cues that carry no disease predict the label.",
+                  "audit"),
     "study-real": Tool("twinray.train.study_real", "The real-data label-efficiency study from one YAML file."),
     "preview": Tool("twinray.pipelines.preview", "Original images beside their augmented views, as one PNG.",
                     "preview", ("ValueError",)),
+    "export": Tool("twinray.train.export", "A finished run's model as a timm folder or ONNX, with its preprocessing.",
+                   "export"),
+    "embed": Tool("twinray.train.embed", "Each image's embedding with its split, label and metadata, and a 2-D map.",
+                  "embed"),
+    "neighbours": Tool("twinray.train.neighbours", "An image's nearest images, and the cross-split near-duplicates.",
+                       "neighbours"),
 }  # fmt: skip
 
 BENCHMARKS: dict[str, Tool] = {
