@@ -181,6 +181,13 @@ class PretrainConfig:
     eval_every: int = setting(10, "epochs between kNN evaluations (the last epoch always has one)")
     knn_k: int = setting(20, "neighbours of the kNN evaluation")
     knn_bank: int = setting(20000, "train images kNN compares against: a fixed random subset of larger splits")
+    eval_data: str | None = setting(
+        None,
+        "a second, labelled packed dataset for the kNN and the online probe: its train split is the kNN bank and the "
+        "probe's side stream, its val split the kNN's score (pretrain on unlabeled data, watch another set's classes)",
+        shown="--data's own labels; none for unlabeled --data",
+    )
+    probe_batch: int = setting(32, "--eval-data: images per step of the probe's side stream, over all processes")
     keep_checkpoints: int = setting(2, "checkpoints kept in --out; older ones are deleted")
     log_every: int = setting(10, "steps between metrics.jsonl lines")
     deterministic: bool = setting(False, "deterministic kernels: reproducible to the bit, slower")
@@ -217,6 +224,8 @@ class PretrainConfig:
                     f"{flag(name)} does not apply to --method {self.method} (only to {', '.join(methods)})"
                 )
         check_batch_size(self.batch_size)  # per process, once the world size is known: train/pretrain.py
+        if self.eval_data is not None:
+            self.eval_data = str(location(str(self.eval_data)))
         try:
             parse_report_to(self.report_to)
         except ValueError as e:
@@ -230,6 +239,7 @@ class PretrainConfig:
             "keep_checkpoints",
             "log_every",
             "eval_every",
+            "probe_batch",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -273,9 +283,9 @@ METHOD_FIELDS = (
 
 # A pretraining re-run on an existing --out (train/pretrain.py, docs/pretrain.md). Every PretrainConfig field is in
 # exactly one of PRETRAIN_LEARNED and PRETRAIN_RUNS (tests/test_rerun_pretrain.py checks it).
-# LEARNED: the settings that change what is learned, or the figures logged about it (knn_k, knn_bank); "data" is
-# compared by content (the manifest's digest), not by path. A resume must keep them, but for PRETRAIN_FREE and those
-# named in --allow-change.
+# LEARNED: the settings that change what is learned, or the figures logged about it (knn_k, knn_bank, eval_data,
+# probe_batch); "data" and "eval_data" are compared by content (the manifest's digest), not by path. A resume must
+# keep them, but for PRETRAIN_FREE and those named in --allow-change (a changed eval_data restarts the probe).
 PRETRAIN_FIXED = (  # the checkpoint's tensors fit only these as they were: no flag changes them
     "data",
     "method",
@@ -309,7 +319,11 @@ PRETRAIN_LEARNED = (
     "cov_coeff",
     "knn_k",
     "knn_bank",
+    "eval_data",
+    "probe_batch",
 )
+# The learned settings compared by content, not path: each part records the path and its manifest's digest.
+PRETRAIN_BY_DIGEST = {"data": "data_digest", "eval_data": "eval_data_digest"}
 PRETRAIN_FREE = ("epochs", "lr")  # change on a resume without a flag (epochs only upwards), said at the start
 # RUNS: how the run runs; a re-run may change any of them.
 PRETRAIN_RUNS = (

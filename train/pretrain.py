@@ -36,13 +36,23 @@ from twinray.atomic import atomic, naming, write_json
 from twinray.cli import InputError, run_cli, say_error
 from twinray.lock import exclusive
 from twinray.pipelines import build_loader
+from twinray.pipelines.augment import load_recipe
 from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
 from twinray.train import checkpoint, health, runlog
 from twinray.train.config import ConfigError, PretrainConfig, check_batch_size, from_args, parse_allow_change
 from twinray.train.distributed import StopVote, count_nodes
 from twinray.train.meter import NonFiniteLoss, StepMeter
-from twinray.train.online_eval import EVAL_RECIPE, knn_metrics, knn_scores
+from twinray.train.online_eval import (
+    EVAL_RECIPE,
+    MIN_PROBE_BATCH,
+    NO_LABELS,
+    LabelSource,
+    ProbeStream,
+    knn_metrics,
+    knn_scores,
+    label_source,
+)
 from twinray.train.state import (
     Position,
     RunState,
@@ -126,10 +136,12 @@ def knn_bank_rows(data: PackedDataset, limit: int, seed: int) -> np.ndarray:
 HEALTH_PAIRS = 512  # bank images whose two augmented views give the cross-correlation figures (docs/health.md)
 
 
-def evaluate(model, cfg, accelerator, classes: int, multilabel: bool, bank: np.ndarray) -> dict[str, float]:
-    """The evaluation row's figures: kNN on the val split against the bank (train/online_eval.py), and the
-    representation-health figures of the bank (train/health.py: rankme, emb_std; corr_diag and corr_off for
-    Barlow Twins, on two views of HEALTH_PAIRS bank images under the run's recipe), with health_s, what they cost."""
+def evaluate(model, cfg, accelerator, bank: np.ndarray, labels: LabelSource | None, knn_bank=None) -> dict:
+    """The evaluation row's figures: the representation-health figures of `bank`, rows of --data's train split
+    (train/health.py: rankme, emb_std; corr_diag and corr_off for Barlow Twins, on two views of HEALTH_PAIRS bank
+    images under the run's recipe; they need no labels), with health_s, what they cost; then, with `labels`, kNN on
+    its val split against `knn_bank`, rows of its train split (train/online_eval.py; --data's own labels reuse the
+    health bank's features), named by `eval_data` and `eval_data_digest`. None: no kNN (unlabeled data)."""
     kw = dict(
         batch_size=max(1, cfg.batch_size // accelerator.num_processes),
         device=accelerator.device,
@@ -153,15 +165,21 @@ def evaluate(model, cfg, accelerator, classes: int, multilabel: bool, bank: np.n
         ) as pl:
             pairs = _view_pairs(model, pl, accelerator)
     row = {**health.figures(train_f, train_z, pairs), "health_s": round(time.perf_counter() - start, 3)}
-    try:
-        with build_loader(cfg.data, "val", **kw) as val_loader:
-            val_f, _, val_y = _features(model, val_loader, accelerator)
-    except ValueError:  # an empty val split: no kNN
-        val_f = None
+    val_f = None
+    if labels is not None:
+        if labels.external:
+            with build_loader(labels.location, "train", rows=knn_bank, **kw) as bank_loader:
+                train_f, _, train_y = _features(model, bank_loader, accelerator)
+        try:
+            with build_loader(labels.location, "val", **kw) as val_loader:
+                val_f, _, val_y = _features(model, val_loader, accelerator)
+        except ValueError:  # an empty val split (or fewer images than processes): no kNN
+            val_f = None
     model.train()
     if val_f is not None:
-        scores = knn_scores(train_f, train_y, val_f, classes, multilabel, k=cfg.knn_k)
-        row.update(knn_metrics(scores, val_y, multilabel))
+        scores = knn_scores(train_f, train_y, val_f, len(labels.classes), labels.multilabel, k=cfg.knn_k)
+        row.update(knn_metrics(scores, val_y, labels.multilabel))
+        row.update(eval_data=labels.location, eval_data_digest=labels.digest)
     return row
 
 
@@ -183,8 +201,11 @@ def _peak_memory_mb(cuda: bool) -> float:
 
 def export_backbone(model, cfg: PretrainConfig, out: Path, parts: list[dict]) -> None:
     """backbone.safetensors (timm's names) and backbone.json: the timm model, the data (its path, and the digest of
-    its manifest) and every setting it was trained with, part by part (docs/pretrain.md)."""
-    backbone = model.backbone
+    its manifest), the preprocessing its inputs had (train/preprocessing.py: input range, normalisation, the prep
+    settings that made the pixels) and every setting it was trained with, part by part (docs/pretrain.md)."""
+    from twinray.train import preprocessing
+
+    backbone, manifest = model.backbone, PackedDataset(cfg.data).manifest
     metadata = {"timm_name": cfg.backbone, "in_chans": str(cfg.channels)}
     checkpoint.save_weights(out / "backbone.safetensors", backbone, metadata)
     info = {
@@ -193,7 +214,9 @@ def export_backbone(model, cfg: PretrainConfig, out: Path, parts: list[dict]) ->
         "num_features": backbone.num_features,
         "size": cfg.size,
         "pretrained_on": cfg.data,
+        "dataset": manifest.get("dataset"),
         "data_digest": parts[-1]["data_digest"],
+        "preprocessing": preprocessing.record(manifest, cfg.size, cfg.channels),
         "parts": parts,
     }
     write_json(out / "backbone.json", info)
@@ -201,9 +224,11 @@ def export_backbone(model, cfg: PretrainConfig, out: Path, parts: list[dict]) ->
 
 def write_config(cfg: PretrainConfig, parts: list[dict]) -> None:
     """config.json: this launch's settings, its world size and nodes, the data's digest, and every part of the run
-    with its step range (a resume that changed a setting starts a part)."""
+    with its step range (a resume that changed a setting starts a part), and the recipe as it ran at this size
+    (`recipe_effective`: Recipe.at_size, docs/augmentation.md "Resolution")."""
     now = parts[-1]
-    extra = {k: now[k] for k in ("world_size", "nodes", "data_digest")}
+    extra = {k: now.get(k) for k in ("world_size", "nodes", "data_digest", "eval_data_digest")}
+    extra["recipe_effective"] = load_recipe(cfg.recipe).at_size(cfg.size).effective()
     write_json(Path(cfg.out) / "config.json", {**cfg.to_dict(), **extra, "parts": parts})
 
 
@@ -301,7 +326,8 @@ def plan(cfg: PretrainConfig, now: dict, allow, force: bool) -> tuple[dict | Non
 def resume(run: RunState, cfg: PretrainConfig, saved: dict, changes: dict, accelerator, steps_per_epoch: int) -> None:
     """Puts `run` back where checkpoint `saved` left it (model, optimizer, schedule, probe, loss scale, RNG, position
     in the data), with this run's --lr; says so, and what changed, in a line each."""
-    run.load_state_dict(saved, lr=cfg.lr)  # this run's --lr, not the saved one
+    # this run's --lr, not the saved one; a fresh probe when --eval-data changed (--allow-change eval_data)
+    run.load_state_dict(saved, lr=cfg.lr, probe="eval_data_digest" not in changes)
     pos = run.position
     accelerator.print(f"resuming from {saved['name']}: epoch {pos.epoch}, step {pos.in_epoch} of {steps_per_epoch}")
     if changes:
@@ -326,7 +352,7 @@ def log(row: dict, accelerator, path: Path) -> None:
     if accelerator.is_main_process:
         with naming(path), open(path, "a") as f:  # a full disk names metrics.jsonl
             f.write(json.dumps(row) + "\n")
-        accelerator.log(row, step=row["step"])
+        accelerator.log({k: v for k, v in row.items() if not isinstance(v, str)}, step=row["step"])  # numbers
 
 
 def train(cfg: PretrainConfig, allow_change=(), force: bool = False, command: str | None = None) -> dict:
@@ -360,11 +386,15 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
     device = accelerator.device
     cuda = device.type == "cuda"
     shard_cache.configure(cfg.shard_cache, cfg.shard_cache_limit, cfg.storage_options)  # for a --data URL
-    digest = PackedDataset(cfg.data).digest  # the data, by content
+    training_data = PackedDataset(cfg.data)
+    digest = training_data.digest  # the data, by content
+    # the labels of the kNN and the probe: --eval-data (checked here, before --out changes), --data's own, or none
+    labels = label_source(training_data, cfg.data, cfg.eval_data, cfg.size, world)
+    eval_digest = labels.digest if labels is not None and labels.external else None
 
     # ---- what --out holds: resume only the same data and settings; nothing there has changed yet --------------
     saved, parts, changes = plan(
-        cfg, part(0, cfg.data, world, nodes, settings(cfg, digest, precision)), allow_change, force
+        cfg, part(0, cfg.data, world, nodes, settings(cfg, digest, precision, eval_digest)), allow_change, force
     )
     if saved is not None:
         pos = Position(**saved["position"])
@@ -395,8 +425,10 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
         cache=cfg.cache,
     )
     data = loader.data
-    classes, multilabel = len(data.classes), data.task == "multilabel"
-    bank = knn_bank_rows(data, cfg.knn_bank, cfg.seed)
+    classes = len(labels.classes) if labels is not None else 0  # 0: no probe
+    multilabel = labels is not None and labels.multilabel
+    bank = knn_bank_rows(data, cfg.knn_bank, cfg.seed)  # the health figures' (and the kNN's, on --data's labels)
+    knn_bank = knn_bank_rows(labels.data, cfg.knn_bank, cfg.seed) if labels is not None and labels.external else None
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -418,12 +450,34 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
 
     model = compile_model(run.model, cuda if cfg.compile is None else cfg.compile, cfg.compile_mode)
     model, optimizer = accelerator.prepare(model, run.optimizer)
+    side = None  # --eval-data: the probe trains on its train split, a side stream with its own small loader
+    if labels is not None and labels.external:
+        per_process = max(MIN_PROBE_BATCH, min(cfg.probe_batch // world, len(labels.data.indices("train")) // world))
+        probe_loader = build_loader(
+            labels.location,
+            "train",
+            backend="native",
+            batch_size=per_process,
+            device=device,
+            recipe=EVAL_RECIPE,
+            size=cfg.size,
+            views=1,
+            seed=cfg.seed,
+            rank=accelerator.process_index,
+            world_size=world,
+            drop_last=True,
+            workers=1,
+            cache=cfg.cache,
+        )
+        side = ProbeStream(probe_loader, run.probe, run.model, accelerator.autocast)
+        side.start(pos.step)
     resolved = {
         **cfg.to_dict(),
         "mixed_precision": precision,
         "world_size": world,
         "nodes": nodes,
         "data_digest": digest,
+        "eval_data_digest": eval_digest,
     }
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -453,6 +507,7 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
     model.train()
     stopped = None  # why the run stops early: a signal's name or "max_steps"
     cache_note = loader.cache_note
+    labels_note = NO_LABELS if labels is None else labels.describe() if labels.external else None
     while pos.epoch < cfg.epochs and not stopped:
         loader.set_epoch(pos.epoch, start_step=pos.in_epoch)
         meter.new_epoch()
@@ -473,9 +528,11 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
                         batch.views,
                         optimizer,
                         backward=accelerator.backward,
-                        probe=run.probe,
+                        probe=run.probe if side is None else None,  # on --data's labels, if any
                         labels=batch.labels,
                     )
+                    if side is not None:  # --eval-data's probe, on its side stream's next batch
+                        figures.update(side.step())
                     if accelerator.sync_gradients:
                         run.scheduler.step()
                 # -- the loss: this step's figures are held and the previous step's read, while the device works
@@ -509,13 +566,17 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
         pos.epoch, pos.in_epoch = pos.epoch + 1, 0
         row = {"step": pos.step, "epoch": pos.epoch - 1, "epoch_end": True, **meter.epoch_means()}
         if pos.epoch % cfg.eval_every == 0 or pos.epoch == cfg.epochs:
-            row.update(evaluate(model, cfg, accelerator, classes, multilabel, bank))
+            row.update(evaluate(model, cfg, accelerator, bank, labels, knn_bank))
         log(row, accelerator, out / "metrics.jsonl")
         summary = row
         save(run, cfg, accelerator, parts)  # before the epoch line: a reader that has left (`| head`) costs no work
-        if cache_note:  # where the cache went: with the run's first epoch line
+        if cache_note:  # where the cache went, and where the labels come from: with the run's first epoch line
             accelerator.print(cache_note)
             cache_note = None
+        if labels_note:
+            accelerator.print(labels_note)
+            log_file.line(labels_note)
+            labels_note = None
         score = " ".join(
             f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("probe_acc", "knn", "rankme", "emb_std", "corr_"))
         )
@@ -525,6 +586,8 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
 
     # ---- the run's end: a checkpoint to continue from, or the backbone ----------------------------------------
     loader.close()  # its decode pool and any epoch left open end now (pipelines/loader.py)
+    if side is not None:
+        side.close()
     vote.close()
     if stopped:
         save(run, cfg, accelerator, parts)

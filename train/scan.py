@@ -19,6 +19,13 @@ A pretraining sweep (recipe, projector, lambda: tables 4-7), each pretraining fo
 Grid keys that are pretraining fields make one pretraining per value; the others (here `fraction`) vary only the
 finetunes, which all start from the same pretraining.
 
+Pretraining on one dataset and fine-tuning on another (the study's table 8: Barlow Twins on CheXpert, fine-tuned on
+COVID): `pretrain` may name its own `data` (labelled or not), and `eval_data` to watch the finetunes' classes with
+kNN during it; the top-level `data` is the finetunes':
+
+    data: data/packed/covid
+    pretrain: {data: data/packed/chexpert, eval_data: data/packed/covid, epochs: 50}
+
 The whole file is checked before the first run starts (and by --dry-run): a slip is one line naming the key and
 its value, exit code 2, and no run directory is made. Checked: the keys and each one's type; seeds, a non-empty list
 of distinct whole numbers; grid values, non-empty lists of distinct single values; `then`, distinct modes; every
@@ -81,8 +88,11 @@ def load_config(path: Path) -> dict:
         if key in cfg and not isinstance(cfg[key], dict):
             raise InputError(f"{path}: {key} {cfg[key]!r} is not a mapping of field: value")
         for name in cfg.get(key, {}):
-            if str(name).replace("-", "_") in SET_BY_SCAN:
+            own = key == "pretrain" and str(name) == "data"  # pretraining on another dataset than the finetunes'
+            if str(name).replace("-", "_") in SET_BY_SCAN and not own:
                 raise InputError(f"{path}: {key} {name}: set by the scan (from its data, out and seeds)")
+        if key == "pretrain" and "data" in cfg.get(key, {}) and not isinstance(cfg[key]["data"], str):
+            raise InputError(f"{path}: pretrain data {cfg[key]['data']!r} is not a path")
     if not isinstance(cfg["grid"], dict):
         raise InputError(f"{path}: grid {cfg['grid']!r} is not a mapping of flag: [values]")
     for name, values in cfg["grid"].items():
@@ -160,7 +170,7 @@ def plan(cfg: dict) -> list[dict]:
 
     def add(kind: str, cell: dict, seed: int, directory: Path, options: dict) -> Path:
         cls = PretrainConfig if kind == "pretrain" else FinetuneConfig
-        values = {**options, "data": str(cfg["data"]), "seed": seed, "out": str(directory)}
+        values = {"data": str(cfg["data"]), **options, "seed": seed, "out": str(directory)}  # pretrain may name its own
         config = from_mapping(cls, values, f"{kind} in {directory}")
         given = {str(k).replace("-", "_") for k in values}
         runs.append({"kind": kind, "cell": cell, "seed": seed, "dir": directory, "config": config,

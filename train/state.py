@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from twinray.train.config import PRETRAIN_FIXED, PRETRAIN_LEARNED, ConfigError
+from twinray.train.config import PRETRAIN_BY_DIGEST, PRETRAIN_FIXED, PRETRAIN_LEARNED, ConfigError
 from twinray.train.model import PretrainModel
 from twinray.train.objectives import build_method, model_pieces
 from twinray.train.online_eval import LinearProbe
@@ -23,6 +23,7 @@ from twinray.train.step import Method
 
 OLD_DEFAULTS = {"method": "barlow"}  # fields that checkpoints written before them lack
 DIGEST_SHOWN = 16  # hex digits of a data digest in a refusal line
+DIGEST_NAMES = {digest: name for name, digest in PRETRAIN_BY_DIGEST.items()}  # data_digest -> data, ...
 
 
 @dataclass
@@ -40,33 +41,36 @@ class RunState:
     method: Method  # the forward and loss; holds no tensors (a momentum method keeps its state in `model`)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    probe: LinearProbe
+    probe: LinearProbe | None  # None where no labels reach the run (unlabeled data, no --eval-data)
     scaler: torch.amp.GradScaler | None = None  # fp16's loss scale (Accelerate's), else None
     position: Position = field(default_factory=Position)
 
     def state_dict(self) -> dict:
-        """Tensors and plain values only (no pickle needed): model, optimizer, scheduler, probe, probe_optimizer,
-        rng (torch's CPU generator, and each CUDA device's), position, and scaler under fp16."""
+        """Tensors and plain values only (no pickle needed): model, optimizer, scheduler, probe and probe_optimizer
+        (with a probe), rng (torch's CPU generator, and each CUDA device's), position, and scaler under fp16."""
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "probe": self.probe.state_dict(),
-            "probe_optimizer": self.probe.optimizer.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else []},
             "position": vars(self.position).copy(),
         }
+        if self.probe is not None:
+            state["probe"] = self.probe.state_dict()
+            state["probe_optimizer"] = self.probe.optimizer.state_dict()
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def load_state_dict(self, state: dict, lr: float | None = None) -> None:
+    def load_state_dict(self, state: dict, lr: float | None = None, probe: bool = True) -> None:
         """Restores a `state_dict()`. `lr`: this run's base learning rate, which replaces the saved one (a
-        re-run may change --lr; the schedule's position is kept)."""
+        re-run may change --lr; the schedule's position is kept). `probe`: False keeps this run's fresh probe
+        (a resume onto other --eval-data: the saved probe learned other classes); so does a state without one."""
         self.model.load_state_dict(state["model"])
-        self.probe.load_state_dict(state["probe"])
-        self.probe.optimizer.load_state_dict(state["probe_optimizer"])
+        if probe and self.probe is not None and "probe" in state:
+            self.probe.load_state_dict(state["probe"])
+            self.probe.optimizer.load_state_dict(state["probe_optimizer"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if lr is not None:  # the schedule (a LambdaLR: train/optim.py) at its saved step, from the new base lr
@@ -81,11 +85,12 @@ class RunState:
         self.position = Position(**state["position"])
 
 
-def settings(cfg, data_digest: str, precision: str) -> dict:
+def settings(cfg, data_digest: str, precision: str, eval_digest: str | None = None) -> dict:
     """What a run learns from (train/config.py PRETRAIN_LEARNED) as a part of the run records it: the data as its
-    manifest's digest (`data_digest`), mixed precision as resolved (auto: bf16 or no)."""
+    manifest's digest (`data_digest`), --eval-data as its path and digest (`eval_data_digest`, None without one),
+    mixed precision as resolved (auto: bf16 or no)."""
     values = {name: getattr(cfg, name) for name in PRETRAIN_LEARNED if name != "data"}
-    return {"data_digest": data_digest, **values, "mixed_precision": precision}
+    return {"data_digest": data_digest, "eval_data_digest": eval_digest, **values, "mixed_precision": precision}
 
 
 def part(start: int, data: str, world_size: int, nodes: int, learned: dict) -> dict:
@@ -100,7 +105,7 @@ def saved_parts(saved: dict) -> list[dict]:
     if "parts" in saved:
         return saved["parts"]
     config = {**OLD_DEFAULTS, **saved["config"]}
-    learned = {k: config[k] for k in PRETRAIN_LEARNED if k in config and k != "data"}
+    learned = {k: config[k] for k in PRETRAIN_LEARNED if k in config and k not in PRETRAIN_BY_DIGEST}
     if learned.get("mixed_precision") == "auto":  # resolved by the machine it ran on, which is not known
         del learned["mixed_precision"]
     return [{"steps": [0, saved["position"]["step"]], "data": config.get("data"), **learned}]
@@ -112,8 +117,9 @@ def same_settings(a: dict, b: dict) -> bool:
 
 
 def _said(name: str, old, new) -> str:
-    if name == "data_digest":
-        return f"data {old[:DIGEST_SHOWN]}, now {new[:DIGEST_SHOWN]} (manifest sha256)"
+    if name in DIGEST_NAMES:
+        short = [d[:DIGEST_SHOWN] if d else "none" for d in (old, new)]
+        return f"{DIGEST_NAMES[name]} {short[0]}, now {short[1]} (manifest sha256)"
     return f"{name} {old!r}, now {new!r}"
 
 
@@ -125,7 +131,7 @@ def resume_changes(out, last: dict, now: dict, position: Position, allow=()) -> 
     Raises ConfigError, one line naming `out` and each refused setting with both values."""
     changes, refused, flaggable = {}, [], []  # refused: words; flaggable: what --allow-change could allow
     begun = position.epoch + (position.in_epoch > 0)
-    for name in ("data_digest", *(n for n in PRETRAIN_LEARNED if n != "data")):
+    for name in (*DIGEST_NAMES, *(n for n in PRETRAIN_LEARNED if n not in PRETRAIN_BY_DIGEST)):
         if name not in last or last[name] == now[name]:  # a setting an old checkpoint did not record: not compared
             continue
         old, new = last[name], now[name]
@@ -133,13 +139,13 @@ def resume_changes(out, last: dict, now: dict, position: Position, allow=()) -> 
             refused.append(f"epochs {old}, now {new}, fewer than the {begun} it has begun")
         elif name == "batch_size" and name in allow and position.in_epoch:
             refused.append(f"{_said(name, old, new)}, mid-epoch (it may change only at an epoch's end)")
-        elif name == "lr" or (name == "epochs" and new > old) or name in allow:
+        elif name == "lr" or (name == "epochs" and new > old) or DIGEST_NAMES.get(name, name) in allow:
             changes[name] = (old, new)
         else:
             refused.append(_said(name, old, new))
-            flaggable.append(name)
+            flaggable.append(DIGEST_NAMES.get(name, name))
     if refused:
-        fixed = len(flaggable) < len(refused) or any(n in ("data_digest", *PRETRAIN_FIXED) for n in flaggable)
+        fixed = len(flaggable) < len(refused) or any(n in PRETRAIN_FIXED for n in flaggable)
         hint = "" if fixed else f", --allow-change {','.join(flaggable)} to change them anyway"
         raise ConfigError(
             f"{out} holds a run with other settings: {'; '.join(refused)}; "
@@ -164,16 +170,16 @@ def build_run(
     needs (train/model.py PretrainModel: predictor, momentum encoder, queue) on `device` (channels_last unless told
     otherwise; the study's NCHW is `torch.contiguous_format`), its optimizer, the lr schedule over `cfg.epochs`
     epochs of optimizer steps (so a larger --epochs stretches a resumed run), and the online probe for `classes`
-    outputs. Draws the initial weights from torch's global generator: seed it first. `sync_batchnorm`: the
-    projector's and predictor's BatchNorms compute their statistics over all processes (GPUs only); a momentum
-    encoder keeps per-process statistics (MoCo's shuffled BatchNorm needs them)."""
+    outputs (none for 0 classes: no labels reach the run). Draws the initial weights from torch's global generator:
+    seed it first. `sync_batchnorm`: the projector's and predictor's BatchNorms compute their statistics over all
+    processes (GPUs only); a momentum encoder keeps per-process statistics (MoCo's shuffled BatchNorm needs them)."""
     model = PretrainModel(cfg.backbone, cfg.channels, cfg.projector, **model_pieces(cfg))
     if sync_batchnorm:
         model.projector = nn.SyncBatchNorm.convert_sync_batchnorm(model.projector)
         if model.predictor is not None:
             model.predictor = nn.SyncBatchNorm.convert_sync_batchnorm(model.predictor)
     model = model.to(device, memory_format=memory_format)
-    probe = LinearProbe(model.backbone.num_features, classes, multilabel).to(device)
+    probe = LinearProbe(model.backbone.num_features, classes, multilabel).to(device) if classes else None
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.exclude_bias_norm)
     updates_per_epoch = steps_per_epoch // cfg.grad_accum
     total_updates = cfg.epochs * updates_per_epoch

@@ -9,14 +9,16 @@ Steps, each skipped when its output is already complete (so a re-run resumes and
 3. a train/scan.py pretraining sweep: per seed, one Barlow Twins pretraining, then `modes` (linear probe, full
    fine-tune) at each label fraction -> WORK/<profile>/barlow;
 4. a train/scan.py grid from random init, same fractions, modes and seeds -> WORK/<profile>/random;
-5. train/shortcuts.py: how far image statistics, the border or geometry alone separate the classes;
+5. `twinray audit --protocol held-out` (train/audit.py): how far image statistics, the border or geometry alone
+   separate the classes;
 6. the report in RESULTS/<profile>/: runs.csv (one row per fine-tune), summary.csv (mean and 95% t-interval over
    seeds per init x mode x fraction), table.md, study.png, shortcuts.json, timings.json (wall and CPU seconds per
    step) and configs/ (the resolved study, both scan YAMLs, each pretraining's config.json, each finetune's config).
 
 The YAML's keys: raw, work, results, patients_per_class, prep {split, seed, size}, seeds, fractions, modes,
 source_class, pretrain and finetune (flags for every run), profile (the default) and profiles {name: {pretrain,
-finetune, seeds, fractions, modes}}, merged over the top level.
+finetune, seeds, fractions, modes}}, merged over the top level. `pretrain: {data: DIR}` pretrains on another packed
+dataset (an unlabeled one too) and fine-tunes on the real-cxr pack, with kNN on the pack's classes during it.
 """
 
 from __future__ import annotations
@@ -134,12 +136,17 @@ def pack(cfg: dict, labels: Path) -> Path:
 
 
 def scan_configs(cfg: dict, packed: Path) -> dict[str, dict]:
-    """The two train/scan.py configs: the pretraining sweep (Barlow) and the random-init grid."""
+    """The two train/scan.py configs: the pretraining sweep (Barlow) and the random-init grid. A `pretrain` section
+    with its own `data` pretrains on that dataset (labelled or not) and fine-tunes on `packed`, as the study's table 8
+    did (CheXpert, then COVID); its kNN and probe then watch `packed` (`eval_data`, unless the section names one)."""
     work = Path(cfg["work"]) / cfg["profile"]
     finetune = dict(cfg.get("finetune") or {})
+    pretrain = dict(cfg.get("pretrain") or {})
+    if "data" in pretrain:  # pretraining on another dataset: its kNN and probe watch this one's classes
+        pretrain.setdefault("eval_data", str(packed))
     barlow = {
         "data": str(packed), "out": str(work / "barlow"), "seeds": list(cfg["seeds"]),
-        "pretrain": dict(cfg.get("pretrain") or {}), "finetune": finetune,
+        "pretrain": pretrain, "finetune": finetune,
         "grid": {"fraction": list(cfg["fractions"])}, "then": list(cfg["modes"]), "metric": "balanced_accuracy",
     }  # fmt: skip
     random = {
@@ -236,8 +243,9 @@ def table(cfg: dict, summary: list[dict], shortcuts: dict, packed: Path, command
         lines.append(f"| {s['init']} | {s['mode']} | {s['fraction']:g} | {s['train_images']:g} | {scores} |")
     lines += [
         "",
-        f"Source-shortcut check (train/shortcuts.py; logistic regression on features that carry no disease, eval view "
-        f"at {shortcuts['size']} px; 95% bootstrap over {shortcuts['test_patients']} test patients):",
+        f"Source-shortcut check (`twinray audit --protocol held-out`; logistic regression on features that carry no "
+        f"disease, eval view at {shortcuts['size']} px; 95% bootstrap over {shortcuts['test_patients']} test "
+        "patients):",
         "",
         f"| features | count | balanced accuracy | macro AUROC | {source} AUROC | {rest} balanced accuracy |",
         "|---|---|---|---|---|---|",
@@ -299,16 +307,18 @@ def draw(summary: list[dict], rows: list[dict], shortcuts: dict, modes: list[str
 
 
 def shortcut_report(path: Path, packed: Path, size: int, source_class: str | None) -> dict:
-    """train/shortcuts.py's report, reused when `path` already holds one for this pack, size and class."""
-    from twinray.train import shortcuts
+    """`twinray audit PACKED --protocol held-out`'s report (train/audit.py: scored on the models' test split),
+    reused when `path` already holds one for this pack, size, class and protocol (one without is held-out's)."""
+    from twinray.train import audit
 
     try:
         found = json.loads(path.read_text())
-        if (found["data"], found["size"], found["source_class"]) == (str(packed), size, source_class):
+        if (found["data"], found["size"], found["source_class"], found.get("protocol", "held-out")) == (
+            str(packed), size, source_class, "held-out"):  # fmt: skip
             return found
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    report = shortcuts.check(packed, size, source_class)
+    report = audit.audit(packed, size, "held-out", source_class=source_class)
     write_json(path, report)
     return report
 
