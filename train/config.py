@@ -135,6 +135,13 @@ class PretrainConfig:
     size: int = setting(224, "the side of the square views, in pixels")
     backbone: str = setting("resnet18", "the encoder whose weights the run exports (backbone.safetensors)")
     channels: int = setting(1, "input channels: 1 (grey) or 3 (the grey image repeated, for RGB backbones)")
+    init: str | None = setting(
+        None,
+        "the backbone's starting weights: a pretraining run, a backbone or timm .safetensors file, a fine-tuned "
+        "model, or imagenet (timm's weights from the local Hugging Face cache); an RGB stem is summed into one "
+        "channel, and the projector starts fresh (docs/pretrain.md, 'Continued pretraining')",
+        shown="random weights",
+    )
     projector: str | None = setting(None, "the projector's layer sizes, e.g. 512 or 2048-128")
     lambd: float | None = setting(None, "Barlow Twins' weight of the off-diagonal terms")
     lr: float | None = setting(None, "the peak learning rate")
@@ -288,6 +295,7 @@ METHOD_FIELDS = (
 # keep them, but for PRETRAIN_FREE and those named in --allow-change (a changed eval_data restarts the probe).
 PRETRAIN_FIXED = (  # the checkpoint's tensors fit only these as they were: no flag changes them
     "data",
+    "init",  # where the backbone started: by the sha256 of its weights
     "method",
     "backbone",
     "channels",
@@ -323,7 +331,7 @@ PRETRAIN_LEARNED = (
     "probe_batch",
 )
 # The learned settings compared by content, not path: each part records the path and its manifest's digest.
-PRETRAIN_BY_DIGEST = {"data": "data_digest", "eval_data": "eval_data_digest"}
+PRETRAIN_BY_DIGEST = {"data": "data_digest", "eval_data": "eval_data_digest", "init": "init_digest"}
 PRETRAIN_FREE = ("epochs", "lr")  # change on a resume without a flag (epochs only upwards), said at the start
 # RUNS: how the run runs; a re-run may change any of them.
 PRETRAIN_RUNS = (

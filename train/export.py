@@ -361,7 +361,7 @@ def model_card(source: Exportable, fmt: str) -> str:
             f"lr {last.get('lr')}",
         ]
         if cfg.get("init") not in (None, "random"):
-            lines.append(f"- initialised from: {cfg['init']}")
+            lines.append(f"- initialised from: {cfg['init']} (weights sha256 {cfg.get('init_digest')})")
         rows = knn_rows(source.run)
         if rows:
             keys = [k for k in rows[-1] if k != "epoch"]
@@ -393,18 +393,28 @@ def export(run: str | Path, fmt: str = "timm", out: str | Path | None = None, fo
         raise InputError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     source = load(run)
     out = Path(out) if out is not None else Path(run) / f"export-{fmt}"
-    with publishing(out, force) as tmp:
+    with publishing(out, force, inputs=(run,)) as tmp:
         write_timm(source, tmp) if fmt == "timm" else write_onnx(source, tmp)
         (tmp / "README.md").write_text(model_card(source, fmt))
     return out
 
 
 @contextmanager
-def publishing(out: str | Path, force: bool = False):
+def publishing(out: str | Path, force: bool = False, inputs: tuple[str | Path, ...] = ()):
     """Yields an empty folder beside `out` to fill; it becomes `out` (replacing it with `force`) only once the
     block succeeds, so `out` is never half written. Raises InputError, before anything is written, for an `out`
-    that exists without `force`."""
+    that exists without `force`, an `out` with no name of its own (`/`, `.`), or one that is or holds one of
+    `inputs` (the run, model or data read): `--force` replaces an earlier output, never what is being read."""
     out = Path(out)
+    where = Path(os.path.abspath(out))
+    if out.name in ("", ".", "..") or where.parent == where:
+        raise InputError(f"--out {out}: give a folder of its own for the output, not {out}")
+    for given in inputs:
+        if given is None or "://" in str(given):
+            continue
+        read = Path(os.path.realpath(given))
+        if read.is_relative_to(os.path.realpath(where)):
+            raise InputError(f"--out {out} is or holds {given}, which this command reads; give another --out")
     if out.exists() and not force:
         raise InputError(f"{out} exists; pass --force to replace it")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

@@ -39,7 +39,7 @@ from twinray.pipelines import build_loader
 from twinray.pipelines.augment import load_recipe
 from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
-from twinray.train import checkpoint, health, runlog
+from twinray.train import checkpoint, health, runlog, transfer
 from twinray.train.config import ConfigError, PretrainConfig, check_batch_size, from_args, parse_allow_change
 from twinray.train.distributed import StopVote, count_nodes
 from twinray.train.meter import NonFiniteLoss, StepMeter
@@ -227,7 +227,7 @@ def write_config(cfg: PretrainConfig, parts: list[dict]) -> None:
     with its step range (a resume that changed a setting starts a part), and the recipe as it ran at this size
     (`recipe_effective`: Recipe.at_size, docs/augmentation.md "Resolution")."""
     now = parts[-1]
-    extra = {k: now.get(k) for k in ("world_size", "nodes", "data_digest", "eval_data_digest")}
+    extra = {k: now.get(k) for k in ("world_size", "nodes", "data_digest", "eval_data_digest", "init_digest")}
     extra["recipe_effective"] = load_recipe(cfg.recipe).at_size(cfg.size).effective()
     write_json(Path(cfg.out) / "config.json", {**cfg.to_dict(), **extra, "parts": parts})
 
@@ -391,10 +391,18 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
     # the labels of the kNN and the probe: --eval-data (checked here, before --out changes), --data's own, or none
     labels = label_source(training_data, cfg.data, cfg.eval_data, cfg.size, world)
     eval_digest = labels.digest if labels is not None and labels.external else None
+    # --init: the backbone's starting weights, read and checked here too (train/transfer.py), known by their sha256
+    start, started = None, None
+    if cfg.init not in (None, "random"):
+        start, started = transfer.backbone_weights(cfg.init, cfg.backbone, cfg.channels)
+    init_digest = started["sha256"] if started else None
 
     # ---- what --out holds: resume only the same data and settings; nothing there has changed yet --------------
     saved, parts, changes = plan(
-        cfg, part(0, cfg.data, world, nodes, settings(cfg, digest, precision, eval_digest)), allow_change, force
+        cfg,
+        part(0, cfg.data, world, nodes, settings(cfg, digest, precision, eval_digest, init_digest)),
+        allow_change,
+        force,
     )
     if saved is not None:
         pos = Position(**saved["position"])
@@ -436,8 +444,10 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
             "an epoch would have no step"
         )
     # SyncBatchNorm runs on GPUs only; CPU processes keep per-process BN statistics.
-    run = build_run(cfg, device, steps_per_epoch, classes, multilabel, sync_batchnorm=world > 1 and cuda)
+    run = build_run(cfg, device, steps_per_epoch, classes, multilabel, world > 1 and cuda, backbone=start)
     run.scaler = accelerator.scaler  # fp16's loss scale, None otherwise
+    if started is not None and saved is None:
+        accelerator.print(f"backbone from --init {started['init']} (weights sha256 {started['sha256'][:12]})")
 
     # ---- resume: everything, including where in the epoch the data stopped; or --force's fresh start ----------
     if force and accelerator.is_main_process and out.is_dir():

@@ -16,6 +16,7 @@ from torch import nn
 
 from twinray.train.config import PRETRAIN_BY_DIGEST, PRETRAIN_FIXED, PRETRAIN_LEARNED, ConfigError
 from twinray.train.model import PretrainModel
+from twinray.train.momentum import MomentumEncoder
 from twinray.train.objectives import build_method, model_pieces
 from twinray.train.online_eval import LinearProbe
 from twinray.train.optim import build_optimizer, build_scheduler
@@ -85,12 +86,16 @@ class RunState:
         self.position = Position(**state["position"])
 
 
-def settings(cfg, data_digest: str, precision: str, eval_digest: str | None = None) -> dict:
+def settings(
+    cfg, data_digest: str, precision: str, eval_digest: str | None = None, init_digest: str | None = None
+) -> dict:
     """What a run learns from (train/config.py PRETRAIN_LEARNED) as a part of the run records it: the data as its
     manifest's digest (`data_digest`), --eval-data as its path and digest (`eval_data_digest`, None without one),
-    mixed precision as resolved (auto: bf16 or no)."""
+    --init as its path and the sha256 of its weights (`init_digest`, None for random weights), mixed precision as
+    resolved (auto: bf16 or no)."""
     values = {name: getattr(cfg, name) for name in PRETRAIN_LEARNED if name != "data"}
-    return {"data_digest": data_digest, "eval_data_digest": eval_digest, **values, "mixed_precision": precision}
+    digests = {"data_digest": data_digest, "eval_data_digest": eval_digest, "init_digest": init_digest}
+    return {**digests, **values, "mixed_precision": precision}
 
 
 def part(start: int, data: str, world_size: int, nodes: int, learned: dict) -> dict:
@@ -119,7 +124,8 @@ def same_settings(a: dict, b: dict) -> bool:
 def _said(name: str, old, new) -> str:
     if name in DIGEST_NAMES:
         short = [d[:DIGEST_SHOWN] if d else "none" for d in (old, new)]
-        return f"{DIGEST_NAMES[name]} {short[0]}, now {short[1]} (manifest sha256)"
+        what = "weights" if name == "init_digest" else "manifest"
+        return f"{DIGEST_NAMES[name]} {short[0]}, now {short[1]} ({what} sha256)"
     return f"{name} {old!r}, now {new!r}"
 
 
@@ -165,6 +171,7 @@ def build_run(
     multilabel: bool,
     sync_batchnorm: bool = False,
     memory_format: torch.memory_format = torch.channels_last,
+    backbone: dict[str, torch.Tensor] | None = None,
 ) -> RunState:
     """A fresh run for a PretrainConfig: its method (train/objectives.py), the model with the pieces the method
     needs (train/model.py PretrainModel: predictor, momentum encoder, queue) on `device` (channels_last unless told
@@ -172,8 +179,14 @@ def build_run(
     epochs of optimizer steps (so a larger --epochs stretches a resumed run), and the online probe for `classes`
     outputs (none for 0 classes: no labels reach the run). Draws the initial weights from torch's global generator:
     seed it first. `sync_batchnorm`: the projector's and predictor's BatchNorms compute their statistics over all
-    processes (GPUs only); a momentum encoder keeps per-process statistics (MoCo's shuffled BatchNorm needs them)."""
+    processes (GPUs only); a momentum encoder keeps per-process statistics (MoCo's shuffled BatchNorm needs them).
+    `backbone`: the backbone's starting tensors (--init: train/transfer.py backbone_weights); the projector and
+    predictor are drawn as without it, and a momentum encoder starts as a copy of the network with them."""
     model = PretrainModel(cfg.backbone, cfg.channels, cfg.projector, **model_pieces(cfg))
+    if backbone is not None:
+        model.backbone.load_state_dict(backbone)
+        if model.target is not None:  # the EMA copy starts from the given weights too
+            model.target = MomentumEncoder(model.online())
     if sync_batchnorm:
         model.projector = nn.SyncBatchNorm.convert_sync_batchnorm(model.projector)
         if model.predictor is not None:

@@ -1,6 +1,7 @@
 """Where a downstream model's backbone comes from (`--init`) and which of its parts train (`--mode`).
 
---init   a pretraining run directory (its exported backbone.safetensors), a backbone .safetensors file,
+--init   a pretraining run directory (its exported backbone.safetensors), a backbone .safetensors file (twinray's,
+         or a timm checkpoint: its classifier left out, an RGB stem summed into one channel),
          a fine-tuned model (a train/finetune.py run directory or its model.safetensors: its backbone, and its head
          matched to the data's classes by name, `classifier_head`), `imagenet` (timm's weights; the RGB stem is
          summed into one channel), or `random`.
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -55,8 +57,10 @@ def load_backbone(init: str, name: str = "resnet18", in_chans: int = 1) -> tuple
             model = build_backbone(name, in_chans, pretrained=True)
         except Exception as e:  # no network and no cache: hub, HTTP and file errors all land here
             raise TransferError(
-                f"--init imagenet: timm's {name} weights could not be fetched or found in the local cache "
-                f"({type(e).__name__})"
+                f"--init imagenet: timm's {name} weights are not in the Hugging Face cache (HF_HUB_CACHE, default "
+                f"~/.cache/huggingface/hub) and could not be downloaded ({type(e).__name__}); run once with network "
+                f"to fill the cache, or download the model.safetensors of timm's {name} and pass --init "
+                "PATH/model.safetensors"
             ) from None
         return model, {"init": "imagenet", "timm_name": name, "in_chans": in_chans}
     path = Path(init)
@@ -75,6 +79,8 @@ def load_backbone(init: str, name: str = "resnet18", in_chans: int = 1) -> tuple
         classifier = any(k.startswith("head.") for k in tensors)  # a fine-tuned model: backbone.* and head.*
         if classifier:
             tensors = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+        else:
+            tensors = timm_weights(model, tensors)
         model.load_state_dict(tensors)
         if classifier and not isinstance(info.get("classes"), list):
             raise TransferError(f"--init {path}: a fine-tuned model without its classes ({info_file} has none)")
@@ -86,6 +92,45 @@ def load_backbone(init: str, name: str = "resnet18", in_chans: int = 1) -> tuple
     if classifier:
         found.update(classes=list(info["classes"]), task=info.get("task", "multiclass"))
     return model, found
+
+
+def timm_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm checkpoint's tensors (a Hub model.safetensors, `twinray export`'s folder) for `model`, a timm model
+    without classifier: the classifier's tensors (pretrained_cfg["classifier"], e.g. fc.*) are left out, and an
+    RGB stem (pretrained_cfg["first_conv"]) is adapted to the model's channels with timm's adapt_input_conv (for
+    one channel: the sum over the three, as timm does for pretrained=True). A twinray backbone passes unchanged."""
+    from timm.models import adapt_input_conv
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    head = cfg.get("classifier")
+    heads = (head,) if isinstance(head, str) else tuple(head or ())
+    tensors = {k: v for k, v in tensors.items() if not any(k.startswith(h + ".") for h in heads)}
+    stems = cfg.get("first_conv")
+    for stem in (stems,) if isinstance(stems, str) else tuple(stems or ()):
+        key, want = f"{stem}.weight", model.state_dict().get(f"{stem}.weight")
+        if key in tensors and want is not None and tensors[key].shape[1] != want.shape[1]:
+            tensors[key] = adapt_input_conv(want.shape[1], tensors[key].float()).to(tensors[key].dtype)
+    return tensors
+
+
+def backbone_weights(init: str, name: str, in_chans: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """pretrain --init: the backbone's tensors to start from (load_backbone's sources: a run, a backbone or timm
+    .safetensors file, a fine-tuned model's backbone, imagenet), and {"init", "timm_name", "in_chans", "sha256"},
+    the sha256 over the tensors (names and bytes, in name order), what a resume compares. Raises TransferError, one
+    line, for a bad --init or weights of another architecture or channel count than the run's."""
+    model, info = load_backbone(init, name, in_chans)
+    if (info["timm_name"], info["in_chans"]) != (name, in_chans):
+        raise TransferError(
+            f"--init {init}: a {info['timm_name']} backbone with {info['in_chans']} channel(s), and this run trains "
+            f"a {name} with {in_chans}; pass --backbone {info['timm_name']} --channels {info['in_chans']}, or other "
+            "weights"
+        )
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
+    return state, {**info, "sha256": digest.hexdigest()}
 
 
 def class_indices(known: list[str], names: list[str], model: str) -> list[int]:
