@@ -43,10 +43,17 @@ demo: install
 	$(PY) -m twinray.pipelines.preview --data $(DEMO)/packed --recipe seed-final --out $(DEMO)/preview-seed-final.png
 	$(PY) train/pretrain.py --data $(DEMO)/packed --out $(DEMO)/pretrain --epochs 4 --size 64 --batch-size 64 \
 	    --wandb offline --log-every 1
+	$(VENV)/bin/twinray embed --model $(DEMO)/pretrain --data $(DEMO)/packed --out $(DEMO)/embed
+	$(PY) -m prep sample --out $(DEMO)/raw --dicom-tree --patients 30
+	$(PY) -m prep images --src $(DEMO)/raw/dicom-export --out $(DEMO)/hospital
+	$(PY) train/pretrain.py --data $(DEMO)/hospital --eval-data $(DEMO)/packed --out $(DEMO)/pretrain-unlabeled \
+	    --epochs 2 --size 64 --batch-size 16 --eval-every 1 --wandb offline
 	$(PY) train/scan.py configs/demo-scan.yaml --out $(DEMO)/scan
 	$(PY) train/gradcam.py --data $(DEMO)/packed --out $(DEMO)/gradcam.png \
 	    --models $(DEMO)/scan/init-pretrain_fraction-1.0/seed-0 $(DEMO)/scan/init-random_fraction-1.0/seed-0
 	@echo "demo outputs: $(DEMO)/packed (dataset), $(DEMO)/preview-seed-final.png (views), $(DEMO)/pretrain (run)"
+	@echo "  embeddings and their map: $(DEMO)/embed/map.png; a DICOM export packed without labels: $(DEMO)/hospital,"
+	@echo "  pretrained on with kNN on the labelled set: $(DEMO)/pretrain-unlabeled"
 	@echo "  label-fraction scan: $(DEMO)/scan/scan.png and summary.csv; Grad-CAM grid: $(DEMO)/gradcam.png"
 
 prep: install

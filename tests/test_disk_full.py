@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -96,12 +97,16 @@ def test_pretraining_on_a_full_disk_is_one_line_and_publishes_no_checkpoint(smal
     ]  # fmt: skip
     result = on_small_disk(disk, 1024, shlex.join(map(str, command)), after)  # a checkpoint here is ~45 MB
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    said = [line for line in result.stderr.splitlines() if line.strip() and "it/s]" not in line]  # less the bar
+    progress = re.compile(r"^epoch \d+/\d+: \d+/\d+ ")  # the plain progress lines off a terminal (train/runlog.py)
+    said = [line for line in result.stderr.splitlines() if line.strip() and not progress.match(line)]
     assert said == [
         f"pretrain: error: {disk}/run/ckpt-000000001: no space left on the device (ENOSPC): free some space there "
         "or write elsewhere"
     ]
-    assert sorted(p.name for p in (after / "run").iterdir()) == ["config.json"]  # no half-written checkpoint
+    # no half-written checkpoint; train.log has its header, and claims no epoch or end
+    assert sorted(p.name for p in (after / "run").iterdir()) == ["config.json", "train.log"]
+    log = (after / "run" / "train.log").read_text()
+    assert log.startswith("==== started ") and "epoch 1/1" not in log and "done" not in log
     assert json.loads((after / "run" / "config.json").read_text())["out"] == str(disk / "run")
 
 

@@ -57,7 +57,7 @@ def load_backbone(init: str, name: str = "resnet18", in_chans: int = 1) -> tuple
             model = build_backbone(name, in_chans, pretrained=True)
         except Exception as e:  # no network and no cache: hub, HTTP and file errors all land here
             raise TransferError(
-                f"--init imagenet: timm's {name} weights are not in the Hugging Face cache (HF_HUB_CACHE, default "
+                f"--init imagenet: timm's {name} weights are not in the local cache of Hugging Face (HF_HUB_CACHE, default "
                 f"~/.cache/huggingface/hub) and could not be downloaded ({type(e).__name__}); run once with network "
                 f"to fill the cache, or download the model.safetensors of timm's {name} and pass --init "
                 "PATH/model.safetensors"
