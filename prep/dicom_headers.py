@@ -18,6 +18,7 @@ Both are skipped with that reason; a file whose header does not parse is skipped
 from __future__ import annotations
 
 import multiprocessing
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ VIEW_KINDS = {
     **dict.fromkeys(FRONTAL, "frontal"),
 }
 ATTRIBUTES = {"views": "ViewPosition", "modalities": "Modality", "body_parts": "BodyPartExamined"}
+FIELDS = {"views": "view", "modalities": "modality", "body_parts": "body_part"}  # Header's field of each
 
 
 @dataclass
@@ -89,6 +91,8 @@ def read_header(path: str | Path) -> Header | str:
     from pydicom.uid import UID
 
     try:
+        if Path(path).stat().st_size == 0:
+            return "empty file"
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         meta = getattr(ds, "file_meta", None)
         meta_class = meta.get("MediaStorageSOPClassUID") if meta is not None else None
@@ -124,9 +128,14 @@ def read_headers(paths: Sequence[Path], workers: int = 1) -> list[Header | str]:
 
 
 def not_an_image(header: Header) -> str | None:
-    """The skip reason of a DICOM object that is not an image (a DICOMDIR, an SR, a presentation state), or None."""
+    """The skip reason of a DICOM object that is not an image (a DICOMDIR, an SR, a presentation state; a file with
+    no SOP Class UID; an image class whose Image Pixel module is missing, as in a file cut short), or None."""
     if header.directory:
         return "DICOMDIR (the export's directory of files, not an image)"
+    if not header.image and header.sop_class == "no SOP Class UID":
+        return "not a DICOM object (no SOP Class UID, no pixel data)"
+    if not header.image and "Image Storage" in header.sop_class:  # an image's class, its pixel module gone
+        return f"image without its pixel module ({header.sop_class}: the file is cut short or incomplete)"
     if not header.image:
         return f"not an image ({header.sop_class}: no pixel data)"
     return None
@@ -181,6 +190,23 @@ class Selection:
             elif value not in wanted:
                 return f"{kind(value)} ({keyword} {value})", lacking
         return None, lacking
+
+    def check_matches(self, images: Sequence[Header]) -> None:
+        """Raises InputError when a selected attribute that these image headers carry holds none of the values
+        kept (a typo such as `--views fronal`, or `--modalities CR,DX` on a CT export): every DICOM image carrying
+        it would be left out, which is never what was meant. Images without the attribute are kept (unknown), so
+        they say nothing here."""
+        for name, keyword in ATTRIBUTES.items():
+            wanted = getattr(self, name)
+            values = Counter(getattr(h, FIELDS[name]) for h in images if getattr(h, FIELDS[name]) is not None)
+            if wanted is None or not values or any(v in values for v in wanted):
+                continue
+            found = ", ".join(f"{v} {n}" for v, n in values.most_common(8))
+            more = f" and {len(values) - 8} more" if len(values) > 8 else ""
+            raise InputError(
+                f"--{name.replace('_', '-')} {','.join(wanted)} keeps no DICOM image: their {keyword} is "
+                f"{found}{more}; give some of those, or 'all'"
+            )
 
     def describe(self) -> dict:
         """For the manifest: each attribute's kept values ('all' for any)."""

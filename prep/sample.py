@@ -272,7 +272,9 @@ def _dicom_image(pixels: np.ndarray, sop_class: str, modality: str, view: str | 
 
 
 def dicom_tree(out: str | Path, patients: int = 30, seed: int = 0, size: int = 128, force: bool = False) -> Path:
-    """Writes OUT/dicom-export/ and returns it; an existing complete copy (its DICOMDIR) is kept unless forced.
+    """Writes OUT/dicom-export/ and returns it; an existing complete copy (its DICOMDIR) of the same patients and
+    seed is kept unless forced. Unless forced, a copy of other patients or seed (its README.TXT says which) and an
+    OUT/dicom-export without a DICOMDIR (not one this wrote) are an InputError.
 
     pydicom's FileSet writes the DICOMDIR and names the files PTnnnnnn/STnnnnnn/SEnnnnnn/IMnnnnnn (SR, PR for
     those objects), without a suffix, as media exports do. Patient k (PatientID `TR0001`, ...) has two studies, the
@@ -294,7 +296,18 @@ def dicom_tree(out: str | Path, patients: int = 30, seed: int = 0, size: int = 1
         raise InputError(f"--patients {patients} must be at least 1")
     root = Path(out) / DICOM_FOLDER
     if (root / "DICOMDIR").is_file() and not force:
-        return root
+        wanted = f"{patients} phantom patients, seed {seed}."
+        readme = root / "README.TXT"
+        said = readme.read_text() if readme.is_file() else ""
+        if f": {wanted}" in said or "phantom patients" not in said:  # this sample, or an export that records nothing
+            return root
+        held = said.split(": ", 1)[-1].split(". ", 1)[0]
+        raise InputError(f"{root} holds another sample ({held}), not {wanted[:-1]}; pass --force to regenerate it")
+    if root.exists() and not force:  # never an interrupted sample (it is renamed into place whole): someone's files
+        raise InputError(
+            f"{root} exists and holds no DICOMDIR, so it is not a sample export; pass --force to "
+            "replace it, or give another --out"
+        )
     rng = np.random.default_rng(seed)
     fs = FileSet()
     for k in range(patients):

@@ -136,3 +136,26 @@ def test_audit_without_patient_ids_groups_per_image(tmp_path):
     assert report["grouped_by"] == "image" and report["without_patient"] == report["test_patients"] == 24
     assert "3-fold cross-validation over 24 images, per image (the sample JSON has no patient)" in audit.table(report)
     assert report["too_small"].startswith("too small to mean much: the dataset has fewer than 10 images in b 8")
+
+
+def test_out_is_checked_before_the_probes_run(tmp_path, capsys):
+    data = write_pack(tmp_path / "small", planted=True, patients=12)
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    argv = ["audit", str(data), "--size", "32", "--folds", "3", "--resamples", "100"]
+    # a folder as --out, even with --force, was a traceback once every probe had run (and os.replace refused it)
+    assert command.main([*argv, "--out", str(folder), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"audit: error: --out {folder} is a folder") and err.count("\n") == 1, err
+    assert folder.is_dir() and not list(folder.iterdir())
+    (tmp_path / "afile").write_text("x")
+    assert command.main([*argv, "--out", str(tmp_path / "afile" / "a.json")]) == 2
+    assert "cannot make its folder" in capsys.readouterr().err
+    # a missing dataset is said as that, not as "audit.json exists" when the default --out is there
+    (tmp_path / "audit.json").write_text("{}")
+    assert command.main(["audit", str(tmp_path / "nowhere"), "--out", str(tmp_path / "audit.json")]) == 2
+    assert "nowhere: no such directory" in capsys.readouterr().err
+    # an --out in a folder that does not exist yet: made, and the report written (was a traceback after the run)
+    out = tmp_path / "new" / "deeper" / "audit.json"
+    assert command.main([*argv, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["classes"] == ["a", "b"]

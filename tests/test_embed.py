@@ -175,6 +175,29 @@ def test_neighbours_bad_query_is_one_line(run, covid_packed, tmp_path, capsys):
     assert command.main(["neighbours", "--emb", str(tmp_path)]) == 2
     assert "no embeddings.npy" in capsys.readouterr().err
 
+    # --grid in a folder not made yet, or a folder as --grid, and an embeddings.npy cut short: were tracebacks
+    grid = tmp_path / "grids" / "new" / "q.png"
+    first = read_rows(emb)[0]["row"]
+    assert neighbours_main(["--emb", str(emb), "--query", first, "-k", "1", "--grid", str(grid)]) == 0
+    with Image.open(grid) as png:
+        assert png.format == "PNG"
+    capsys.readouterr()
+    assert command.main(["neighbours", "--emb", str(emb), "--query", first, "--grid", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"neighbours: error: --grid {tmp_path} is a folder; the grid is one PNG file: give its path\n"
+    cut = tmp_path / "cut"
+    shutil.copytree(emb, cut)
+    (cut / "embeddings.npy").write_bytes((emb / "embeddings.npy").read_bytes()[:100])
+    assert command.main(["neighbours", "--emb", str(cut)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"neighbours: error: --emb {cut}: embeddings.npy does not read (") and err.count("\n") == 1
+
+    # the image's path as the user's raw folder has it (a longer path ending with the source) finds it
+    row = read_rows(emb)[0]
+    raw = f"/home/me/data/raw/COVID-19_Radiography_Dataset/{row['path']}"
+    assert neighbours_main(["--emb", str(emb), "--query", raw, "-k", "1"]) == 0
+    assert capsys.readouterr().out.startswith(f"query: row {row['row']} (val, {row['label']}) {row['path']}\n")
+
 
 def read_rows_of(path: Path) -> list[dict]:
     with open(path, newline="") as f:
@@ -188,3 +211,35 @@ def test_an_unknown_color_by_is_one_line_before_anything_runs(run, covid_packed,
     err = capsys.readouterr().err
     assert err == "embed: error: --color-by 'sex': not a column here; there are row, path, split, label, origin\n"
     assert not (tmp_path / "e").exists()
+
+
+def test_bad_settings_are_one_line_naming_the_flag_and_force_never_replaces_the_data(run, covid_packed, tmp_path,
+                                                                                     capsys):  # fmt: skip
+    base = ["embed", "--model", str(run), "--data", str(covid_packed), "--out", str(tmp_path / "e")]
+    # --size 7 and --batch-size 0 were a build_loader ValueError taken for an empty split: "no images in ..."
+    for extra, said in ((["--size", "7"], "argument --size: '7' must be at least 8"),
+                        (["--batch-size", "0"], "argument --batch-size: '0' must be at least 1"),
+                        (["--device", "tpu"], "argument --device: 'tpu' is not a torch device"),
+                        (["--workers", "0"], "argument --workers: '0' must be at least 1")):  # fmt: skip
+        assert command.main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1 and "no images" not in err, err
+        assert not (tmp_path / "e").exists()
+    if not torch.cuda.is_available():  # was a traceback from torch's CUDA init
+        assert command.main([*base, "--device", "cuda"]) == 2
+        assert "'cuda': no CUDA device here; use --device cpu" in capsys.readouterr().err
+
+    # --out DATA --force (or a folder holding the data, or the run) replaced what embed reads with its output
+    data = tmp_path / "data" / "covid"
+    shutil.copytree(covid_packed, data)
+    for out in (data, data.parent):
+        argv = ["embed", "--model", str(run), "--data", str(data), "--out", str(out), "--force", "--device", "cpu"]
+        assert command.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "which this command reads; give another --out" in err and err.count("\n") == 1, err
+    assert PackedDataset(data).manifest["splits"] and (run / "backbone.safetensors").is_file()
+    # a split named twice was embedded twice: each image listed two times, its own nearest neighbour
+    emb = embed(run, data, tmp_path / "twice", "--splits", "test, test")
+    assert len(read_rows(emb)) == len(PackedDataset(data).indices("test")) == len(np.load(emb / "embeddings.npy"))
+    assert command.main([*base[:4], str(data), "--out", "/", "--force"]) == 2
+    assert "--out /: give a folder of its own" in capsys.readouterr().err

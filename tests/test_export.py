@@ -209,3 +209,19 @@ def test_finetune_warns_in_one_line_when_the_data_was_prepared_otherwise(run, co
     ]
     # the fine-tuned model records the pixels it was trained on: this data's
     assert json.loads((tmp_path / "ft" / "model.json").read_text())["preprocessing"]["prep"]["size"] == 512
+
+
+def test_force_never_replaces_the_run_it_reads(run, tmp_path, capsys):
+    copy = tmp_path / "runs" / "bt"
+    shutil.copytree(run, copy)
+    # --out RUN --force replaced the run (checkpoints, metrics) with its own export; --out runs/ all the runs
+    for out in (copy, copy.parent):
+        assert command.main(["export", str(copy), "--out", str(out), "--force"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"export: error: --out {out} is or holds {copy}, which this command reads; give another --out\n"
+    assert (copy / "backbone.safetensors").is_file() and (copy / "metrics.jsonl").is_file()
+    # an --out with no name of its own was a traceback (pathlib's with_name on '/')
+    assert command.main(["export", str(copy), "--out", "/", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("export: error: --out /: give a folder of its own") and err.count("\n") == 1, err
+    assert export_main([str(copy), "--out", str(tmp_path / "runs" / "bt-timm")]) == 0  # beside it: fine

@@ -280,6 +280,84 @@ def test_tree_with_no_image_is_one_line(tmp_path, export):
     assert_one_line_error(result, "--patient-from 'level:0'")
 
 
+def test_a_selection_or_level_that_matches_nothing_is_one_line_not_a_silent_pack(tmp_path, export, capsys):
+    def refused(*argv) -> str:
+        assert prep_main(["images", *map(str, argv), "--out", str(tmp_path / "o"), "--workers", "1"]) == 2
+        assert not (tmp_path / "o").exists()
+        return capsys.readouterr().err
+
+    # a typo in --views (or a modality the export does not hold) would leave out every DICOM image; beside PNGs it
+    # packed the PNGs alone, and on the export itself it failed on a split of one patient
+    _png(export / "extra" / "scan.png", 90)
+    result = run_prep("images", "--src", export, "--out", tmp_path / "o", "--views", "fronal", "--workers", "1")
+    assert_one_line_error(result, "--views FRONAL keeps no DICOM image", "ViewPosition is ", "PA 3", "LL 6")
+    assert not (tmp_path / "o").exists()
+    err = refused("--src", export, "--modalities", "MR")
+    assert "--modalities MR keeps no DICOM image: their Modality is CR 6, DX 6, CT 1" in err, err
+
+    # --patient-from level:N deeper than every image gave no patient at all: the split went per image in silence
+    tree = tmp_path / "tree"
+    for p in range(4):
+        _png(tree / f"patient{p}" / "a.png", 10 * p)
+        _png(tree / f"patient{p}" / "b.png", 10 * p + 5)
+    err = refused("--src", tree, "--patient-from", "level:3")
+    assert (
+        "level:3: no image lies in a folder 3 level(s) under" in err
+        and "deepest lies 1 level(s) down); give level:1 to level:1" in err
+    ), err
+    err = refused("--src", tree / "patient0", "--patient-from", "level:1")
+    assert "deepest lies 0 level(s) down); give --patient-from none" in err, err
+    # a --csv whose paths name none of the images (absolute, or from another root) also split per image in silence
+    table = tmp_path / "patients.csv"
+    table.write_text("path,patient\n" + "".join(f"/elsewhere/patient{p}/a.png,P{p}\n" for p in range(4)))
+    err = refused("--src", tree, "--csv", table)
+    assert "none of its 4 paths is an image found under" in err and "'/elsewhere/patient0/a.png'" in err, err
+    assert "relative to --src, are like 'patient0/a.png'" in err, err
+
+
+def test_an_empty_file_and_a_header_cut_short_are_skipped_as_such_not_as_non_images(tmp_path, export, capsys):
+    frontal = export / "PT000000" / "ST000000" / "SE000000" / "IM000000"
+    data = frontal.read_bytes()
+    cut = tmp_path / "odd" / "cut"
+    cut.parent.mkdir()
+    cut.write_bytes(data[: data.index(b"\x28\x00\x10\x00")])  # ends before Rows (0028,0010): no pixel module
+    (tmp_path / "odd" / "empty.dcm").write_bytes(b"")
+    (tmp_path / "odd" / "zeros.dcm").write_bytes(b"\0" * 300)  # a .dcm that is no DICOM object at all
+    (tmp_path / "odd" / "good").write_bytes(data)
+    _, summary = _pack(capsys, "--src", tmp_path / "odd", "--out", tmp_path / "o", "--split", "100/0/0")
+    reasons = {s["source"]: s["reason"] for s in PackedDataset(tmp_path / "o").manifest["skipped"]}
+    assert reasons == {  # these were "not an image (Computed Radiography Image Storage: no pixel data)", and
+        # "not an image (no SOP Class UID: no pixel data)" for the other two
+        "cut": "image without its pixel module (Computed Radiography Image Storage: the file is cut short or "
+        "incomplete)",
+        "empty.dcm": "empty file",
+        "zeros.dcm": "not a DICOM object (no SOP Class UID, no pixel data)",
+    }
+    assert "packed 1 images" in summary and "3 skipped (4 found)" in summary
+
+
+def test_sample_dicom_tree_keeps_what_it_did_not_write_and_says_when_another_sample_is_there(tmp_path, capsys):
+    def sample(out, *extra) -> int:
+        return prep_main(["sample", "--dicom-tree", "--out", str(out), *map(str, extra)])
+
+    mine = tmp_path / "media" / "dicom-export"  # someone's own folder of that name, no DICOMDIR: it was deleted
+    mine.mkdir(parents=True)
+    (mine / "IM0001").write_bytes(b"a real patient's image")
+    assert sample(tmp_path / "media", "--patients", "2") == 2
+    assert "holds no DICOMDIR, so it is not a sample export; pass --force" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["IM0001"]
+
+    # a complete sample of 3 patients was handed back for --patients 13 ("sample ready"), in silence
+    assert sample(tmp_path / "raw", "--patients", "3") == 0
+    assert sample(tmp_path / "raw", "--patients", "3") == 0  # the same sample: kept
+    capsys.readouterr()
+    assert sample(tmp_path / "raw", "--patients", "13") == 2
+    err = capsys.readouterr().err
+    assert "holds another sample (3 phantom patients, seed 0), not 13 phantom patients, seed 0" in err, err
+    assert sample(tmp_path / "raw", "--patients", "4", "--force") == 0
+    assert len(list((tmp_path / "raw" / "dicom-export").glob("PT*"))) == 4
+
+
 def test_prep_folder_on_a_tree_without_classes_names_prep_images(tmp_path):
     src = tmp_path / "flat"
     _png(src / "x.png", 1)

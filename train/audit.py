@@ -25,6 +25,7 @@ from pathlib import Path
 
 from twinray.atomic import write_json
 from twinray.cli import InputError, OneLineParser, run_cli
+from twinray.prep.format import PackedDataset
 from twinray.train import shortcuts
 from twinray.usage import examples, program
 
@@ -151,8 +152,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--folds {args.folds} must be at least 2")
     if args.resamples < 100:
         parser.error(f"--resamples {args.resamples} must be at least 100")
+    PackedDataset(args.data)  # a missing or unpacked dataset is said first, before anything about --out
+    if args.out.is_dir():
+        raise InputError(f"--out {args.out} is a folder; the report is one JSON file: give its path (audit.json)")
     if args.out.exists() and not args.force:
         raise InputError(f"{args.out} exists; pass --force to replace it")
+    try:  # --out's folder made before the probes run, not found missing after them
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {args.out}: cannot make its folder ({e.strerror or e})") from None
     report = audit(args.data, args.size, args.protocol, args.folds, args.source_class, args.resamples, args.seed)
     write_json(args.out, report)
     print(table(report))

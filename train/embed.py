@@ -2,14 +2,15 @@
 
 --model  a finished pretraining run (backbone.safetensors), a fine-tuning run (its backbone; the head is left out),
          a backbone .safetensors file, or a timm export (`twinray export`: config.json and model.safetensors).
---data   a packed directory (or URL); a plain folder of images is packed first with `twinray prep folder`.
+--data   a packed directory (or URL); a plain folder of images or a DICOM export is packed first with
+         `twinray prep images` (class folders: `twinray prep folder`).
 
 The images go through the loaders every tool uses (twinray.pipelines.build_loader with EVAL_RECIPE: the whole
 image, a centre square, resized to the model's size, grey in [0, 1]), in batches, on the CPU or the GPU, at the
 model's own size unless --size says otherwise; the backbone's pooled features are the embedding.
 
 EMB is a folder, written beside itself and renamed into place when complete (an EMB that exists is kept unless
---force):
+--force; --force never replaces an EMB that is or holds --model or --data):
     embeddings.npy  float32 N x D, one row per image, in rows.csv's order
     rows.csv        row (the index.npy row), path (the source file prep read), split, label (the class name;
                     multilabel: the positive labels joined by '|'; unlabeled: empty), then the metadata prep kept
@@ -41,7 +42,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from twinray.atomic import atomic, write_json
-from twinray.cli import InputError, OneLineParser, run_cli
+from twinray.cli import InputError, OneLineParser, positive_int, run_cli
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment import EVAL_RECIPE
 from twinray.prep.format import LABEL_NONE, SPLITS, PackedDataset
@@ -151,13 +152,16 @@ def embed(model: nn.Module, info: dict, data: str, splits: list[str], device: st
     loader's order, through build_loader with EVAL_RECIPE at `size` (the model's by default). An empty split
     gives nothing."""
     model = model.to(device).to(memory_format=torch.channels_last)
+    counts = PackedDataset(data).manifest.get("splits", {})
     feats, rows = [], []
     for split in splits:
+        if not counts.get(split):  # an empty split gives nothing; any other refusal is said, never passed over
+            continue
         try:
             loader = build_loader(data, split=split, batch_size=batch_size, device=device, recipe=EVAL_RECIPE,
                                   size=size or info["size"], views=1, drop_last=False, workers=workers)  # fmt: skip
-        except ValueError:  # an empty split
-            continue
+        except ValueError as e:
+            raise InputError(f"--data {data}: {e}") from None
         with loader:
             for batch in loader:
                 x = batch.views[0]
@@ -168,6 +172,29 @@ def embed(model: nn.Module, info: dict, data: str, splits: list[str], device: st
     if not feats:
         raise InputError(f"--data {data}: no images in {', '.join(splits)}")
     return torch.cat(feats).numpy(), torch.cat(rows).numpy().astype(np.int64)
+
+
+def device_arg(text: str) -> str:
+    """argparse type of --device: a torch device that is here (cpu, cuda, cuda:1, mps); else a one-line error."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:0, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no MPS device here; use --device cpu")
+    return text
+
+
+def view_size(text: str) -> int:
+    """argparse type of --size: a side in px of at least 8 (the eval recipe's least)."""
+    value = positive_int(text)
+    if value < 8:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 8")
+    return value
 
 
 def project(x: np.ndarray, method: str = "pca", seed: int = 0) -> tuple[np.ndarray, str]:
@@ -259,7 +286,7 @@ def run(args: argparse.Namespace) -> Path:
     if data.manifest.get("image", {}).get("channels", 1) != 1:
         raise InputError(f"--data {args.data}: embed reads 1-channel grey datasets")
     warning = preprocessing.warn("embed", info["preprocessing"], data.manifest, str(args.data))
-    splits = args.splits.split(",")
+    splits = list(dict.fromkeys(s.strip() for s in args.splits.split(",")))  # `test,test` is the test split once
     for split in splits:
         if split not in SPLITS:
             raise InputError(f"--splits: {split!r} is not one of {', '.join(SPLITS)}")
@@ -267,7 +294,7 @@ def run(args: argparse.Namespace) -> Path:
     wanted = np.concatenate([data.indices(split) for split in splits])
     by_row = {r["row"]: r for r in table(data, wanted)}  # read before the model runs: --color-by is checked first
     field = color_field(list(by_row.values()), args.color_by)
-    with publishing(args.out, args.force) as tmp:
+    with publishing(args.out, args.force, inputs=(args.model, args.data)) as tmp:
         x, rows = embed(model, info, args.data, splits, device, args.batch_size, args.workers, args.size)
         table_rows = [by_row[int(r)] for r in rows]
         np.save(tmp / "embeddings.npy", x.astype(np.float32), allow_pickle=False)
@@ -305,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--color-by", default="label", help="the map's colours: label (default), source, view, "
                         "sex or any rows.csv column")  # fmt: skip
     parser.add_argument("--map", choices=MAPS, default="pca", help="pca (default) or umap (needs umap-learn)")
-    parser.add_argument("--size", type=int, default=None, help="input size in px (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per batch (256)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
-    parser.add_argument("--workers", type=int, default=None, help="decode threads (default: the loader's)")
+    parser.add_argument("--size", type=view_size, default=None, help="input size in px (default: the model's)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per batch (256)")
+    parser.add_argument("--device", type=device_arg, default=None, help="cpu or cuda (default: cuda when there is one)")
+    parser.add_argument("--workers", type=positive_int, default=None, help="decode threads (default: the loader's)")
     parser.add_argument("--force", action="store_true", help="replace an --out that exists")
     run(parser.parse_args(argv))
     return 0

@@ -4,8 +4,9 @@ EMB is `twinray embed`'s folder. Similarity is the cosine of two embeddings once
 pooled ReLU features all lie in one positive cone, so their raw cosines crowd near 1, and centring spreads them
 (an exact duplicate still scores 1).
 
---query ROW|PATH  the image: its dataset row (rows.csv's `row`) or its source path (rows.csv's `path`, or a unique
-                  ending of one). Prints the k nearest other images (row, split, label, similarity, path) and draws
+--query ROW|PATH  the image: its dataset row (rows.csv's `row`) or its source path (rows.csv's `path`, a unique
+                  ending of one, or the file's path as you have it, e.g. data/raw/.../COVID/images/COVID-5.png,
+                  that ends with one). Prints the k nearest other images (row, split, label, similarity, path) and draws
                   the query beside them as one PNG (--grid, default EMB/neighbours-ROW.png; redrawn each time,
                   as it is a view of EMB), the images read from the packed data that embed.json names.
 leak check        always: the pairs of images from different splits whose similarity is at least --threshold
@@ -43,19 +44,28 @@ def load(emb: str | Path) -> tuple[np.ndarray, list[dict], dict]:
         if not (emb / name).is_file():
             raise InputError(f"--emb {emb}: no {name} (a `twinray embed` folder holds embeddings.npy, rows.csv, "
                              "embed.json)")  # fmt: skip
-    x = np.load(emb / "embeddings.npy", allow_pickle=False).astype(np.float32)
+    try:
+        x = np.load(emb / "embeddings.npy", allow_pickle=False).astype(np.float32)
+    except (ValueError, OSError, EOFError) as e:  # cut short, or not an array numpy wrote
+        raise InputError(f"--emb {emb}: embeddings.npy does not read ({e}); run twinray embed again") from None
+    if x.ndim != 2:
+        raise InputError(f"--emb {emb}: embeddings.npy is {x.ndim}-D; embed writes an N x D matrix")
     with open(emb / "rows.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     if len(rows) != len(x):
         raise InputError(f"--emb {emb}: rows.csv has {len(rows)} rows, embeddings.npy {len(x)}")
-    info = json.loads((emb / "embed.json").read_text())
+    try:
+        info = json.loads((emb / "embed.json").read_text())
+    except ValueError as e:
+        raise InputError(f"--emb {emb}: embed.json is not valid JSON ({e})") from None
     x = x - x.mean(0, keepdims=True)  # centred: pooled ReLU features share one large positive direction
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), rows, info
 
 
 def find(rows: list[dict], query: str) -> int:
     """The position in rows.csv of the image `query` names: a dataset row number, a source path, or a unique
-    ending of one. Raises InputError when none or several match."""
+    ending of one, or a longer path that ends with one (the file as the user's folder has it: the longest such
+    source). Raises InputError when none or several match."""
     if query.isdigit():
         hits = [k for k, r in enumerate(rows) if r["row"] == query]
         if not hits:
@@ -63,6 +73,10 @@ def find(rows: list[dict], query: str) -> int:
         return hits[0]
     exact = [k for k, r in enumerate(rows) if r["path"] == query]
     hits = exact or [k for k, r in enumerate(rows) if r["path"].endswith("/" + query.lstrip("/"))]
+    if not hits:  # the file's own path as the user has it (data/raw/.../COVID/images/COVID-5.png): the longest match
+        under = [k for k, r in enumerate(rows) if r["path"] and query.endswith("/" + r["path"])]
+        longest = max((len(rows[k]["path"]) for k in under), default=0)
+        hits = [k for k in under if len(rows[k]["path"]) == longest]
     if len(hits) != 1:
         what = "no image's path is or ends with it" if not hits else f"{len(hits)} paths end with it; give more of it"
         raise InputError(f"--query {query}: {what}")
@@ -158,12 +172,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"-k {args.k}: must be at least 1")
     if not -1 <= args.threshold <= 1:
         parser.error(f"--threshold {args.threshold}: a cosine similarity is in [-1, 1]")
+    if args.grid is not None and args.grid.is_dir():
+        raise InputError(f"--grid {args.grid} is a folder; the grid is one PNG file: give its path")
     x, rows, info = load(args.emb)
+    if args.grid is not None:  # its folder made before the work, not found missing after it
+        try:
+            args.grid.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"--grid {args.grid}: cannot make its folder ({e.strerror or e})") from None
     if args.query is not None:
         at = find(rows, args.query)
         hits = nearest(x, args.k, at)
         q = rows[at]
-        print(f"query: row {q['row']} ({q['split']}, {q['label']}) {q['path']}")
+        said = ", ".join(v for v in (q["split"], q["label"]) if v)  # an unlabeled dataset's label is empty
+        print(f"query: row {q['row']} ({said}) {q['path']}")
         for rank, (j, sim) in enumerate(hits, 1):
             r = rows[j]
             print(f"{rank:>3}  {sim:.4f}  row {r['row']:>6}  {r['split']:<5}  {r['label']:<16}  {r['path']}")

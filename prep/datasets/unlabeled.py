@@ -113,7 +113,8 @@ def plan(
         what = f" ({len(skipped)} file(s): {count_reasons(s['reason'] for s in skipped)})" if skipped else ""
         raise InputError(f"{src}: no image file found at any depth{what}")
     dicom = [path.suffix.lower() in DICOM_SUFFIXES or is_dicom_file(path) for path, _ in found]
-    headers = iter(read_headers([path for (path, _), d in zip(found, dicom) if d], workers))
+    headers_read = read_headers([path for (path, _), d in zip(found, dicom) if d], workers)
+    headers = iter(headers_read)
 
     kept: list[tuple[Path, str, Header | None]] = []
     left_out: list[str] = []
@@ -134,6 +135,7 @@ def plan(
                 left_out.append(reason)
             continue
         kept.append((path, source, header))
+    selection.check_matches([h for h in headers_read if isinstance(h, Header) and h.image and not h.directory])
     if not kept:
         hint = " (--views, --modalities and --body-parts all keep every image)" if left_out else ""
         raise InputError(f"{src}: no image left to pack: {count_reasons(s['reason'] for s in skipped)}{hint}")
@@ -150,6 +152,21 @@ def plan(
         elif kind == "csv":
             patient = csv_patients.get(normalize_path(source))
         patients.append(patient)
+    if kind == "csv" and all(p is None for p in patients):  # patients asked for, none matched: never per image
+        table = printable_name(str(csv_file))
+        if not csv_patients:
+            raise InputError(f"--csv {table}: no row has both a {path_col!r} and a {patient_col!r}")
+        raise InputError(
+            f"--csv {table}: none of its {len(csv_patients)} paths is an image found under {src} (its first: "
+            f"{next(iter(csv_patients))!r}; the images' paths, relative to --src, are like {kept[0][1]!r})"
+        )
+    if kind == "level" and all(p is None for p in patients):  # a level deeper than every image: a wrong N
+        deepest = max(source.count("/") for _, source, _ in kept)
+        choices = f"level:1 to level:{deepest}" if deepest else "--patient-from none (every image lies in it)"
+        raise InputError(
+            f"--patient-from level:{level}: no image lies in a folder {level} level(s) under {src} (the deepest "
+            f"lies {deepest} level(s) down); give {choices}"
+        )
 
     records = []
     for (path, source, header), patient in zip(kept, patients):
