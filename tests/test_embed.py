@@ -243,3 +243,23 @@ def test_bad_settings_are_one_line_naming_the_flag_and_force_never_replaces_the_
     assert len(read_rows(emb)) == len(PackedDataset(data).indices("test")) == len(np.load(emb / "embeddings.npy"))
     assert command.main([*base[:4], str(data), "--out", "/", "--force"]) == 2
     assert "--out /: give a folder of its own" in capsys.readouterr().err
+
+
+def test_a_plain_folder_is_packed_into_the_embedding_and_neighbours_reads_it(run, tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "xrays" / "ward" / "2026"
+    folder.mkdir(parents=True)
+    for i in range(12):  # a nested tree of PNGs without labels
+        Image.fromarray(rng.integers(0, 256, (40, 48), dtype=np.uint8)).save(folder / f"im{i:02d}.png")
+    (folder / "notes.txt").write_text("not an image")
+    emb = embed(run, tmp_path / "xrays", tmp_path / "emb")
+    out = capsys.readouterr().out
+    assert "packed 12 images" in out and "1 skipped" in out  # prep images' own summary line
+    packed = PackedDataset(emb / "packed")
+    assert packed.task == "none" and len(packed) == 12
+    rows = read_rows(emb)
+    assert sorted(r["path"] for r in rows) == [f"ward/2026/im{i:02d}.png" for i in range(12)]
+    assert {r["label"] for r in rows} == {""} and np.load(emb / "embeddings.npy").shape == (12, 512)
+    assert json.loads((emb / "embed.json").read_text())["data"] == str(tmp_path / "emb" / "packed")
+    assert neighbours_main(["--emb", str(emb), "--query", "0", "-k", "3"]) == 0  # the images drawn from EMB/packed
+    assert "ward/2026/" in capsys.readouterr().out

@@ -2,12 +2,9 @@
 
 --model  a finished pretraining run (backbone.safetensors), a fine-tuning run (its backbone; the head is left out),
          a backbone .safetensors file, or a timm export (`twinray export`: config.json and model.safetensors).
---data   a packed directory (or URL); a plain folder of images or a DICOM export is packed first with
-         `twinray prep images` (class folders: `twinray prep folder`).
-
-The images go through the loaders every tool uses (twinray.pipelines.build_loader with EVAL_RECIPE: the whole
-image, a centre square, resized to the model's size, grey in [0, 1]), in batches, on the CPU or the GPU, at the
-model's own size unless --size says otherwise; the backbone's pooled features are the embedding.
+--data   a packed directory (or URL), or a plain folder of images or a DICOM export: embed packs it first, as
+         `twinray prep images` does with its defaults, into EMB/packed (class folders: pack them with `twinray prep
+         folder` to keep their labels).
 
 EMB is a folder, written beside itself and renamed into place when complete (an EMB that exists is kept unless
 --force; --force never replaces an EMB that is or holds --model or --data):
@@ -45,7 +42,7 @@ from twinray.atomic import atomic, write_json
 from twinray.cli import InputError, OneLineParser, positive_int, run_cli
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment import EVAL_RECIPE
-from twinray.prep.format import LABEL_NONE, SPLITS, PackedDataset
+from twinray.prep.format import LABEL_NONE, MANIFEST, SPLITS, PackedDataset
 from twinray.train import preprocessing, transfer
 from twinray.train.export import publishing, unfinished
 from twinray.usage import examples, program
@@ -279,23 +276,42 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def unpacked_folder(data: str) -> Path | None:
+    """`data` when it is a local folder that holds no packed dataset (no manifest.json): a plain tree of images
+    that embed packs first (`prep images`); None for a packed directory or a URL."""
+    if "://" in str(data):
+        return None
+    path = Path(data)
+    return path if path.is_dir() and not (path / MANIFEST).is_file() else None
+
+
 def run(args: argparse.Namespace) -> Path:
-    """Embeds, writes EMB (the module docstring) and returns its path."""
+    """Embeds, writes EMB (the module docstring) and returns its path. A plain folder as --data is packed first
+    with `prep images`' defaults into EMB/packed (which embed.json names, so neighbours can draw its images)."""
     model, info = load_model(args.model)
-    data = PackedDataset(args.data)
-    if data.manifest.get("image", {}).get("channels", 1) != 1:
-        raise InputError(f"--data {args.data}: embed reads 1-channel grey datasets")
-    warning = preprocessing.warn("embed", info["preprocessing"], data.manifest, str(args.data))
     splits = list(dict.fromkeys(s.strip() for s in args.splits.split(",")))  # `test,test` is the test split once
     for split in splits:
         if split not in SPLITS:
             raise InputError(f"--splits: {split!r} is not one of {', '.join(SPLITS)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    wanted = np.concatenate([data.indices(split) for split in splits])
-    by_row = {r["row"]: r for r in table(data, wanted)}  # read before the model runs: --color-by is checked first
-    field = color_field(list(by_row.values()), args.color_by)
+    folder = unpacked_folder(args.data)
+    if folder is None:
+        PackedDataset(args.data)  # a bad --data is one line before anything is written
     with publishing(args.out, args.force, inputs=(args.model, args.data)) as tmp:
-        x, rows = embed(model, info, args.data, splits, device, args.batch_size, args.workers, args.size)
+        source, recorded = str(args.data), str(args.data)
+        if folder is not None:  # a plain tree of images: packed without labels, as `prep images` packs it
+            from twinray.prep.cli import main as prep_main
+
+            source, recorded = str(tmp / "packed"), str(Path(args.out) / "packed")
+            prep_main(["images", "--src", str(folder), "--out", source])
+        data = PackedDataset(source)
+        if data.manifest.get("image", {}).get("channels", 1) != 1:
+            raise InputError(f"--data {args.data}: embed reads 1-channel grey datasets")
+        warning = preprocessing.warn("embed", info["preprocessing"], data.manifest, str(args.data))
+        wanted = np.concatenate([data.indices(split) for split in splits])
+        by_row = {r["row"]: r for r in table(data, wanted)}  # read before the model runs: --color-by is checked first
+        field = color_field(list(by_row.values()), args.color_by)
+        x, rows = embed(model, info, source, splits, device, args.batch_size, args.workers, args.size)
         table_rows = [by_row[int(r)] for r in rows]
         np.save(tmp / "embeddings.npy", x.astype(np.float32), allow_pickle=False)
         write_rows(tmp / "rows.csv", table_rows)
@@ -305,10 +321,11 @@ def run(args: argparse.Namespace) -> Path:
                  tmp / "map.png")  # fmt: skip
         write_json(tmp / "embed.json", {
             "model": str(args.model), "timm_name": info["timm_name"], "in_chans": info["in_chans"],
-            "size": args.size or info["size"], "data": str(args.data), "dataset": name, "data_digest": data.digest,
+            "size": args.size or info["size"], "data": recorded, "dataset": name, "data_digest": data.digest,
             "splits": splits, "n": int(x.shape[0]), "dim": int(x.shape[1]), "map": how, "color_by": field,
             "device": device, "preprocessing": info["preprocessing"], "prep_warning": warning,
         })  # fmt: skip
+        data.close()
     print(f"embedded {len(x)} images ({x.shape[1]} features each) into {args.out}; map: {args.out / 'map.png'}")
     return Path(args.out)
 
@@ -326,7 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True, type=Path, help="a run, a backbone .safetensors or a timm export")
-    parser.add_argument("--data", required=True, help="a packed directory or URL")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="a packed directory or URL, or a plain folder of images (packed first into OUT/packed)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="the embeddings' folder")
     parser.add_argument("--splits", default=",".join(SPLITS), help="splits to embed, comma-separated (all)")
     parser.add_argument("--color-by", default="label", help="the map's colours: label (default), source, view, "
