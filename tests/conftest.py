@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,16 @@ def pytest_runtest_makereport(item, call):
     if report.skipped and "gpu" not in item.keywords and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped without the gpu marker, which CI does not allow: {report.longrepr}"
+
+
+@pytest.fixture(autouse=True)
+def keep_signals():
+    """Every test: train() installs its SIGTERM/SIGINT handlers (pretrain and lr_find run in process); pytest's
+    come back afterwards."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
 
 
 @pytest.fixture(scope="session")

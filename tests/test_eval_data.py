@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -59,15 +58,6 @@ def make_labelled(out, splits=(("train", 16), ("val", 4)), classes=("a", "b"), s
 @pytest.fixture(scope="module")
 def unlabeled(tmp_path_factory):
     return make_unlabeled(tmp_path_factory.mktemp("unlabeled") / "u")
-
-
-@pytest.fixture(autouse=True)
-def keep_signals():
-    """train() installs its SIGTERM/SIGINT handlers; pytest's come back afterwards."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 def pretrain(capsys, *argv) -> subprocess.CompletedProcess:

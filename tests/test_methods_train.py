@@ -37,15 +37,6 @@ SMALL = {
 TINY = dict(size=32, batch_size=16, workers=1, wandb="disabled", compile=False)
 
 
-@pytest.fixture
-def keep_signals():
-    """train() installs its SIGTERM/SIGINT handlers; pytest's come back afterwards."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
 def train_here(data, out, method: str, **fields) -> dict:
     from twinray.train.pretrain import train
 

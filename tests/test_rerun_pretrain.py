@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import signal
 import subprocess
 
 import numpy as np
@@ -66,15 +65,6 @@ def refused(result, out, before, line: str) -> None:
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [f"pretrain: error: {line}"], result.stderr
     assert tree(out) == before
-
-
-@pytest.fixture(autouse=True)
-def keep_signals():
-    """train() installs its SIGTERM/SIGINT handlers; pytest's come back afterwards."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 @pytest.fixture(scope="module")
