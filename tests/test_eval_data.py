@@ -187,7 +187,7 @@ def test_a_multilabel_eval_set_gives_the_knn_auroc(unlabeled, tmp_path, capsys):
     assert all(0 <= r["probe_acc"] <= 1 for r in found if not r.get("epoch_end"))
 
 
-@pytest.mark.parametrize("case", ["channels", "no-val", "unlabeled", "small"])
+@pytest.mark.parametrize("case", ["channels", "no-val", "unlabeled", "small", "not-a-dataset"])
 def test_a_bad_eval_set_is_one_line_and_writes_nothing(case, unlabeled, tmp_path, capsys):
     eval_dir = tmp_path / "eval"
     if case == "channels":  # a 3-channel pack (the format's `channels` field), against grey training data
@@ -202,9 +202,13 @@ def test_a_bad_eval_set_is_one_line_and_writes_nothing(case, unlabeled, tmp_path
     elif case == "unlabeled":
         make_unlabeled(eval_dir, n_val=4)
         needles = ["--eval-data", "unlabeled (task none)"]
-    else:  # stored at 16 px, below --size 32 and --data's 32
+    elif case == "small":  # stored at 16 px, below --size 32 and --data's 32
         make_labelled(eval_dir, size=16)
         needles = ["--eval-data", "16 px", "--size 32"]
+    else:  # a folder of images, not packed: said as --eval-data's value, not as --data's
+        eval_dir.mkdir()
+        (eval_dir / "a.png").write_bytes(b"")
+        needles = [f"--eval-data {eval_dir}: {eval_dir}: not a packed dataset"]
     out = tmp_path / "run"
     result = pretrain(capsys, "--data", unlabeled, "--out", out, "--epochs", "1", "--eval-data", eval_dir, *TINY)
     assert str(eval_dir) in one_line(result, *needles)

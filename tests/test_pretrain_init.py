@@ -129,5 +129,7 @@ def test_imagenet_without_the_cache_says_where_to_put_the_weights(data, tmp_path
     out = tmp_path / "run"
     result = pretrain(capsys, *args(data, out, init="imagenet"))
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
-    assert "--init imagenet: timm's resnet18 weights are not in the local cache of Hugging Face" in result.stderr
-    assert "pass --init PATH/model.safetensors" in result.stderr and not out.exists()
+    assert "--init imagenet: timm's resnet18 weights (timm/resnet18.a1_in1k on the Hugging Face Hub)" in result.stderr
+    assert f"local cache {tmp_path / 'empty-cache'} (HF_HUB_OFFLINE is set)" in result.stderr
+    assert "https://huggingface.co/timm/resnet18.a1_in1k and pass --init PATH/model.safetensors" in result.stderr
+    assert not out.exists()

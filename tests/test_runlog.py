@@ -55,13 +55,15 @@ def test_a_run_logs_to_train_log_and_tensorboard_prints_plain_lines_and_draws_cu
     # train.log: the header, then the epoch line as printed, then the stop
     log = (out / "train.log").read_text().splitlines()
     assert log[0].startswith("==== started ")
-    assert log[1] == "command: train/pretrain.py " + " ".join(args)
+    assert log[1] == "command: twinray pretrain " + " ".join(args)  # main() called from Python: as `twinray pretrain`
     assert re.fullmatch(r"versions: twinray \S+, torch \S+, timm \S+, python 3\.\d+\.\d+", log[2])
     assert log[3] == "device: cpu, 1 process on 1 node, precision no"
     assert '  report_to: "tensorboard"' in log and "  world_size: 1" in log and "  batch_size: 16" in log
     epoch_line = next(line for line in captured.out.splitlines() if line.startswith("epoch 1/2"))
     assert log[-2].endswith(" " + epoch_line)
-    assert log[-1].endswith(" stopped (max_steps) at step 5; checkpoint saved, re-run to continue")
+    assert log[-1].endswith(
+        " stopped (max_steps) at step 5; checkpoint saved, re-run with a larger --max-steps, or without it, to continue"
+    )
 
     # curves.png, with no tracker needed: a real PNG
     with Image.open(out / "curves.png") as png:
@@ -77,7 +79,9 @@ def test_a_run_logs_to_train_log_and_tensorboard_prints_plain_lines_and_draws_cu
     )
     assert after[len(log) + 1] == log[1].replace(" --max-steps 5", "")
     assert re.search(r" epoch 2/2  mean loss ", after[-2])
-    assert after[-1].endswith(f" done: 2 epochs, {2 * per_epoch} steps; backbone.safetensors written")
+    assert after[-1].endswith(
+        f" done: 2 epochs, {2 * per_epoch} steps; backbone written to {out / 'backbone.safetensors'}"
+    )
 
 
 def test_a_missing_tracker_package_is_one_line_before_anything_is_written(covid_packed, tmp_path, capsys, monkeypatch):
@@ -176,7 +180,7 @@ def test_finetune_writes_train_log(covid_packed, tmp_path, capsys):
     assert finetune.main(args) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
     log = (out / "train.log").read_text().splitlines()
-    assert log[0].startswith("==== started ") and log[1] == "command: train/finetune.py " + " ".join(args)
+    assert log[0].startswith("==== started ") and log[1] == "command: twinray finetune " + " ".join(args)
     assert log[3] == "device: cpu" and '  mode: "linear"' in log
     epochs = [line for line in log if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d epoch ", line)]
     assert [line[20:] for line in epochs] == printed and len(printed) == 2

@@ -127,7 +127,7 @@ class PretrainConfig:
         "--config byol.yaml --data data/packed/covid --out runs/byol",
     )
 
-    data: str = setting("data/packed/covid", "the packed dataset (python -m prep ...), a local folder or a URL")
+    data: str = setting("data/packed/covid", "the packed dataset (twinray prep ...), a local folder or a URL")
     out: str = setting("runs/pretrain", "the run's directory: checkpoints, metrics.jsonl, config.json, the backbone")
     method: str = setting("barlow", "the self-supervised method; it sets the defaults of the fields shown per method")
     epochs: int = setting(300, "passes over the train split")
@@ -392,7 +392,7 @@ class FinetuneConfig:
         "--data data/packed/covid --init imagenet --out runs/probe --mode linear --print-config > probe.yaml",
     )
 
-    data: str | None = setting(None, "a packed dataset (python -m prep ...), or its URL")
+    data: str | None = setting(None, "a packed dataset (twinray prep ...), or its URL")
     init: str | None = setting(
         None, "RUN_DIR, BACKBONE.safetensors, a fine-tuned run (its head matched by class name), imagenet or random"
     )
@@ -606,7 +606,8 @@ def parser(cls=PretrainConfig, description: str | None = None) -> argparse.Argum
         p.add_argument(
             "--force",
             action="store_true",
-            help="discard the run in --out (checkpoints, metrics, config, backbone, wandb) and start over",
+            help="discard what a pretraining wrote in --out (checkpoints, config.json, metrics.jsonl, "
+            "train.log, curves.png, the backbone, wandb/, tensorboard/, mlruns/) and start over; other files stay",
         )
     for f in fields(cls):
         kind = _base_type(hints[f.name])

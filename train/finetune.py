@@ -44,6 +44,7 @@ from twinray.train.label_fractions import label_fraction
 from twinray.train.labels import policy_targets, targets_bce
 from twinray.train.metrics import draw_confusion, multiclass_metrics, multilabel_metrics
 from twinray.train.model import Classifier
+from twinray.usage import program
 
 # A run directory resumes only a run with the same settings; --epochs may grow, and the device or backend may change.
 # "data" is compared by content: the sha256 of the dataset's manifest.json (which lists every shard's sha256).
@@ -170,7 +171,7 @@ def run(args: FinetuneConfig, command: str | None = None) -> dict:
     """Trains, selects on val, tests once and writes --out (the module's docstring); returns results.json's dict.
     `command`: the command line train.log records (default: sys.argv). Raises InputError (one line) for bad data,
     an --out holding another run, or an --out another finetune writes."""
-    command = command or runlog.command_line(None, "train/finetune.py")
+    command = command or runlog.command_line(None, program("finetune", "twinray.train.finetune"))
     with lock.exclusive(args.out, "fine-tuning"), contextlib.ExitStack() as loaders:  # loader threads end here
         return _run(args, loaders, command)
 
@@ -326,7 +327,7 @@ def _run(args: FinetuneConfig, loaders: contextlib.ExitStack, command: str) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(parse_args(argv), command=runlog.command_line(argv, "train/finetune.py"))
+    run(parse_args(argv), command=runlog.command_line(argv, program("finetune", "twinray.train.finetune")))
     return 0
 
 

@@ -163,12 +163,15 @@ def label_source(data: PackedDataset, location: str, eval_data: str | None, size
     `eval_data` must be a labelled packed dataset (multiclass or multilabel) with a train and a val split, images of
     `data`'s channel count, stored at no smaller a size than both `size` and `data`'s (else its views would be
     upscaled where the training views are not), and at least 2 train images per process (the probe's BatchNorm).
-    Raises InputError, one line naming --eval-data and the value, otherwise (PackedDataset's own for a folder that
-    is not a packed dataset)."""
+    Raises InputError, one line naming --eval-data and the value, otherwise (PackedDataset's own, after the flag,
+    for a folder that is not a packed dataset)."""
     if eval_data is None:
         return None if data.task == "none" else LabelSource(location, data, external=False)
-    found = PackedDataset(eval_data)
     name = f"--eval-data {eval_data}"
+    try:
+        found = PackedDataset(eval_data)
+    except InputError as e:  # "DIR: not a packed dataset ...": said as the flag's value, not --data's
+        raise InputError(f"{name}: {e}") from None
     if found.task == "none":
         raise InputError(f"{name} is unlabeled (task none): the kNN and the probe need a labelled dataset")
     ours, theirs = data.manifest["image"].get("channels", 1), found.manifest["image"].get("channels", 1)

@@ -64,6 +64,7 @@ from twinray.train.state import (
     settings,
 )
 from twinray.train.step import compile_model, new_iteration, train_step
+from twinray.usage import program
 
 
 def _stop_on_signals() -> dict:
@@ -369,7 +370,7 @@ def train(cfg: PretrainConfig, allow_change=(), force: bool = False, command: st
         log_with=_trackers(cfg),
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
     )  # writes nothing in --out
-    command = command or runlog.command_line(None, "train/pretrain.py")
+    command = command or runlog.command_line(None, program("pretrain", "twinray.train.pretrain"))
     with one_writer(out, accelerator):  # a second launch on this --out is refused here
         return _train(cfg, accelerator, precision, allow_change, force, command)
 
@@ -601,13 +602,16 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
     vote.close()
     if stopped:
         save(run, cfg, accelerator, parts)
-        said = f"stopped ({stopped}) at step {pos.step}; checkpoint saved, re-run to continue"
+        again = "re-run with a larger --max-steps, or without it," if stopped == "max_steps" else "re-run"
+        said = f"stopped ({stopped}) at step {pos.step}; checkpoint saved, {again} to continue"
         accelerator.print(said)
         log_file.line(said)
         summary = {"stopped": stopped, "step": pos.step}
     elif accelerator.is_main_process:
         export_backbone(run.model, cfg, out, parts)
-        log_file.line(f"done: {pos.epoch} epochs, {pos.step} steps; backbone.safetensors written")
+        said = f"done: {pos.epoch} epochs, {pos.step} steps; backbone written to {out / 'backbone.safetensors'}"
+        accelerator.print(said)
+        log_file.line(said)
     if accelerator.is_main_process:
         runlog.draw_curves(out / "metrics.jsonl", out / "curves.png")  # with or without a tracker
     accelerator.end_training()
@@ -617,7 +621,7 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = from_args(argv)
-        command = runlog.command_line(argv, "train/pretrain.py")
+        command = runlog.command_line(argv, program("pretrain", "twinray.train.pretrain"))
         train(cfg, parse_allow_change(args.allow_change), force=args.force, command=command)
     except (ConfigError, InputError, ValueError) as e:
         say_error("pretrain", str(e))

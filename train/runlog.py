@@ -32,9 +32,12 @@ TRACKERS = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow"}
 
 # --- train.log -------------------------------------------------------------------------------------------------
 def command_line(argv: list[str] | None, prog: str) -> str:
-    """The command as a shell would take it: sys.argv when `argv` is None (a script), else `prog` and `argv` (a
-    main() called in-process or through the `twinray` command)."""
-    return shlex.join(sys.argv if argv is None else [prog, *map(str, argv)])
+    """The command as a shell would take it: sys.argv when `argv` is None (a script), else `prog` (as
+    twinray/usage.py `program` names the tool: `twinray pretrain`, `python -m ...`) and `argv` (a main() called
+    in-process or through the `twinray` command)."""
+    if argv is None:
+        return shlex.join(sys.argv)
+    return " ".join([prog, shlex.join(map(str, argv))]).strip()  # prog may be two words: `twinray pretrain`
 
 
 def versions() -> str:

@@ -46,6 +46,24 @@ def _backbone_file(init: Path) -> Path:
     return init
 
 
+def imagenet_missing(name: str, error: BaseException) -> str:
+    """The line for `--init imagenet` when timm's weights are not here: the Hub repository they come from, the
+    cache folder that was looked in (huggingface_hub's HF_HUB_CACHE, as set now), and the file to pass instead."""
+    import os
+
+    import timm
+    from huggingface_hub import constants
+
+    repo = timm.create_model(name, pretrained=False).pretrained_cfg.get("hf_hub_id") or f"timm/{name}"
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    why = "HF_HUB_OFFLINE is set" if offline else f"the download failed: {type(error).__name__}"
+    return (
+        f"--init imagenet: timm's {name} weights ({repo} on the Hugging Face Hub) are not in the local cache "
+        f"{os.environ.get('HF_HUB_CACHE') or constants.HF_HUB_CACHE} ({why}); run once with network to fill it, "
+        f"or download model.safetensors from https://huggingface.co/{repo} and pass --init PATH/model.safetensors"
+    )
+
+
 def load_backbone(init: str, name: str = "resnet18", in_chans: int = 1) -> tuple[nn.Module, dict]:
     """The backbone and what it is: {"init", "timm_name", "in_chans"}, plus the model's "classes" and "task" for a
     fine-tuned model (its model.json). A file's own name and channels win over `name` and `in_chans`, which serve
@@ -56,12 +74,7 @@ def load_backbone(init: str, name: str = "resnet18", in_chans: int = 1) -> tuple
         try:  # timm sums the RGB stem weights into one input channel when in_chans=1
             model = build_backbone(name, in_chans, pretrained=True)
         except Exception as e:  # no network and no cache: hub, HTTP and file errors all land here
-            raise TransferError(
-                f"--init imagenet: timm's {name} weights are not in the local cache of Hugging Face (HF_HUB_CACHE, default "
-                f"~/.cache/huggingface/hub) and could not be downloaded ({type(e).__name__}); run once with network "
-                f"to fill the cache, or download the model.safetensors of timm's {name} and pass --init "
-                "PATH/model.safetensors"
-            ) from None
+            raise TransferError(imagenet_missing(name, e)) from None
         return model, {"init": "imagenet", "timm_name": name, "in_chans": in_chans}
     path = Path(init)
     if not path.exists():
