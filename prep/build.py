@@ -84,10 +84,10 @@ class Result:
 
 def count_reasons(reasons: Iterable[str], shown: int = 6) -> str:
     """'6 lateral (ViewPosition LL), 1 DICOMDIR (...)': the `shown` most common reasons with their counts, most
-    common first (then by text), and how many other reasons there are. A reason over 60 characters counts by its
-    words before the first parenthesis (a decoder's message names each file's own numbers); the manifest keeps each
-    reason whole."""
-    heads = (r if len(r) <= 60 else r.split(" (", 1)[0] for r in reasons)
+    common first (then by text), and how many other reasons there are. A reason over 60 characters that holds a
+    digit counts by its words before the first parenthesis (a decoder's message names each file's own numbers, so
+    whole it would count each file apart); the manifest keeps each reason whole."""
+    heads = (r if len(r) <= 60 or not any(c.isdigit() for c in r) else r.split(" (", 1)[0] for r in reasons)
     counts = sorted(Counter(heads).items(), key=lambda kv: (-kv[1], kv[0]))
     text = ", ".join(f"{n} {reason}" for reason, n in counts[:shown])
     rest = len(counts) - shown
