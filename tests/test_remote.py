@@ -302,8 +302,9 @@ def test_the_pipeline_bench_times_cold_warm_and_local_epochs_of_a_url(s3, s3_cov
             sys.executable, "bench/pipeline.py", "--data", s3_covid, "--storage-options", s3.storage_options_json,
             "--backends", "native", "--epochs", "3", "--batch-size", "8", "--size", "32", "--json", out,
         ],
-        cwd=REPO, capture_output=True, text=True, env={**s3.env(), "TWINRAY_BENCH_RESULTS": str(tmp_path / "results")},
-    )  # fmt: skip  (the committed bench/results/ stays as it is)
+        cwd=REPO, capture_output=True, text=True,
+        env={**s3.env(), "TWINRAY_BENCH_RESULTS": str(tmp_path / "results")},  # not the committed bench/results/
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert [p.name for p in (tmp_path / "results").iterdir()] == ["pipeline-remote-cpu.json"]
     row = json.loads(out.read_text())["results"]["native"]
