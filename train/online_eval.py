@@ -17,9 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from twinray.cli import InputError
-
-# EVAL_RECIPE lives with the other recipes; re-exported here for the importers not yet moved (pretrain, shortcuts).
-from twinray.pipelines.augment import EVAL_RECIPE as EVAL_RECIPE
 from twinray.prep.format import PackedDataset
 from twinray.train.labels import MASKED, certain_targets, masked_bce
 

@@ -36,7 +36,7 @@ from twinray.atomic import atomic, naming, write_json
 from twinray.cli import InputError, run_cli, say_error
 from twinray.lock import exclusive
 from twinray.pipelines import build_loader
-from twinray.pipelines.augment import load_recipe
+from twinray.pipelines.augment import EVAL_RECIPE, load_recipe
 from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
 from twinray.train import checkpoint, health, runlog, transfer
@@ -44,7 +44,6 @@ from twinray.train.config import ConfigError, PretrainConfig, check_batch_size, 
 from twinray.train.distributed import StopVote, count_nodes
 from twinray.train.meter import NonFiniteLoss, StepMeter
 from twinray.train.online_eval import (
-    EVAL_RECIPE,
     MIN_PROBE_BATCH,
     NO_LABELS,
     LabelSource,
