@@ -156,6 +156,27 @@ def check_output(out: Path, force: bool) -> dict | None:
     return None
 
 
+def other_settings(manifest: dict, dataset: str, asked: dict) -> list[str]:
+    """Each way a finished dataset's manifest differs from what this prep run would pack ("size 256, now 64"): its
+    dataset kind and the prep arguments it recorded. Source paths compare by the folder they name (relative or
+    absolute, through links); a setting the manifest did not record is not compared."""
+    recorded = manifest.get("prep") or {}
+    differ = []
+    if manifest.get("dataset") != dataset:
+        differ.append(f"dataset {manifest.get('dataset')!r}, now {dataset!r}")
+    for key, value in asked.items():
+        if key not in recorded:
+            continue
+        old = recorded[key]
+        if key in ("src", "csv") and old is not None and value is not None:
+            same = os.path.realpath(str(old)) == os.path.realpath(str(value))
+        else:
+            same = old == value
+        if not same:
+            differ.append(f"{key} {old!r}, now {value!r}")
+    return differ
+
+
 def pack(plan: Plan, out: str | Path, **options) -> Result:
     """Convert and write every record of `plan` into `out` (the options: `_pack`'s), holding `out`'s lock
     (twinray.lock) from the check of what `out` holds to the publish: a second prep into the same `out` is refused
@@ -183,8 +204,20 @@ def _pack(
     """Convert and write every record of `plan` into `out`. Files that cannot be packed are listed in the manifest's
     `skipped` with the reason, pipeline departures in its `notes`; every record ends up packed or skipped."""
     out = Path(out).absolute()
+    try:
+        bit_depth = parse_bit_depth(bit_depth)  # one scale for every file of the dataset that declares no depth
+    except ValueError as e:
+        raise InputError(str(e)) from None
     existing = check_output(out, force)
     if existing is not None:
+        asked = {**plan.args, "size": size, "encoding": encoding, "seed": seed, "shard_samples": shard_samples,
+                 "max_pixels": max_pixels, "bit_depth": bit_depth}  # fmt: skip
+        differ = other_settings(existing, plan.dataset, asked)
+        if differ:  # "already packed" only when it is what this run would pack
+            raise InputError(
+                f"{out} holds a dataset packed with other settings: {'; '.join(differ)}; use --force to rebuild it, "
+                "or another --out"
+            )
         return Result(out, existing, written=False, count_reasons=plan.count_reasons)
     if size < 8:
         raise InputError(f"--size {size} is too small (at least 8)")
@@ -192,10 +225,6 @@ def _pack(
         raise InputError(f"--shard-samples {shard_samples} must be at least 1")
     if max_pixels < 1:
         raise InputError(f"--max-pixels {max_pixels} must be at least 1")
-    try:
-        bit_depth = parse_bit_depth(bit_depth)  # one scale for every file of the dataset that declares no depth
-    except ValueError as e:
-        raise InputError(str(e)) from None
     if not plan.records:
         raise InputError(f"no images found for {plan.dataset}")
     workers = workers or default_workers()

@@ -283,3 +283,22 @@ def test_one_file_in_two_class_folders_is_one_line(covid_copy):
     assert_one_line_error(
         result, "Normal/images/Normal-900.png: is one file in two class folders", "COVID/images/COVID-1.png"
     )
+
+
+def test_rerun_with_other_settings_is_one_line_and_keeps_the_dataset(covid_sample, tmp_path, monkeypatch, capsys):
+    """ "already packed" only when --out holds what this run would pack; other settings are named, exit 2."""
+    from twinray.prep.cli import main as prep_main
+
+    out = tmp_path / "out"
+    assert prep_main(["covid", "--src", str(covid_sample), "--out", str(out), "--workers", "1"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert prep_main(["covid", "--src", str(covid_sample), "--out", str(out), "--size", "64", "--encoding", "png"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"prep: error: {out} holds a dataset packed with other settings: size 256, now 64; encoding 'jpeg', now "
+        "'png'; use --force to rebuild it, or another --out"
+    ]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.chdir(covid_sample.parent)  # the same source named by a relative path is the same source
+    assert prep_main(["covid", "--src", covid_sample.name, "--out", str(out), "--workers", "1"]) == 0
+    assert capsys.readouterr().out.startswith("already packed (use --force to rebuild)")

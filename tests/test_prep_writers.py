@@ -42,8 +42,11 @@ def test_a_prep_while_another_writes_the_same_out_is_refused_in_one_line(raw, tm
     with exclusive(out, "prep"):  # --force is refused too while the other runs: its dataset stays
         assert prep_main(args(raw, out, "--force", "--size", "48")) == 2
     assert files(out) == published
-    assert prep_main(args(raw, out, "--size", "48")) == 0  # done: complete, left alone without --force
+    capsys.readouterr()
+    assert prep_main(args(raw, out)) == 0  # done: complete, left alone without --force
     assert capsys.readouterr().out.startswith(f"already packed (use --force to rebuild): 24 images into {out}")
+    assert prep_main(args(raw, out, "--size", "48")) == 2  # not "already packed": it holds another size
+    assert "holds a dataset packed with other settings: size 32, now 48" in capsys.readouterr().err
     assert files(out) == published
 
 
