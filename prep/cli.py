@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--patients", type=positive_int, default=30, help="patients of --dicom-tree, 2 studies each (30)")
     p.add_argument("--n", type=positive_int, default=400, help="number of images (400)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the generated images and patients (0)")
     p.add_argument("--workers", type=positive_int, default=None, help="processes (1)")
     p.add_argument("--force", action="store_true", help="regenerate even if it exists")
     p.add_argument("--finding-strength", type=positive_float, default=1.0, help="scales each finding (1: subtle)")
@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("ffcv", "write DIR/ffcv/<split>.beton files for the FFCV backend")
     p.add_argument("dir", type=location, help="a packed directory or URL")
     shard_cache.add_arguments(p)
-    p.add_argument("--splits", default="train,val,test")
+    p.add_argument("--splits", default="train,val,test", help="the splits to write, comma-separated (train,val,test)")
     p.set_defaults(func=cmd_ffcv)
 
     p = command("verify", "re-hash shards, decode every image, check the index")
