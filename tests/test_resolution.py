@@ -57,7 +57,9 @@ def test_config_json_records_the_recipe_as_it_ran(covid_packed, tmp_path):
 
     out = tmp_path / "run"
     assert main(["--data", str(covid_packed), "--out", str(out), "--size", "32", "--max-steps", "1", *TINY]) == 0
-    ran = json.loads((out / "config.json").read_text())["recipe_effective"]
+    config = json.loads((out / "config.json").read_text())
+    ran = config["recipe_effective"]
+    assert config["parts"][-1]["recipe_effective"] == ran  # each part of the run records the recipe it ran
     assert ran["size"] == 32 and ran["blur_kernel"] == 3 and ran["reference_size"] == 224
     assert ran["blur_sigma"] == pytest.approx([0.1 * 32 / 224, 2.0 * 32 / 224])
     assert ran["name"] == "seed-final" and ran["crop_scale"] == [0.08, 1.0]

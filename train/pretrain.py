@@ -224,11 +224,11 @@ def export_backbone(model, cfg: PretrainConfig, out: Path, parts: list[dict]) ->
 
 def write_config(cfg: PretrainConfig, parts: list[dict]) -> None:
     """config.json: this launch's settings, its world size and nodes, the data's digest, and every part of the run
-    with its step range (a resume that changed a setting starts a part), and the recipe as it ran at this size
-    (`recipe_effective`: Recipe.at_size, docs/augmentation.md "Resolution")."""
+    with its step range (a resume that changed a setting starts a part); each part, and the top level for the last
+    one, holds the recipe as it ran at that size (`recipe_effective`: Recipe.at_size, docs/augmentation.md)."""
     now = parts[-1]
-    extra = {k: now.get(k) for k in ("world_size", "nodes", "data_digest", "eval_data_digest", "init_digest")}
-    extra["recipe_effective"] = load_recipe(cfg.recipe).at_size(cfg.size).effective()
+    keys = ("world_size", "nodes", "data_digest", "eval_data_digest", "init_digest", "recipe_effective")
+    extra = {k: now.get(k) for k in keys}
     write_json(Path(cfg.out) / "config.json", {**cfg.to_dict(), **extra, "parts": parts})
 
 
@@ -397,13 +397,13 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
         start, started = transfer.backbone_weights(cfg.init, cfg.backbone, cfg.channels)
     init_digest = started["sha256"] if started else None
 
+    # the augmentation as it runs at this size (Recipe.at_size), read once: the loader and every part's record use it
+    recipe = load_recipe(cfg.recipe)
+    now = part(0, cfg.data, world, nodes, settings(cfg, digest, precision, eval_digest, init_digest))
+    now["recipe_effective"] = recipe.at_size(cfg.size).effective()
+
     # ---- what --out holds: resume only the same data and settings; nothing there has changed yet --------------
-    saved, parts, changes = plan(
-        cfg,
-        part(0, cfg.data, world, nodes, settings(cfg, digest, precision, eval_digest, init_digest)),
-        allow_change,
-        force,
-    )
+    saved, parts, changes = plan(cfg, now, allow_change, force)
     if saved is not None:
         pos = Position(**saved["position"])
         if pos.epoch >= cfg.epochs and (out / "backbone.safetensors").is_file():
@@ -422,7 +422,7 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
         backend=cfg.backend,
         batch_size=cfg.batch_size // world,
         device=device,
-        recipe=cfg.recipe,
+        recipe=recipe,
         size=cfg.size,
         views=2,
         seed=cfg.seed,

@@ -99,7 +99,7 @@ class Recipe:
 
     def effective(self) -> dict:
         """The fields as the ops use them (after `at_size`), JSON-ready: what config.json records."""
-        return {f.name: list(v) if isinstance(v, tuple) else v for f in fields(self) for v in [getattr(self, f.name)]}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 def _from_tokens(name: str) -> Recipe:
