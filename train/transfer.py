@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
+import timm
 import torch
+from huggingface_hub import constants
 from safetensors import safe_open
 from safetensors.torch import load_file
+from timm.models import adapt_input_conv
 from torch import nn
 
 from twinray.train.model import build_backbone
@@ -49,11 +53,6 @@ def _backbone_file(init: Path) -> Path:
 def imagenet_missing(name: str, error: BaseException) -> str:
     """The line for `--init imagenet` when timm's weights are not here: the Hub repository they come from, the
     cache folder that was looked in (huggingface_hub's HF_HUB_CACHE, as set now), and the file to pass instead."""
-    import os
-
-    import timm
-    from huggingface_hub import constants
-
     repo = timm.create_model(name, pretrained=False).pretrained_cfg.get("hf_hub_id") or f"timm/{name}"
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     why = "HF_HUB_OFFLINE is set" if offline else f"the download failed: {type(error).__name__}"
@@ -112,8 +111,6 @@ def timm_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str
     without classifier: the classifier's tensors (pretrained_cfg["classifier"], e.g. fc.*) are left out, and an
     RGB stem (pretrained_cfg["first_conv"]) is adapted to the model's channels with timm's adapt_input_conv (for
     one channel: the sum over the three, as timm does for pretrained=True). A twinray backbone passes unchanged."""
-    from timm.models import adapt_input_conv
-
     cfg = getattr(model, "pretrained_cfg", None) or {}
     head = cfg.get("classifier")
     heads = (head,) if isinstance(head, str) else tuple(head or ())
