@@ -39,7 +39,7 @@ from twinray.pipelines import build_loader
 from twinray.pipelines.augment import EVAL_RECIPE, load_recipe
 from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
-from twinray.train import checkpoint, health, runlog, transfer
+from twinray.train import checkpoint, health, preprocessing, runlog, transfer
 from twinray.train.config import ConfigError, PretrainConfig, check_batch_size, from_args, parse_allow_change
 from twinray.train.distributed import StopVote, count_nodes
 from twinray.train.meter import NonFiniteLoss, StepMeter
@@ -199,13 +199,11 @@ def _peak_memory_mb(cuda: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def export_backbone(model, cfg: PretrainConfig, out: Path, parts: list[dict]) -> None:
+def export_backbone(model, cfg: PretrainConfig, out: Path, parts: list[dict], manifest: dict) -> None:
     """backbone.safetensors (timm's names) and backbone.json: the timm model, the data (its path, and the digest of
     its manifest), the preprocessing its inputs had (train/preprocessing.py: input range, normalisation, the prep
     settings that made the pixels) and every setting it was trained with, part by part (docs/pretrain.md)."""
-    from twinray.train import preprocessing
-
-    backbone, manifest = model.backbone, PackedDataset(cfg.data).manifest
+    backbone = model.backbone
     metadata = {"timm_name": cfg.backbone, "in_chans": str(cfg.channels)}
     checkpoint.save_weights(out / "backbone.safetensors", backbone, metadata)
     info = {
@@ -607,7 +605,7 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
         log_file.line(said)
         summary = {"stopped": stopped, "step": pos.step}
     elif accelerator.is_main_process:
-        export_backbone(run.model, cfg, out, parts)
+        export_backbone(run.model, cfg, out, parts, data.manifest)
         said = f"done: {pos.epoch} epochs, {pos.step} steps; backbone written to {out / 'backbone.safetensors'}"
         accelerator.print(said)
         log_file.line(said)
