@@ -66,9 +66,14 @@ lint: install
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache
 
-# The real-data label-efficiency study (docs/results.md); re-running skips finished runs.
+# The real-data label-efficiency studies (docs/results.md): real-cxr (two hospitals), then kermany-cxr (one
+# hospital, with the thumbnail floor); `make study-kermany` runs the second alone. Re-running skips finished runs.
 REAL_CXR ?= ../shared/data/real-cxr
+KERMANY_CXR ?= ../shared/data/kermany-cxr
 STUDY_PROFILE ?= auto
-.PHONY: study-real
+.PHONY: study-real study-kermany
 study-real: install
 	$(PY) train/study_real.py configs/study-real.yaml --profile $(STUDY_PROFILE) --raw $(REAL_CXR)
+	$(PY) train/study_real.py configs/study-kermany.yaml --profile $(STUDY_PROFILE) --raw $(KERMANY_CXR)
+study-kermany: install
+	$(PY) train/study_real.py configs/study-kermany.yaml --profile $(STUDY_PROFILE) --raw $(KERMANY_CXR)

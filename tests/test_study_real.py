@@ -182,3 +182,66 @@ def test_a_missing_data_folder_is_one_line(tmp_path):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "nowhere: no such folder" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+KERMANY = REPO.parent / "shared" / "data" / "kermany-cxr"
+
+
+def test_shrunk_one_hospital_study_reports_the_thumbnail_floor_per_fraction(tmp_path, capsys):
+    """configs/study-kermany.yaml with 6 patients per class, 1 epoch at 32 px, 1 seed, linear probes at two
+    fractions: the dataset's own labels.csv, no source class, and the thumbnail floor fitted on exactly the images
+    each fraction's probes trained on."""
+    cfg = yaml.safe_load((REPO / "configs" / "study-kermany.yaml").read_text())
+    tiny = {"epochs": 1, "size": 32, "batch_size": 8, "workers": 1}
+    cfg.update(work=str(tmp_path / "work"), results=str(tmp_path / "results"), patients_per_class=6)
+    cfg["profiles"]["tiny"] = {"seeds": [0], "fractions": [0.5, 1.0], "modes": ["linear"], "prep": {"size": 48},
+                               "pretrain": {**tiny, "eval_every": 1}, "finetune": tiny}  # fmt: skip
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert study_main([str(config), "--raw", str(KERMANY), "--profile", "tiny"]) == 0, capsys.readouterr().err[-3000:]
+    out = tmp_path / "results" / "tiny"
+
+    labels = list(csv.DictReader(open(tmp_path / "work" / "labels.csv")))
+    every = list(csv.DictReader(open(KERMANY / "labels.csv")))
+    kept = {r["patient"] for r in labels}
+    per_class = {k: len({r["patient"] for r in labels if r["label"] == k}) for k in ("NORMAL", "BACTERIA", "VIRUS")}
+    assert min(per_class.values()) >= 6  # 6 kept per class; one child's images can hold both pneumonia kinds
+    assert len(labels) == sum(r["patient"] in kept for r in every)  # whole patients, the CSV's own columns
+    packed = PackedDataset(next((tmp_path / "work").glob("packed-*")))
+    assert packed.manifest["dataset"] == "kermany-cxr" and packed.classes == ["BACTERIA", "NORMAL", "VIRUS"]
+    assert max(packed.index["height"]) == 48  # the profile's own prep size
+
+    summary = list(csv.DictReader(open(out / "summary.csv")))
+    assert [(s["init"], s["mode"], s["fraction"]) for s in summary] == [
+        ("barlow", "linear", "0.5"), ("random", "linear", "0.5"), ("thumbnail", "linear", "0.5"),
+        ("barlow", "linear", "1.0"), ("random", "linear", "1.0"), ("thumbnail", "linear", "1.0"),
+    ]  # fmt: skip
+    runs = list(csv.DictReader(open(out / "runs.csv")))
+    for fraction in ("0.5", "1.0"):
+        cell = {r["init"]: r for r in runs if r["fraction"] == fraction}
+        assert cell["thumbnail"]["dir"] == "" and cell["thumbnail"]["train_images"] == cell["barlow"]["train_images"]
+    half = {r["init"]: int(r["train_images"]) for r in runs if r["fraction"] == "0.5"}
+    assert half["thumbnail"] < len(packed.indices("train"))
+    again = shortcuts.fraction_floor(packed.root, 32, [0.5, 1.0], [0])  # the floor read back through the same code
+    floor = [r for r in runs if r["init"] == "thumbnail"]
+    assert [float(r["balanced_accuracy"]) for r in floor] == pytest.approx([r["balanced_accuracy"] for r in again])
+    assert [int(r["train_images"]) for r in floor] == [r["train_images"] for r in again]
+
+    table = (out / "table.md").read_text()
+    assert "| thumbnail | linear | 0.5 |" in table and "None AUROC" not in table and "COVID" not in table
+    assert "the trivial floor" in table
+    report = json.loads((out / "shortcuts.json").read_text())
+    assert report["source_class"] is None and "thumbnail" not in report["probes"]  # the floor is no source probe
+    assert set(json.loads((out / "timings.json").read_text())["invocations"][0]["steps"]) == {
+        "csv", "prep", "scan-barlow", "scan-random", "shortcuts", "floor"}  # fmt: skip
+    assert (out / "study.png").stat().st_size > 5000
+
+
+def test_the_thumbnail_is_the_cell_means_and_the_views_mean_and_std():
+    views = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    features = shortcuts.thumbnail(views)
+    assert features.shape == (3, 66) and features.dtype == torch.float64
+    cells = views.double().reshape(3, 8, 2, 8, 2).mean((2, 4)).reshape(3, 64)
+    assert torch.allclose(features[:, :64], cells)
+    assert torch.allclose(features[:, 64], views.double().flatten(1).mean(1))
+    assert torch.allclose(features[:, 65], views.double().flatten(1).std(1))

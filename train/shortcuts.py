@@ -14,6 +14,9 @@ a multinomial logistic regression (L2, strength picked from `L2_GRID`) on one fe
 - `geometry`: the packed image's height, width and aspect ratio (prep keeps the aspect ratio, so this is the
   original's); the model sees a centre square, so this is the metadata a careless pipeline could leak.
 - `all`: the three together.
+- `thumbnail`: the trivial floor, not a source probe and not part of `all`: the view reduced to an 8 x 8 grid of
+  cell means (all 64 cells), plus the view's mean and standard deviation (66 features). `fraction_floor` fits it at
+  the models' label fractions, so a study can say whether learned features beat the crudest description of an image.
 - one probe per metadata field of the sample JSON (`origin`, `view`, `ap_pa`, `sex`, `age`, ...; docs/format.md):
   a field of words is one-hot coded (a level per value, one for missing), a field of numbers is used as it is plus
   a missing indicator. The label's own fields, the patient, the split and fields that name each image apart (the
@@ -51,6 +54,7 @@ from twinray.cli import InputError
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment.recipes import EVAL_RECIPE
 from twinray.prep.format import LABEL_NONE, SPLITS, PackedDataset
+from twinray.train.label_fractions import label_fraction
 from twinray.train.metrics import multiclass_metrics
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
@@ -91,6 +95,14 @@ def border(views: torch.Tensor) -> torch.Tensor:
     return torch.cat([outer, outer.mean(1, keepdim=True), outer.std(1, keepdim=True)], 1)
 
 
+def thumbnail(views: torch.Tensor) -> torch.Tensor:
+    """B x 1 x S x S views in [0, 1] -> B x 66 float64: the 8 x 8 grid of cell means (area averaging), row by row,
+    then the view's mean and standard deviation."""
+    flat = views.flatten(1).double()
+    cells = torch.nn.functional.adaptive_avg_pool2d(views.double(), GRID).flatten(1)
+    return torch.cat([cells, flat.mean(1, keepdim=True), flat.std(1, keepdim=True)], 1)
+
+
 def geometry(data: PackedDataset, rows: np.ndarray) -> torch.Tensor:
     """Packed height, width and height / width of `rows` -> len(rows) x 3."""
     h = torch.as_tensor(np.asarray(data.index["height"])[rows], dtype=torch.float64)
@@ -101,7 +113,7 @@ def geometry(data: PackedDataset, rows: np.ndarray) -> torch.Tensor:
 def split_features(data: PackedDataset, root: Path, split: str, size: int) -> dict:
     """The image feature sets, labels, patient ids and sample JSONs of one split, in index order. A row without a
     patient id is its own group (`image-ROW`)."""
-    rows, stats, ring = [], [], []
+    rows, stats, ring, thumbs = [], [], [], []
     with build_loader(str(root), split=split, batch_size=64, device="cpu", recipe=EVAL_RECIPE, size=size, views=1,
                       seed=0, drop_last=False) as loader:  # fmt: skip
         for batch in loader:
@@ -109,6 +121,7 @@ def split_features(data: PackedDataset, root: Path, split: str, size: int) -> di
             rows.append(batch.indices.cpu().numpy())
             stats.append(statistics(views))
             ring.append(border(views))
+            thumbs.append(thumbnail(views))
     rows = np.concatenate(rows)
     order = np.argsort(rows, kind="stable")
     rows = rows[order]
@@ -116,6 +129,7 @@ def split_features(data: PackedDataset, root: Path, split: str, size: int) -> di
         "statistics": torch.cat(stats)[order],
         "border": torch.cat(ring)[order],
         "geometry": geometry(data, rows),
+        "thumbnail": torch.cat(thumbs)[order],
     }
     metas = [data.metadata(int(r)) for r in rows]
     patients = [str(m["patient"]) if m.get("patient") is not None else f"image-{int(r)}" for m, r in zip(metas, rows)]
@@ -429,3 +443,45 @@ def check(root: str | Path, size: int = 96, source_class: str | None = "COVID-19
         "probes": probes,
     })  # fmt: skip
     return report
+
+
+def fraction_floor(root: str | Path, size: int, fractions: list[float], seeds: list[int], probe: str = "thumbnail",
+                   source_class: str | None = None) -> list[dict]:  # fmt: skip
+    """The `probe` feature set (`thumbnail`, or any of FEATURE_SETS) as a label-efficiency floor: for each fraction
+    and seed, the held-out probe (L2 strength picked on all of val, scored on test) fitted on exactly the train
+    images that train/finetune.py's `--fraction F --seed S` trains on (train/label_fractions.py). The views are the
+    models' eval views at `size` px.
+
+    Returns one row per fraction x seed: {"fraction", "seed", "train_images", "test_images", "l2",
+    "balanced_accuracy", "auroc"} (and the source-class scores with a `source_class`). Raises InputError (one line)
+    for an unknown probe, an unlabelled or multilabel dataset, or a split without images."""
+    root = Path(root)
+    if probe not in (*FEATURE_SETS, "thumbnail"):
+        raise InputError(f"floor probe {probe!r} is not one of {', '.join((*FEATURE_SETS, 'thumbnail'))}")
+    data = PackedDataset(root)
+    if data.task != "multiclass":
+        raise InputError(f"{root}: the floor needs a multiclass dataset, not {data.task}")
+    classes = list(data.classes)
+    splits = {s: split_features(data, root, s, size) for s in SPLITS}
+    for name, part in splits.items():
+        if not len(part["rows"]):
+            raise InputError(f"{root}: the {name} split has no image: the floor needs train, val and test")
+    train = splits["train"]
+    x_all = train["features"][probe].numpy()
+    y_all = train["labels"].numpy()
+    split_rows = data.indices("train")  # as train/finetune.py draws its fraction: from the split's rows, in order
+    out = []
+    with threadpool_limits(limits=1, user_api="blas"):
+        for fraction in fractions:
+            for seed in seeds:
+                keep = np.isin(train["rows"], label_fraction(split_rows, data.labels(split_rows), fraction, seed))
+                parts = {
+                    "train": (x_all[keep], y_all[keep], [p for p, k in zip(train["patients"], keep) if k]),
+                    **{s: (splits[s]["features"][probe].numpy(), splits[s]["labels"].numpy(), splits[s]["patients"])
+                       for s in ("val", "test")},
+                }  # fmt: skip
+                probed = held_out(parts, classes, source_class, resamples=0, seed=seed)
+                out.append({"fraction": float(fraction), "seed": seed, "train_images": int(keep.sum()),
+                            "test_images": len(splits["test"]["rows"]), "l2": probed["l2"],
+                            **probed["test"]})  # fmt: skip
+    return out

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import hashlib
 import json
 import math
@@ -40,13 +41,18 @@ import yaml
 from twinray.atomic import write_csv, write_json
 from twinray.cli import InputError, OneLineParser, run_cli, say_error
 from twinray.config import check_fields, read_mapping
+from twinray.prep import real_cxr
+from twinray.prep.cli import main as prep_main
+from twinray.prep.format import SPLITS, PackedDataset
+from twinray.train import audit, scan, shortcuts
 from twinray.usage import examples, program
 
-KEYS = {"raw", "work", "results", "patients_per_class", "prep", "seeds", "fractions", "modes", "source_class",
-        "pretrain", "finetune", "profile", "profiles"}  # fmt: skip
-PROFILE_KEYS = {"pretrain", "finetune", "seeds", "fractions", "modes"}
+KEYS = {"raw", "work", "results", "labels", "name", "patients_per_class", "prep", "seeds", "fractions", "modes",
+        "source_class", "floor", "pretrain", "finetune", "profile", "profiles"}  # fmt: skip
+PROFILE_KEYS = {"prep", "pretrain", "finetune", "seeds", "fractions", "modes"}
+MERGED = ("prep", "pretrain", "finetune")  # a profile's section is merged over the top level's
 METRICS = ("balanced_accuracy", "auroc", "source_class_auroc", "rest_balanced_accuracy", "accuracy", "macro_f1")
-INITS = ("barlow", "random")
+INITS = ("barlow", "random")  # then the floor probes (`floor`), in the YAML's order
 SHOWN = ("balanced_accuracy", "auroc", "source_class_auroc", "rest_balanced_accuracy")  # the table's columns
 
 
@@ -66,9 +72,17 @@ def load(path: Path, profile: str | None = None) -> dict:
     check_fields(chosen, PROFILE_KEYS, f"{path}: profile {name!r}", what="key")
     out = {k: copy.deepcopy(v) for k, v in cfg.items() if k not in ("profiles", "profile")}
     for key, value in chosen.items():
-        out[key] = {**(out.get(key) or {}), **value} if key in ("pretrain", "finetune") else value
+        out[key] = {**(out.get(key) or {}), **value} if key in MERGED else value
     out["profile"] = name
-    for key, default in (("seeds", [0]), ("modes", ["linear", "full"]), ("source_class", None), ("prep", {})):
+    for key, default in (
+        ("seeds", [0]),
+        ("modes", ["linear", "full"]),
+        ("source_class", None),
+        ("prep", {}),
+        ("floor", []),
+        ("name", "real-cxr"),
+        ("labels", None),
+    ):
         out.setdefault(key, default)
     for key in ("raw", "work", "results", "fractions"):
         if key not in out:
@@ -112,23 +126,36 @@ class Clock:
 
 
 def make_csv(cfg: dict) -> Path:
-    from twinray.prep import real_cxr
-
+    """WORK/labels.csv: the dataset's own CSV (`labels`, relative to `raw`; columns path, label and patient, as
+    kermany-cxr's labels.csv), or for real-cxr the one prep/real_cxr.py builds; `patients_per_class` keeps the
+    first N patients of each label (sorted by id) with all their images."""
     out = Path(cfg["work"]) / "labels.csv"
-    rows = real_cxr.build_rows(cfg["raw"], cfg.get("patients_per_class"))
-    return real_cxr.write_csv(rows, out)
+    if cfg["labels"] is None:
+        rows = real_cxr.build_rows(cfg["raw"], cfg.get("patients_per_class"))
+        return real_cxr.write_csv(rows, out)
+    source = Path(cfg["raw"]) / cfg["labels"]
+    try:
+        with open(source, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows, fields = list(reader), list(reader.fieldnames or [])
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{source}: cannot read the labels CSV ({e})") from None
+    missing = [c for c in ("path", "label", "patient") if c not in fields]
+    if missing:
+        raise InputError(f"{source}: no column {', '.join(missing)} (a study's labels CSV has path, label, patient)")
+    if cfg.get("patients_per_class") is not None:
+        rows = real_cxr.keep_patients(rows, int(cfg["patients_per_class"]))
+    return write_csv(out, sorted(rows, key=lambda r: r["path"]), fields)
 
 
 def pack(cfg: dict, labels: Path) -> Path:
     """`prep folder` on the CSV; the folder's name carries a hash of the CSV and the prep arguments, so a changed
     CSV or split never reuses a stale pack."""
-    from twinray.prep.cli import main as prep_main
-
     prep = {"split": "70/15/15", "seed": 0, "size": 256, **cfg["prep"]}
     digest = hashlib.sha256(labels.read_bytes() + json.dumps(prep, sort_keys=True).encode()).hexdigest()[:10]
     out = Path(cfg["work"]) / f"packed-{digest}"
     argv = ["folder", "--src", str(cfg["raw"]), "--csv", str(labels), "--path-col", "path", "--label-col", "label",
-            "--patient-col", "patient", "--name", "real-cxr", "--out", str(out), "--split", str(prep["split"]),
+            "--patient-col", "patient", "--name", str(cfg["name"]), "--out", str(out), "--split", str(prep["split"]),
             "--seed", str(prep["seed"]), "--size", str(prep["size"])]  # fmt: skip
     if prep_main(argv) != 0:
         raise InputError(f"prep folder failed for {labels}")
@@ -158,16 +185,12 @@ def scan_configs(cfg: dict, packed: Path) -> dict[str, dict]:
 
 
 def run_scan(path: Path) -> None:
-    from twinray.train import scan
-
     if scan.main([str(path)]) != 0:
         raise InputError(f"the scan {path} failed (its error is above)")
 
 
 def collect(cfg: dict, scans: dict[str, dict]) -> list[dict]:
     """One row per finished fine-tune: init, mode, fraction, seed, train images, test metrics, its directory."""
-    from twinray.train import scan
-
     rows = []
     for init, scan_cfg in scans.items():
         for run in scan.plan(scan_cfg):
@@ -187,6 +210,20 @@ def collect(cfg: dict, scans: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def floor_rows(cfg: dict, packed: Path, size: int) -> list[dict]:
+    """The trivial floor per label fraction and seed, one row each like collect's: for each probe named in `floor`
+    (train/shortcuts.py's `thumbnail`, say), logistic regression fitted on exactly the train images each fine-tune
+    of that fraction and seed saw, its L2 strength picked on val, scored on test (shortcuts.fraction_floor). Its
+    mode is `linear`: it is a linear probe, of features that need no training."""
+    rows = []
+    for probe in cfg["floor"]:
+        for row in shortcuts.fraction_floor(packed, size, list(cfg["fractions"]), list(cfg["seeds"]), probe,
+                                            cfg["source_class"]):  # fmt: skip
+            rows.append({"init": probe, "mode": "linear", **{k: v for k, v in row.items() if k != "l2"},
+                         "dir": ""})  # fmt: skip
+    return rows
+
+
 def rest_recall(confusion: dict, source_class: str | None) -> float | None:
     """Mean recall of the classes other than the single-source one, from test confusion counts (rows: true class):
     No_findings and Pneumonia both come from the NIH, so the source cannot separate them."""
@@ -197,17 +234,15 @@ def rest_recall(confusion: dict, source_class: str | None) -> float | None:
 
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean and 95% t-interval half-width over seeds, per init x mode x fraction (train/scan.py's)."""
-    from twinray.train.scan import mean_and_interval
-
     cells: dict[tuple, list[dict]] = {}
     for row in rows:
         cells.setdefault((row["init"], row["mode"], row["fraction"]), []).append(row)
-    order = {name: k for k, name in enumerate(INITS)}
+    order = {name: k for k, name in enumerate(dict.fromkeys([*INITS, *(r["init"] for r in rows)]))}
     summary = []
     for (init, mode, fraction), members in sorted(cells.items(), key=lambda c: (c[0][1], c[0][2], order[c[0][0]])):
         entry = {"init": init, "mode": mode, "fraction": fraction, "seeds": len(members),
                  "train_images": round(sum(r["train_images"] for r in members) / len(members), 1)}  # fmt: skip
-        summary.append(mean_and_interval(entry, members, METRICS, digits=4))
+        summary.append(scan.mean_and_interval(entry, members, METRICS, digits=4))
     return summary
 
 
@@ -218,42 +253,46 @@ def _cell(entry: dict, metric: str) -> str:
     return f"{mean:.3f} ± {entry[f'{metric}_ci95']:.3f}" if entry["seeds"] > 1 else f"{mean:.3f}"
 
 
-def table(cfg: dict, summary: list[dict], shortcuts: dict, packed: Path, command: str) -> str:
+def table(cfg: dict, summary: list[dict], report: dict, packed: Path, command: str) -> str:
     """The markdown report: the command, the data, the results table and the shortcut table."""
-    from twinray.prep.format import SPLITS, PackedDataset
-
     data = PackedDataset(packed)
     counts = ", ".join(f"{s} {data.manifest['splits'][s]}" for s in SPLITS)
     seeds = len(cfg["seeds"])
     spread = "mean ± 95% t-interval over" if seeds > 1 else "one seed, no interval:"
     source = cfg["source_class"]
     rest = " / ".join(c for c in data.classes if c != source)
+    shown = SHOWN if source is not None else SHOWN[:2]
+    heads = ["balanced accuracy", "macro AUROC", f"{source} AUROC", f"{rest} balanced accuracy"][: len(shown)]
+    floors = ", ".join(f"`{name}`" for name in cfg["floor"])
+    floor_line = (f" The {floors} rows are the trivial floor: logistic regression on that shortcut probe's features "
+                  "(train/shortcuts.py), fitted on the same train images as each fraction's fine-tunes, its L2 "
+                  "strength picked on val." if cfg["floor"] else "")  # fmt: skip
     lines = [
         f"Profile `{cfg['profile']}`: `{command}`",
         "",
         f"Data: {len(data)} images ({counts}), split by patient. Pretraining: {_flags(cfg['pretrain'])}. "
-        f"Downstream: {_flags(cfg['finetune'])}. Test split, {spread} {seeds} seed{'s' if seeds > 1 else ''}.",
+        f"Downstream: {_flags(cfg['finetune'])}. Test split, {spread} {seeds} seed{'s' if seeds > 1 else ''}."
+        + floor_line,
         "",
-        f"| init | mode | label fraction | train images | balanced accuracy | macro AUROC | {source} AUROC | "
-        f"{rest} balanced accuracy |",
-        "|---|---|---|---|---|---|---|---|",
+        "| init | mode | label fraction | train images | " + " | ".join(heads) + " |",
+        "|---|---|---|---|" + "---|" * len(heads),
     ]
     for s in summary:
-        scores = " | ".join(_cell(s, m) for m in SHOWN)
+        scores = " | ".join(_cell(s, m) for m in shown)
         lines.append(f"| {s['init']} | {s['mode']} | {s['fraction']:g} | {s['train_images']:g} | {scores} |")
     lines += [
         "",
         f"Source-shortcut check (`twinray audit --protocol held-out`; logistic regression on features that carry no "
-        f"disease, eval view at {shortcuts['size']} px; 95% bootstrap over {shortcuts['test_patients']} test "
+        f"disease, eval view at {report['size']} px; 95% bootstrap over {report['test_patients']} test "
         "patients):",
         "",
-        f"| features | count | balanced accuracy | macro AUROC | {source} AUROC | {rest} balanced accuracy |",
-        "|---|---|---|---|---|---|",
+        "| features | count | " + " | ".join(heads) + " |",
+        "|---|---|" + "---|" * len(heads),
     ]
-    for name, probe in shortcuts["probes"].items():
+    for name, probe in report["probes"].items():
         t, ci = probe["test"], probe["test_ci95"]
         cells = [f"{t[m]:.3f} [{ci[m][0]:.3f}, {ci[m][1]:.3f}]" if m in ci else f"{t.get(m, 'n/a')}"
-                 for m in SHOWN]  # fmt: skip
+                 for m in shown]  # fmt: skip
         lines.append(f"| {name} | {probe['features']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -262,9 +301,10 @@ def _flags(options: dict) -> str:
     return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in options.items())
 
 
-def draw(summary: list[dict], rows: list[dict], shortcuts: dict, modes: list[str], out: Path) -> Path:
+def draw(summary: list[dict], rows: list[dict], report: dict, modes: list[str], out: Path) -> Path:
     """One panel per mode: test balanced accuracy against label fraction (log x), Barlow and random init as lines
-    with 95% bands and seeds as dots; the shortcut probes as dashed horizontal lines."""
+    with 95% bands and seeds as dots; the floor probes (`thumbnail`: rows with another init) as a grey line with its
+    band in every panel, since they are what any model must beat; the shortcut probes as dashed horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,25 +313,28 @@ def draw(summary: list[dict], rows: list[dict], shortcuts: dict, modes: list[str
     metric = "balanced_accuracy"
     fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), sharey=True, squeeze=False)
     colours = {"barlow": "tab:blue", "random": "tab:orange"}
+    floors = [i for i in dict.fromkeys(s["init"] for s in summary) if i not in INITS]
     for ax, mode in zip(axes[0], modes):
-        for init in INITS:
-            points = sorted((s["fraction"], s) for s in summary if s["init"] == init and s["mode"] == mode)
+        for init in (*INITS, *floors):
+            floor = init in floors
+            points = sorted((s["fraction"], s) for s in summary if s["init"] == init and (floor or s["mode"] == mode))
             if not points:
                 continue
             x = [p for p, _ in points]
             mean = [s.get(f"{metric}_mean", math.nan) for _, s in points]
             ci = [s.get(f"{metric}_ci95", 0.0) for _, s in points]
-            label = "Barlow Twins init" if init == "barlow" else "random init"
-            ax.plot(x, mean, marker="o", color=colours[init], label=label)
+            label = {"barlow": "Barlow Twins init", "random": "random init"}.get(init, f"floor: {init} probe")
+            colour = colours.get(init, "dimgrey")
+            ax.plot(x, mean, marker="o", color=colour, label=label, linestyle="-." if floor else "-")
             ax.fill_between(x, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)],
-                            color=colours[init], alpha=0.15)  # fmt: skip
-            seeds = [r for r in rows if r["init"] == init and r["mode"] == mode and metric in r]
-            ax.scatter([r["fraction"] for r in seeds], [r[metric] for r in seeds], color=colours[init], s=10)
+                            color=colour, alpha=0.15)  # fmt: skip
+            seeds = [r for r in rows if r["init"] == init and (floor or r["mode"] == mode) and metric in r]
+            ax.scatter([r["fraction"] for r in seeds], [r[metric] for r in seeds], color=colour, s=10)
         for name, style in (("statistics", ":"), ("all", "--")):
-            if name in shortcuts["probes"]:
-                value = shortcuts["probes"][name]["test"][metric]
+            if name in report["probes"]:
+                value = report["probes"][name]["test"][metric]
                 ax.axhline(value, color="grey", linestyle=style, label=f"shortcut probe: {name}")
-        ax.axhline(1 / len(shortcuts["classes"]), color="lightgrey", linewidth=0.8, label="chance")
+        ax.axhline(1 / len(report["classes"]), color="lightgrey", linewidth=0.8, label="chance")
         ax.set_xscale("log")
         ax.set_xticks(
             sorted({s["fraction"] for s in summary}), [f"{f:g}" for f in sorted({s["fraction"] for s in summary})]
@@ -309,8 +352,6 @@ def draw(summary: list[dict], rows: list[dict], shortcuts: dict, modes: list[str
 def shortcut_report(path: Path, packed: Path, size: int, source_class: str | None) -> dict:
     """`twinray audit PACKED --protocol held-out`'s report (train/audit.py: scored on the models' test split),
     reused when `path` already holds one for this pack, size, class and protocol (one without is held-out's)."""
-    from twinray.train import audit
-
     try:
         found = json.loads(path.read_text())
         if (found["data"], found["size"], found["source_class"], found.get("protocol", "held-out")) == (
@@ -331,8 +372,11 @@ def save_configs(cfg: dict, scans: dict[str, dict], rows: list[dict], results: P
         found = Path(scans["barlow"]["out"]) / "pretrain" / f"seed-{seed}" / "pretrain" / "config.json"
         if found.is_file():
             shutil.copyfile(found, folder / f"pretrain-seed-{seed}.json")
-    lines = [json.dumps({"dir": r["dir"], **json.loads((Path(r["dir"]) / "results.json").read_text())["config"]})
-             for r in rows]  # fmt: skip
+    lines = [
+        json.dumps({"dir": r["dir"], **json.loads((Path(r["dir"]) / "results.json").read_text())["config"]})
+        for r in rows
+        if r["dir"]
+    ]  # fmt: skip (the floor's rows are no run)
     (folder / "finetunes.jsonl").write_text("\n".join(lines) + "\n")
 
 
@@ -352,6 +396,8 @@ def study(cfg: dict, command: str) -> Path:
     size = int((cfg.get("finetune") or {}).get("size", 224))
     report = clock.time("shortcuts", shortcut_report, results / "shortcuts.json", packed, size, cfg["source_class"])
     rows = collect(cfg, scans)
+    if cfg["floor"]:
+        rows += clock.time("floor", floor_rows, cfg, packed, size)
     summary = summarise(rows)
     write_csv(results / "runs.csv", rows)
     write_csv(results / "summary.csv", summary)
@@ -385,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, key) is not None:
                 cfg[key] = str(getattr(args, key))
         if not Path(cfg["raw"]).is_dir():
-            raise InputError(f"{cfg['raw']}: no such folder (the real-cxr data; give --raw or REAL_CXR=...)")
+            raise InputError(
+                f"{cfg['raw']}: no such folder (the study's data; give --raw, or REAL_CXR=... or "
+                "KERMANY_CXR=... to make)"
+            )
         results = study(cfg, command)
     except InputError as e:
         say_error("study_real", str(e))
