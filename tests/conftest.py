@@ -2,9 +2,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +138,89 @@ def s3_covid(s3, covid_sample) -> str:
     args = ["covid", "--src", str(covid_sample), "--out", url, "--workers", "1", "--shard-samples", "16"]
     assert prep_main([*args, "--storage-options", s3.storage_options_json]) == 0
     return url
+
+
+# The distributed harness. Two ways to run several processes on the CPU with gloo: `gloo` spawns them from the test
+# and runs one function in each; `run_torchrun` launches a real script under torchrun. torch is imported inside
+# (as at the top, only under xdist): tests that never start a process group do not pay its import.
+
+GLOO_ENV = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}  # a launched script's processes: gloo, 1 thread
+
+
+def free_port() -> int:
+    """A loopback port free now (another process may still take it before it is bound)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_path() -> str:
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    assert torchrun, "torchrun is missing from the venv"
+    return torchrun
+
+
+def torchrun(*args, nproc: int = 2) -> list[str]:
+    """The command line of a one-machine torchrun of `nproc` processes at a free port, then ARGS."""
+    return [torchrun_path(), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *map(str, args)]
+
+
+def run_torchrun(*args, nproc: int = 2, env=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun ARGS` of `nproc` CPU processes (GLOO_ENV) in the repository, its output captured."""
+    return subprocess.run(
+        torchrun(*args, nproc=nproc),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **GLOO_ENV, **(env or {})},
+        timeout=timeout,
+    )
+
+
+def _gloo_rank(rank: int, fn, args: tuple, world: int, rendezvous: str, out_dir: str) -> None:
+    """One spawned process of `gloo`: join the group, save fn(rank, *args) for the test, leave the group."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
+    )
+    try:
+        torch.save(fn(rank, *args), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(tmp: Path, fn, *args, world: int = 2, timeout_s: float = 60.0) -> list:
+    """fn(rank, *args) in each of `world` spawned processes of one gloo group (rendezvous and results in `tmp`):
+    their results by rank. fn must be importable (a module-level function) and its result torch.save-able; a
+    process's exception is raised here, and processes still running after timeout_s are killed and fail the test."""
+    import torch
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(
+        _gloo_rank,
+        args=(fn, args, world, str(tmp / "rendezvous"), str(tmp)),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1):  # re-raises a process's exception
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {world} gloo workers did not finish within {timeout_s:.0f} s")
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.fixture(scope="session")
+def gloo(tmp_path_factory):
+    """run(fn, *args, world=2, timeout_s=60): run_gloo in a fresh temporary folder. Session-scoped, so that a
+    module's fixture can spawn once for all its tests."""
+
+    def run(fn, *args, world: int = 2, timeout_s: float = 60.0) -> list:
+        return run_gloo(tmp_path_factory.mktemp("gloo"), fn, *args, world=world, timeout_s=timeout_s)
+
+    return run

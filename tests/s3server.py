@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+
+from tests.conftest import free_port
 
 # moto accepts any credentials; these only keep botocore from looking for real ones.
 CREDENTIALS = {
@@ -23,18 +24,12 @@ CREDENTIALS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class S3Server:
     """`python -m moto.server` on a free loopback port; `stop()` ends it."""
 
     def __init__(self, timeout: float = 60.0):
         for _ in range(3):  # the port found free may be taken before the server binds it
-            self.port = _free_port()
+            self.port = free_port()
             self.endpoint = f"http://127.0.0.1:{self.port}"
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],

@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO, assert_one_line_error
+from tests.conftest import REPO, assert_one_line_error, run_torchrun
 from twinray.train.config import ConfigError, check_batch_size
 
 PRETRAIN_TINY = ["--size", "32", "--projector", "64", "--wandb", "disabled", "--workers", "1", "--epochs", "1"]
 FINETUNE_TINY = ["--init", "random", "--size", "32", "--epochs", "1", "--workers", "1"]
 
 
-def cli(script: str, *args, launcher: tuple = (sys.executable,), env=None) -> subprocess.CompletedProcess:
+def cli(script: str, *args) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*launcher, script, *map(str, args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=300,
+        [sys.executable, script, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300
     )
 
 
@@ -55,15 +48,10 @@ def test_pretrain_refuses_a_batch_larger_than_the_train_split_before_writing(cov
 
 
 def test_pretrain_on_two_processes_refuses_one_image_per_process_before_writing(covid_packed, tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    assert torchrun, "torchrun is missing from the venv"
     out = tmp_path / "run"
-    launcher = (torchrun, "--nproc_per_node", "2", "--master_port", "29531")
-    result = cli(
+    result = run_torchrun(
         "train/pretrain.py",
         *("--data", covid_packed, "--out", out, *PRETRAIN_TINY, "--batch-size", "2", "--grad-accum", "2"),
-        launcher=launcher,
-        env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("pretrain: error:")]

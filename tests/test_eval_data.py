@@ -5,23 +5,16 @@ each; scans pretrain on one dataset and fine-tune on another (docs/pretrain.md, 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
-import time
-from datetime import timedelta
 
 import numpy as np
 import pytest
 import timm
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
+from tests.conftest import run_torchrun
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment import EVAL_RECIPE
 from twinray.prep.format import LABEL_NONE, PackedDataset, PackWriter, encode_image
@@ -277,61 +270,33 @@ def test_the_study_pretrains_on_its_own_data_and_watches_the_pack(tmp_path):
     assert "eval_data" not in scan_configs({**cfg, "pretrain": {}}, tmp_path / "packed")["barlow"]["pretrain"]
 
 
-def _probe_worker(rank: int, rendezvous: str, out_dir: str, world: int) -> None:
-    """Three probe updates on this rank's half of a fixed batch, then the probe's state and figures saved."""
-    torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
-        )
-    try:
-        torch.manual_seed(0)
-        probe = LinearProbe(6, 3, multilabel=False)
-        g = torch.Generator().manual_seed(1)
-        features, labels = torch.randn(3, 8, 6, generator=g), torch.randint(0, 3, (3, 8), generator=g)
-        rows = slice(rank * 4, rank * 4 + 4)
-        figures = [probe.step(f[rows] + rank, y[rows]) for f, y in zip(features, labels)]  # the ranks' data differ
-        torch.save({"state": probe.state_dict(), "figures": figures}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+def _probe(rank: int) -> dict:
+    """Three probe updates on this rank's half of a fixed batch: the probe's state and figures."""
+    torch.manual_seed(0)
+    probe = LinearProbe(6, 3, multilabel=False)
+    g = torch.Generator().manual_seed(1)
+    features, labels = torch.randn(3, 8, 6, generator=g), torch.randint(0, 3, (3, 8), generator=g)
+    rows = slice(rank * 4, rank * 4 + 4)
+    figures = [probe.step(f[rows] + rank, y[rows]) for f, y in zip(features, labels)]  # the ranks' data differ
+    return {"state": probe.state_dict(), "figures": figures}
 
 
 @pytest.mark.slow
-def test_the_probe_is_one_probe_over_several_processes(tmp_path):
-    ctx = mp.start_processes(
-        _probe_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), 2), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 90
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the 2 gloo workers did not finish within 90 s")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+def test_the_probe_is_one_probe_over_several_processes(gloo):
+    ranks = gloo(_probe, world=2, timeout_s=90)
     for name, tensor in ranks[0]["state"].items():  # the same weights and BatchNorm statistics on both ranks
         torch.testing.assert_close(ranks[1]["state"][name], tensor, rtol=0, atol=0)
     for a, b in zip(ranks[0]["figures"], ranks[1]["figures"]):
         assert a["probe_loss"].item() == b["probe_loss"].item() and a["probe_acc"].item() == b["probe_acc"].item()
-    (tmp_path / "alone").mkdir()
-    _probe_worker(0, "", str(tmp_path / "alone"), 1)
-    alone = torch.load(tmp_path / "alone" / "rank0.pt")  # rank 0's half by itself: another probe
+    alone = _probe(0)  # rank 0's half by itself, in this process (no group): another probe
     assert not torch.equal(alone["state"]["head.1.weight"], ranks[0]["state"]["head.1.weight"])
 
 
 @pytest.mark.slow
 def test_two_processes_give_the_knn_of_the_exported_backbone(unlabeled, covid_packed, tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     out = tmp_path / "run"
     argv = ["--data", unlabeled, "--out", out, "--epochs", "1", "--eval-data", covid_packed, *TINY]
-    result = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29531", "train/pretrain.py", *map(str, argv)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
+    result = run_torchrun("train/pretrain.py", *argv)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     end = [r for r in rows(out) if r.get("epoch_end")][-1]

@@ -3,13 +3,8 @@ the same global batch, and MoCo's queue filled with every rank's keys. One spawn
 
 from __future__ import annotations
 
-import time
-from datetime import timedelta
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from twinray.train.losses import byol_loss, info_nce_loss, nt_xent_loss, vicreg_loss
 from twinray.train.momentum import KeyQueue
@@ -69,35 +64,19 @@ def _queue_after_enqueue(rows=slice(None)) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in queue.state_dict().items()}
 
 
-def _worker(rank: int, rendezvous: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30)
-    )
-    try:
-        rows = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
-        results = {"queue": _queue_after_enqueue(rows)}
-        for method in METHODS:
-            results[method] = _embedding_grads(method, rows)
-            results[f"projector_{method}"] = _projector_grads(method, rows)
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _rank_results(rank: int) -> dict:
+    """One rank's queue, losses and gradients of its rows (run in a 2-process gloo group by `gloo`)."""
+    rows = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
+    results = {"queue": _queue_after_enqueue(rows)}
+    for method in METHODS:
+        results[method] = _embedding_grads(method, rows)
+        results[f"projector_{method}"] = _projector_grads(method, rows)
+    return results
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("gloo")
-    ctx = mp.start_processes(
-        _worker, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 90
-    while not ctx.join(timeout=1):  # re-raises a worker's exception
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {WORLD} gloo workers did not finish within 90 s")
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+def ranks(gloo) -> list[dict]:
+    return gloo(_rank_results, world=WORLD, timeout_s=90)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -18,7 +18,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, assert_one_line_error
+from tests.conftest import REPO, assert_one_line_error, run_torchrun
 from twinray.train import checkpoint
 from twinray.train.config import PretrainConfig
 from twinray.train.objectives import unwrap
@@ -191,19 +191,11 @@ def test_two_processes_on_gloo_train_a_momentum_method(method, covid_packed, tmp
     """DDP wraps the model with its momentum encoder (no gradient), predictor and queue without
     find_unused_parameters; MoCo's queue takes the keys of both processes (the pointer moves by the global
     batch: 3 steps x 16 keys, not 3 x 8)."""
-    import os
-    import shutil
-
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     out = tmp_path / "run"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, **SMALL[method]}.items() if k != "compile"]
-    port = {"moco": "29531", "byol": "29532"}[method]
-    result = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", port, "train/pretrain.py", "--method", method,
-         "--data", str(covid_packed), "--out", str(out), "--epochs", "1", *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    result = run_torchrun(
+        "train/pretrain.py", "--method", method, "--data", covid_packed, "--out", out, "--epochs", "1", *flags
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     model = checkpoint.load(checkpoint.latest(out))["model"]

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,30 +15,21 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import GLOO_ENV, REPO, free_port, torchrun_path
 from twinray.prep import shard_cache
 from twinray.train import checkpoint
 
 TINY = ["--size", "32", "--batch-size", "4", "--projector", "64", "--wandb", "disabled", "--workers", "1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_two_nodes(s3, url, out, caches, *args) -> list[subprocess.Popen]:
     """One torchrun agent per node, each in its own process group (so that a signal reaches the agent and its
     worker at once, as a scheduler's does)."""
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    assert torchrun, "torchrun is missing from the venv"
-    endpoint = f"127.0.0.1:{_free_port()}"
-    env = {**s3.env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    endpoint = f"127.0.0.1:{free_port()}"
     return [
-        subprocess.Popen(
+        start(
             [
-                torchrun,
+                torchrun_path(),
                 "--nnodes",
                 "2",
                 "--nproc_per_node",
@@ -65,15 +54,19 @@ def launch_two_nodes(s3, url, out, caches, *args) -> list[subprocess.Popen]:
                 *TINY,
                 *args,
             ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            s3,
             start_new_session=True,
         )  # fmt: skip
         for cache in caches
     ]
+
+
+def start(command: list[str], s3, **popen) -> subprocess.Popen:
+    """A launcher of this machine's CPU processes (GLOO_ENV) that talk to `s3`, its output piped."""
+    env = {**s3.env(), **GLOO_ENV}
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
+    )
 
 
 def finish(agents, timeout=600) -> list[tuple[str, str]]:
@@ -145,10 +138,9 @@ def test_two_nodes_from_s3_stop_mid_epoch_resume_then_resume_on_one_process(s3, 
 def test_accelerate_launch_on_two_machines_records_two_nodes(s3, s3_covid, tmp_path):
     """docs/distributed.md's multi-node `accelerate launch` form, one process per "machine" on 127.0.0.1 (GPUs:
     --multi_gpu; here ACCELERATE_USE_CPU makes its processes use gloo on the CPU)."""
-    port, out = _free_port(), tmp_path / "run"
-    env = {**s3.env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    port, out = free_port(), tmp_path / "run"
     machines = [
-        subprocess.Popen(
+        start(
             [
                 sys.executable,
                 "-m",
@@ -185,11 +177,7 @@ def test_accelerate_launch_on_two_machines_records_two_nodes(s3, s3_covid, tmp_p
                 "--log-every",
                 "1",
             ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            s3,
         )  # fmt: skip
         for rank in (0, 1)
     ]

@@ -18,7 +18,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, assert_one_line_error
+from tests.conftest import REPO, assert_one_line_error, run_torchrun
 from twinray import atomic
 from twinray.pipelines import build_loader
 from twinray.pipelines.augment import EVAL_RECIPE
@@ -460,32 +460,11 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(covid
 
 @pytest.mark.slow
 def test_two_processes_on_gloo_then_resume_on_one(covid_packed, tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    assert torchrun, "torchrun is missing from the venv"
     out = tmp_path / "run"
-    result = subprocess.run(
-        [
-            torchrun,
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            "train/pretrain.py",
-            "--data",
-            str(covid_packed),
-            "--out",
-            str(out),
-            "--epochs",
-            "1",
-            *TINY,
-            "--projector",
-            "64-64",  # with a BN layer, which stays per-process on the CPU
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
-        timeout=300,
+    result = run_torchrun(
+        "train/pretrain.py",
+        *("--data", covid_packed, "--out", out, "--epochs", "1", *TINY),
+        *("--projector", "64-64"),  # with a BN layer, which stays per-process on the CPU
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["world_size"] == 2  # really two processes

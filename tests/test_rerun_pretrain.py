@@ -283,19 +283,11 @@ def test_allow_change_names_only_settings_that_may_change(names, line, two, stop
 def test_every_process_of_a_refused_torchrun_launch_stops_with_the_line(two, tmp_path):
     """Two gloo processes: rank 0 is refused the lock and tells rank 1, so both stop at once with the same line (no
     process waits in a collective for one that left); nothing is written."""
-    import os
-    import sys
+    from tests.conftest import run_torchrun
 
-    from tests.conftest import REPO
-
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     out = tmp_path / "run"
-    launch = [torchrun, "--nproc_per_node", "2", "--master_port", "29541", "train/pretrain.py"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     with exclusive(out, "pretraining"):
-        result = subprocess.run(
-            [*launch, *args(two, out, epochs=1)], cwd=REPO, capture_output=True, text=True, env=env, timeout=240
-        )
+        result = run_torchrun("train/pretrain.py", *args(two, out, epochs=1), timeout=240)
     line = (
         f"pretrain: error: {out}: another pretraining is writing to it now (lock {lock_path(out)}); wait for it to "
         "finish or use another --out"
