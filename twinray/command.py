@@ -23,7 +23,6 @@ from pathlib import Path
 
 import twinray
 from twinray import __version__
-from twinray.atomic import atomic
 from twinray.cli import InputError, OneLineParser, run_cli, say_error
 
 
@@ -214,6 +213,8 @@ def configs(argv: list[str]) -> int:
     if target.exists() and not args.force:
         raise InputError(f"{target} exists; pass --force to replace it")
     args.copy.mkdir(parents=True, exist_ok=True)
+    from twinray.atomic import atomic  # lazy: `twinray` imports twinray.cli only (tests/test_command.py)
+
     with atomic(target) as tmp:
         shutil.copyfile(path, tmp)
     print(f"wrote {target}")
