@@ -28,6 +28,7 @@ from twinray.bench.report import save as report_save
 from twinray.cli import OneLineParser, run_cli
 from twinray.prep.ffcv_pack import require_ffcv, torch_threads_kept, write_beton
 from twinray.prep.format import PackedDataset
+from twinray.prep.open_dataset import open_dataset
 
 PASSES = 7  # a pass over a small split takes milliseconds: one pass is noise
 
@@ -43,7 +44,7 @@ class _RepeatedGrey(Dataset):
 
     def __getitem__(self, k: int):
         if self.data is None:  # opened in the writer's process
-            self.data = PackedDataset(self.root)
+            self.data = open_dataset(self.root)
         grey = self.data.image(int(self.rows[k]))
         return np.repeat(grey[:, :, None], 3, axis=2), int(self.rows[k])
 
@@ -106,7 +107,7 @@ def main() -> None:
     require_ffcv()
     from ffcv.fields.decoders import NDArrayDecoder, SimpleRGBImageDecoder
 
-    data = PackedDataset(args.data)
+    data = open_dataset(args.data)
     rows = data.indices("train")
     sizes = {(int(data.index["height"][i]), int(data.index["width"][i])) for i in rows}
     if len(sizes) != 1:

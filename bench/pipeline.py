@@ -33,17 +33,19 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from twinray.bench import remote_epochs
 from twinray.bench.report import (
     device_name,
     time_calls,
 )
 from twinray.bench.report import save as report_save
 from twinray.cli import OneLineParser, run_cli
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 from twinray.pipelines.augment import load_recipe
 from twinray.pipelines.augment.reference import StudyNoise
 from twinray.pipelines.cache import CACHES
 from twinray.prep.format import PackedDataset
+from twinray.prep.open_dataset import open_dataset
 from twinray.storage import is_url, location, storage_options_type
 
 
@@ -129,7 +131,7 @@ def main() -> None:
     if is_url(args.data):
         remote(args, device, recipe)
         return
-    data = PackedDataset(args.data)
+    data = open_dataset(args.data)
     cores = len(os.sched_getaffinity(0))
     results = {}
     report = {
@@ -177,11 +179,8 @@ def main() -> None:
             # Closed before the next backend starts: its threads and pipelines end here (pipelines.loader).
             with build_loader(
                 str(args.data),
+                LoaderSettings(batch_size=args.batch_size, device=device, recipe=recipe, size=args.size),
                 backend=backend,
-                batch_size=args.batch_size,
-                device=device,
-                recipe=recipe,
-                size=args.size,
                 cache=cache,
             ) as loader:
                 if cache != "none":  # the one decode of the split, timed apart
@@ -207,13 +206,11 @@ def main() -> None:
 
 def remote(args, device, recipe) -> None:
     """A URL's cold, warm and local epochs per backend (bench/remote_epochs.py)."""
-    from twinray.bench import remote_epochs
-
     if args.epochs < 2:
         raise SystemExit("pipeline: --epochs must be at least 2 for a URL (1 cold, then warm)")
     backends = [b for b in args.backends.split(",") if b != "baseline"]
-    loader_args = dict(batch_size=args.batch_size, recipe=recipe, size=args.size)
-    results = remote_epochs.run(args.data, backends, args.epochs, loader_args, device, args.storage_options)
+    settings = LoaderSettings(batch_size=args.batch_size, recipe=recipe, size=args.size)
+    results = remote_epochs.run(args.data, backends, args.epochs, settings, device, args.storage_options)
     report = {
         "benchmark": "pipeline-remote",
         "date": date.today().isoformat(),

@@ -19,12 +19,14 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 from twinray.prep import shard_cache
+from twinray.prep.shard_cache import CacheSettings
 
 
 def _epoch(loader, epoch: int, device) -> tuple[float, float, int]:
@@ -48,30 +50,27 @@ def _plain_copy(cached: Path, folder: Path) -> Path:
     return folder
 
 
-def run(url: str, backends: list[str], epochs: int, loader_args: dict, device, storage_options=None) -> dict:
-    """{backend: {cold, warm, local, warm_vs_local, ...}} over `epochs` epochs (at least 2) of the train split."""
+def run(url: str, backends: list[str], epochs: int, settings: LoaderSettings, device, storage_options=None) -> dict:
+    """{backend: {cold, warm, local, warm_vs_local, ...}} over `epochs` epochs (at least 2) of the train split;
+    `settings` the loaders' (their device and shard cache set here)."""
     results = {}
     for backend in backends:
         with tempfile.TemporaryDirectory(prefix="twinray-bench-cache-") as work:
-            shard_cache.configure(Path(work) / "cache", None, storage_options)
-            try:
-                remote = build_loader(url, backend=backend, device=device, **loader_args)
-                seconds, first, pairs = _epoch(remote, 0, device)
-                events = [e for e in shard_cache.read_log(remote.data.root) if e["event"] == "fetch"]
-                shards = [e for e in events if e["file"].endswith(".tar")]
-                span = max(e["time"] for e in shards) - min(e["time"] - e["seconds"] for e in shards) if shards else 0
-                local = build_loader(
-                    str(_plain_copy(remote.data.root, Path(work) / "local")),
-                    backend=backend,
-                    device=device,
-                    **loader_args,
-                )
-                warm, plain = [], []
-                for epoch in range(1, epochs):  # alternating, so both see the same machine
-                    warm.append(_epoch(remote, epoch, device))
-                    plain.append(_epoch(local, epoch, device))
-            finally:
-                shard_cache.configure()
+            cache = CacheSettings(Path(work) / "cache", None, storage_options)
+            remote = build_loader(url, replace(settings, device=device, shard_cache=cache), backend=backend)
+            seconds, first, pairs = _epoch(remote, 0, device)
+            events = [e for e in shard_cache.read_log(remote.data.root) if e["event"] == "fetch"]
+            shards = [e for e in events if e["file"].endswith(".tar")]
+            span = max(e["time"] for e in shards) - min(e["time"] - e["seconds"] for e in shards) if shards else 0
+            local = build_loader(
+                str(_plain_copy(remote.data.root, Path(work) / "local")),
+                replace(settings, device=device),
+                backend=backend,
+            )
+            warm, plain = [], []
+            for epoch in range(1, epochs):  # alternating, so both see the same machine
+                warm.append(_epoch(remote, epoch, device))
+                plain.append(_epoch(local, epoch, device))
         warm_rate = statistics.median(p / s for s, _, p in warm)
         local_rate = statistics.median(p / s for s, _, p in plain)
         results[backend] = {

@@ -7,6 +7,8 @@ import platform
 import time
 from pathlib import Path
 
+from twinray.atomic import write_json
+
 # The record of each benchmark's latest run. Tests and dry runs point TWINRAY_BENCH_RESULTS elsewhere, so that they
 # leave the committed results alone.
 RESULTS = Path(os.environ.get("TWINRAY_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
@@ -32,8 +34,6 @@ def device_name(device) -> str:
 def save(report: dict, name: str, extra: Path | None = None, quiet: bool = False) -> None:
     """Writes RESULTS/<name>.json and, when given (--json), `extra` too; atomically, so that a run killed mid-write
     leaves the previous file whole."""
-    from twinray.atomic import write_json
-
     paths = [RESULTS / f"{name}.json", *([Path(extra)] if extra else [])]
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from twinray.bench.report import Stopwatch, device_name
 from twinray.cli import OneLineParser, int_list, run_cli
 
 FIELDS = [
@@ -58,12 +59,13 @@ def hours_for_epochs(step_s: float, dataset_size: int, batch_size: int, epochs: 
 
 def run_cell(cell: dict) -> dict:
     """One grid cell, in this process: returns the row (status ok, oom or error)."""
+    # Lazy, these four: they load torch, which the grid's own process never does (each cell runs in a process of
+    # its own, under its memory cap).
     import torch
 
-    from twinray.bench.report import Stopwatch
-    from twinray.train.model import BarlowTwins
-    from twinray.train.optim import build_optimizer
-    from twinray.train.step import Autocast, BarlowTwinsMethod, compile_model, train_step
+    from twinray.train.model import BarlowTwins  # lazy: torch, only in a cell's process
+    from twinray.train.optim import build_optimizer  # lazy: torch, only in a cell's process
+    from twinray.train.step import Autocast, BarlowTwinsMethod, compile_model, train_step  # lazy: torch, as above
 
     device = torch.device(cell["device"])
     if device.type == "cuda" and device.index is None:  # set_per_process_memory_fraction wants an index
@@ -283,8 +285,6 @@ def compare(args, base: dict) -> dict:
 
 def save_tables(rows: list[dict], args, base: dict) -> dict:
     """cells.csv and cells.json, rewritten after every cell so that a grid cut short keeps what it measured."""
-    from twinray.bench.report import device_name
-
     with open(args.out / "cells.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()

@@ -27,8 +27,9 @@ import numpy as np
 from twinray.bench.report import device_name
 from twinray.bench.report import save as report_save
 from twinray.cli import OneLineParser, run_cli
-from twinray.prep import shard_cache
-from twinray.prep.format import PackedDataset, PackWriter, sha256_file
+from twinray.prep.format import PackWriter, sha256_file
+from twinray.prep.open_dataset import open_dataset
+from twinray.prep.shard_cache import CacheSettings
 
 
 def synthetic(out: Path, shards: int, shard_mb: float) -> Path:
@@ -44,29 +45,25 @@ def synthetic(out: Path, shards: int, shard_mb: float) -> Path:
 def measure(shards: int, shard_mb: float, repeat: int, workers: int) -> dict:
     with tempfile.TemporaryDirectory() as work:
         data = synthetic(Path(work) / "packed", shards, shard_mb)
-        shard_cache.configure(Path(work) / "cache", None, {})
-        try:
-            remote = PackedDataset(f"file://{data}").remote
-            remote.fetch_all()
-            names = list(remote.sizes)
-            fresh, known = [], []
-            for k in range(repeat):
-                name = names[k % len(names)]
-                remote._records.clear()  # as a process new to the shard: reads its record
-                start = time.perf_counter()
-                remote.ensure(name)
-                fresh.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                remote.ensure(name)
-                known.append(time.perf_counter() - start)
-            path = remote.root / names[0]
+        remote = open_dataset(f"file://{data}", CacheSettings(Path(work) / "cache", None, {})).remote
+        remote.fetch_all()
+        names = list(remote.sizes)
+        fresh, known = [], []
+        for k in range(repeat):
+            name = names[k % len(names)]
+            remote._records.clear()  # as a process new to the shard: reads its record
             start = time.perf_counter()
-            for name in names[: max(1, min(len(names), 8))]:
-                sha256_file(remote.root / name)
-            hashed = max(1, min(len(names), 8)) * path.stat().st_size / 1e6
-            mb_s = hashed / (time.perf_counter() - start)
-        finally:
-            shard_cache.configure()
+            remote.ensure(name)
+            fresh.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            remote.ensure(name)
+            known.append(time.perf_counter() - start)
+        path = remote.root / names[0]
+        start = time.perf_counter()
+        for name in names[: max(1, min(len(names), 8))]:
+            sha256_file(remote.root / name)
+        hashed = max(1, min(len(names), 8)) * path.stat().st_size / 1e6
+        mb_s = hashed / (time.perf_counter() - start)
     check_us = statistics.median(fresh) * 1e6
     epoch_mb = shards * shard_mb * workers
     return {

@@ -40,11 +40,11 @@ from twinray.bench.pipeline import PngPairs, export_pngs, study_transform
 from twinray.bench.report import Stopwatch, device_name
 from twinray.bench.report import save as report_save
 from twinray.cli import OneLineParser, int_list, run_cli, say_error
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 from twinray.pipelines.augment import load_recipe
+from twinray.pipelines.base import Batch
 from twinray.pipelines.cache import CACHES
-from twinray.pipelines.loader import Batch
-from twinray.prep.format import PackedDataset
+from twinray.prep.open_dataset import open_dataset
 from twinray.train.config import CHOICES, PretrainConfig
 from twinray.train.labels import POSITIVE, UNCERTAIN
 from twinray.train.meter import StepMeter
@@ -64,7 +64,7 @@ class Labels:
     """The dataset's label shape, for the probe: `classes` and whether they are multilabel codes."""
 
     def __init__(self, data: Path | None):
-        packed = PackedDataset(data) if data else None
+        packed = open_dataset(data) if data else None
         self.classes = len(packed.classes) if packed else 4
         self.multilabel = packed is not None and packed.task == "multilabel"
 
@@ -164,7 +164,7 @@ def synthetic(batch: int, size: int, device, layout: torch.memory_format, labels
 def study_batches(data: Path, batch: int, size: int, device, labels: Labels):
     """The study's DataLoader over the train images written out as PNGs, moved to the device. Its pairs carry no
     labels; the probe gets zeros."""
-    packed = PackedDataset(data)
+    packed = open_dataset(data)
     files = export_pngs(packed, packed.indices("train"), Path(f"/tmp/twinray-train-speed-{batch}"))
     loader = torch.utils.data.DataLoader(
         PngPairs(files, study_transform(load_recipe("seed-final", size=size))),
@@ -184,8 +184,10 @@ def study_batches(data: Path, batch: int, size: int, device, labels: Labels):
 def loader_batches(data: Path, backend: str, cache: str, batch: int, size: int, device):
     """The trainer's loader (pretrain's arguments, with `cache`), epoch after epoch. A cache fills on the first
     batch, inside the untimed warm-up."""
-    kw = dict(backend=backend, batch_size=batch, device=device, recipe="seed-final", size=size, views=2, cache=cache)
-    with build_loader(str(data), "train", drop_last=True, **kw) as loader:  # closing this generator closes it
+    settings = LoaderSettings(
+        split="train", batch_size=batch, device=device, recipe="seed-final", size=size, views=2, drop_last=True
+    )
+    with build_loader(str(data), settings, backend=backend, cache=cache) as loader:  # closing this generator closes it
         yield from epochs(loader)
 
 

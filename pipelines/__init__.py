@@ -1,5 +1,6 @@
-"""Loaders and batched augmentation over the packed format: `build_loader(...)` and `pipelines.augment`."""
+"""Loaders and batched augmentation over the packed format: `build_loader(data, LoaderSettings(...))` and
+`pipelines.augment`."""
 
-from twinray.pipelines.loader import BACKENDS, Batch, build_loader
+from twinray.pipelines.loader import BACKENDS, Batch, LoaderSettings, build_loader
 
-__all__ = ["BACKENDS", "Batch", "build_loader"]
+__all__ = ["BACKENDS", "Batch", "LoaderSettings", "build_loader"]

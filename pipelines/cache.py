@@ -27,6 +27,8 @@ import os
 import numpy as np
 import torch
 
+from twinray.cli import InputError
+
 CACHES = ("none", "host", "device", "auto")
 # Half the free device memory: the other half is for the model, its optimizer state, activations at the batch size,
 # cuDNN workspaces and the augmentation's float batches (a ResNet-18 at batch 256, 224 px, bf16 needs a few GB).
@@ -84,8 +86,6 @@ def choose(
     and InputError for an explicit `device` or `host` that cannot fit at all (all of the free memory, not the
     fraction).
     """
-    from twinray.cli import InputError
-
     if mode not in CACHES:
         raise ValueError(f"cache {mode!r} is not one of {', '.join(CACHES)}")
     size = f"the decoded images take {_gb(needed)}"
@@ -165,8 +165,6 @@ class ImageCache:
         """Stores a padded batch (uint8 B x 1 x H x W, as pad_batch makes, on any device) and its B x 2 sizes into
         slots [start, start + B), which must be the next to fill. Raises InputError naming the shard and row of an
         image whose decoded size is not the one index.npy records (it would not fit its slot)."""
-        from twinray.cli import InputError
-
         if start != self.filled:
             raise ValueError(f"cache slots fill in order: slot {start} given, {self.filled} next")
         sizes = sizes.cpu().to(torch.int64)

@@ -21,7 +21,7 @@ import torch
 
 from twinray.pipelines.augment import Augment
 from twinray.pipelines.augment import dali as dali_augment
-from twinray.pipelines.loader import Batch, LoaderBase, batch_seed
+from twinray.pipelines.base import Batch, LoaderBase, LoaderSettings, batch_seed
 from twinray.prep.format import decode_image
 
 MISSING_EXTRA = "backend 'dali' needs the dali extra: pip install 'twinray[dali]'"
@@ -106,11 +106,11 @@ def _build_pipeline(loader: DALILoader, device_id: int | None, threads: int):
 
 
 class DALILoader(LoaderBase):
-    def __init__(self, data, workers: int | None = None, **contract):
-        """`contract`: build_loader's keywords (split, batch_size, device, recipe, size, views, seed, rank,
-        world_size, drop_last); `workers` DALI threads."""
+    def __init__(self, data, settings: LoaderSettings | None = None):
+        """`settings`: the loader contract's (LoaderSettings), its `workers` DALI's threads."""
         _import_dali()
-        super().__init__(data, **contract)
+        super().__init__(data, settings)
+        workers = self.settings.workers
         self.labels = np.ascontiguousarray(self.data.labels())
         self.sampler = Augment(self.recipe, seed=self.seed)  # draws each batch's parameters; DALI applies them
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None

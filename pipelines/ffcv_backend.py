@@ -20,22 +20,22 @@ import numpy as np
 import torch
 
 from twinray.pipelines.augment import Augment
-from twinray.pipelines.loader import Batch, LoaderBase, batch_seed, rank_order
+from twinray.pipelines.base import Batch, LoaderBase, LoaderSettings, batch_seed, rank_order
 from twinray.prep.ffcv_pack import beton_path, require_ffcv, torch_threads_kept, write_beton
 
 
 class FFCVLoader(LoaderBase):
-    """The loader contract (see pipelines.loader) over a .beton; same arguments as NativeLoader, plus `beton`
+    """The loader contract (see pipelines/base.py) over a .beton; same arguments as NativeLoader, plus `beton`
     (default `<data>/ffcv/<split>.beton`, written if missing or older than the dataset's manifest)."""
 
-    def __init__(self, data, workers: int | None = None, prefetch: int = 3, beton=None, **contract):
-        """`contract`: build_loader's keywords (split, batch_size, device, recipe, size, views, seed, rank,
-        world_size, drop_last); `workers` FFCV threads, `prefetch` batches ahead, `beton` the file (default
-        `<data>/ffcv/<split>.beton`)."""
+    def __init__(self, data, settings: LoaderSettings | None = None, prefetch: int = 3, beton=None):
+        """`settings`: the loader contract's (LoaderSettings), its `workers` FFCV's threads; `prefetch` batches
+        ahead, `beton` the file (default `<data>/ffcv/<split>.beton`)."""
         require_ffcv()
-        import numba
+        import numba  # lazy: FFCV's dependency, installed with the ffcv extra only
 
-        super().__init__(data, **contract)
+        super().__init__(data, settings)
+        workers = self.settings.workers
         self.beton = Path(beton) if beton is not None else beton_path(self.data.root, self.split)
         manifest = self.data.root / "manifest.json"
         if not self.beton.is_file() or self.beton.stat().st_mtime < manifest.stat().st_mtime:

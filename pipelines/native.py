@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from twinray.pipelines.augment import Augment
+from twinray.pipelines.base import Batch, LoaderBase, LoaderSettings, batch_seed
 from twinray.pipelines.cache import ImageCache, resolve
-from twinray.pipelines.loader import Batch, LoaderBase, batch_seed
 
 _DONE = object()
 FILL_BATCH = 256  # images decoded per batch while filling the cache
@@ -44,12 +44,13 @@ def pad_batch(images: list[torch.Tensor], pin: bool = False) -> tuple[torch.Tens
 
 
 class NativeLoader(LoaderBase):
-    def __init__(self, data, workers: int | None = None, prefetch: int = 3, cache: str = "none", **contract):
-        """`contract`: build_loader's keywords (split, batch_size, device, recipe, size, views, seed, rank,
-        world_size, drop_last); `workers` decode threads, `prefetch` batches prepared ahead; `cache` none, host,
-        device or auto (pipelines/cache.py). A cache is allocated here and filled when the first epoch starts; the
-        choice is `cache_note` (LoaderBase). Raises InputError when an explicit host or device cache cannot fit."""
-        super().__init__(data, **contract)
+    def __init__(self, data, settings: LoaderSettings | None = None, prefetch: int = 3, cache: str = "none"):
+        """`settings`: the loader contract's (LoaderSettings), its `workers` the decode threads; `prefetch` batches
+        prepared ahead; `cache` none, host, device or auto (pipelines/cache.py). A cache is allocated here and filled
+        when the first epoch starts; the choice is `cache_note` (LoaderBase). Raises InputError when an explicit host
+        or device cache cannot fit."""
+        super().__init__(data, settings)
+        workers = self.settings.workers
         self.augment = Augment(self.recipe, device=self.device, seed=self.seed)
         labels = torch.from_numpy(np.ascontiguousarray(self.data.labels()))
         self.labels = labels if self.data.task == "multilabel" else labels.long()

@@ -17,7 +17,8 @@ from twinray.pipelines.augment import Augment, load_recipe
 from twinray.pipelines.augment.recipes import RECIPES, TOKENS
 from twinray.pipelines.native import pad_batch
 from twinray.prep import shard_cache
-from twinray.prep.format import PackedDataset
+from twinray.prep.open_dataset import open_dataset
+from twinray.prep.shard_cache import CacheSettings
 from twinray.storage import location
 from twinray.usage import examples, program
 
@@ -36,9 +37,18 @@ def _tile(image: np.ndarray, size: int, caption: str) -> np.ndarray:
     return tile
 
 
-def preview_grid(data_dir, recipe="seed-final", n: int = 6, views: int = 2, split: str = "train", seed: int = 0):
-    """Rows: samples. Columns: the stored image, then `views` augmented views. uint8 HxW."""
-    data = PackedDataset(data_dir)
+def preview_grid(
+    data_dir,
+    recipe="seed-final",
+    n: int = 6,
+    views: int = 2,
+    split: str = "train",
+    seed: int = 0,
+    cache: CacheSettings | None = None,
+):
+    """Rows: samples. Columns: the stored image, then `views` augmented views. uint8 HxW. `cache`: how a URL
+    `data_dir` is read (prep/shard_cache.py)."""
+    data = open_dataset(data_dir, cache)
     rows = data.indices(split)[:n]
     if len(rows) == 0:
         raise InputError(f"{data_dir}: split {split!r} is empty")
@@ -86,8 +96,8 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="train", help="the split the images come from (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the augmentations (default: %(default)s)")
     args = parser.parse_args(argv)
-    shard_cache.configure_from(args)
-    grid = preview_grid(args.data, args.recipe, args.n, args.views, args.split, args.seed)
+    cache = CacheSettings.from_args(args)
+    grid = preview_grid(args.data, args.recipe, args.n, args.views, args.split, args.seed, cache)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(args.out), grid):
         raise InputError(f"could not write {args.out}")

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from twinray.cli import InputError, OneLineParser, pixel_count, positive_float, positive_int, say_error
-from twinray.prep import build, shard_cache
-from twinray.prep.datasets import chexpert, covid, folder
+from twinray.prep import build, sample, shard_cache
+from twinray.prep.datasets import chexpert, covid, folder, unlabeled
 from twinray.prep.format import (
     ENCODINGS,
     LABEL_MISSING,
@@ -23,6 +23,9 @@ from twinray.prep.format import (
     verify,
 )
 from twinray.prep.images import DEFAULT_BIT_DEPTH, DEFAULT_MAX_PIXELS, parse_bit_depth
+from twinray.prep.open_dataset import open_dataset
+from twinray.prep.remote import pack_to_url
+from twinray.prep.shard_cache import CacheSettings
 from twinray.storage import is_url, join, local_path, location, storage_options_type
 from twinray.usage import examples, program
 
@@ -67,8 +70,6 @@ def _add_pack_options(p: argparse.ArgumentParser, split_default: str | None, out
 
 def _pack(plan: build.Plan, args) -> int:
     if is_url(args.out):  # built locally, then uploaded with the manifest last (prep/remote.py)
-        from twinray.prep.remote import pack_to_url
-
         pack = lambda plan, out, **kw: pack_to_url(plan, out, args.storage_options, **kw)  # noqa: E731
     else:
         pack = build.pack
@@ -111,8 +112,6 @@ def cmd_folder(args) -> int:
 
 
 def cmd_images(args) -> int:
-    from twinray.prep.datasets import unlabeled
-
     plan = unlabeled.plan(
         args.src,
         views=args.views,
@@ -132,8 +131,6 @@ def cmd_images(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from twinray.prep import sample
-
     if args.dicom_tree:
         root = sample.dicom_tree(args.out, patients=args.patients, seed=args.seed, force=args.force)
         print(f"sample ready: {root}")
@@ -170,23 +167,22 @@ def cmd_all(args) -> int:
 
 def cmd_ffcv(args) -> int:
     """One .beton per split for the FFCV backend (it also writes them itself when missing)."""
-    from twinray.prep.ffcv_pack import write_beton
+    from twinray.prep.ffcv_pack import write_beton  # lazy: it imports torch, which no other prep command loads
 
-    shard_cache.configure_from(args)
-    data = PackedDataset(args.dir)
+    data = open_dataset(args.dir, CacheSettings.from_args(args))
     for split in args.splits.split(","):
         if split not in SPLITS:
             raise InputError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         if data.manifest["splits"][split]:
-            print(f"wrote {write_beton(args.dir, split)}")
+            print(f"wrote {write_beton(data.root, split)}")  # the local copy of a URL, attached to its cache
     return 0
 
 
 def cmd_verify(args) -> int:
-    shard_cache.configure_from(args)
-    for line in verify(args.dir):
+    cache = CacheSettings.from_args(args)
+    for line in verify(open_dataset(args.dir, cache)):
         print(line)
-    data = PackedDataset(args.dir)
+    data = open_dataset(args.dir, cache)
     if data.task == "none":
         print(f"ok: {args.dir} (unlabeled: {len(data)} images, no labels, every index label {LABEL_NONE})")
     else:
@@ -281,8 +277,7 @@ def _describe_images(m: dict) -> list[str]:
 
 
 def cmd_info(args) -> int:
-    shard_cache.configure_from(args)
-    print(describe(PackedDataset(args.dir)))
+    print(describe(open_dataset(args.dir, CacheSettings.from_args(args))))
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twinray.prep.images import ImageError, check_pixel_count, scale_to_uint8
+from twinray.prep.pixels import ImageError, check_pixel_count, scale_to_uint8
 
 # Value Representations of PS3.5 6.2: the two bytes after the first tag of an explicit-VR file.
 _VRS = set(

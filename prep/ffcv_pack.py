@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from twinray.prep.format import PackedDataset
+from twinray.prep.open_dataset import open_dataset
 
 MISSING = (
     "backend 'ffcv' needs the ffcv extra: pip install 'twinray[ffcv]' "
@@ -102,7 +102,7 @@ class _Samples(Dataset):
 
     def __getitem__(self, k: int):
         if self.data is None:
-            self.data = PackedDataset(self.root)
+            self.data = open_dataset(self.root)
         i = int(self.rows[k])
         try:
             image = self.data.image(i)
@@ -123,7 +123,7 @@ def write_beton(data_dir, split: str, out_path=None) -> Path:
     from ffcv.fields import IntField, NDArrayField
     from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 
-    data = PackedDataset(data_dir)
+    data = open_dataset(data_dir)
     rows = data.indices(split)
     if len(rows) == 0:
         raise ValueError(f"{data.root}: split {split!r} is empty")

@@ -265,18 +265,16 @@ def decode_image(data, encoding: str) -> np.ndarray:
 class PackedDataset:
     """Random access to a packed directory. Image bytes are zero-copy slices of memory-mapped shards.
 
-    `root` may also be a URL (`s3://bucket/packed/covid`, `gs://`, `az://`, `file://`): the dataset is then read
-    through the node-local shard cache (prep/shard_cache.py), `root` becomes the local copy's directory and
-    `remote` fetches its shards as they are needed. Raises InputError in one line for a directory or URL that does
-    not hold a packed dataset."""
+    `root` is a local directory. A dataset at a URL (`s3://bucket/packed/covid`, `gs://`, `az://`, `file://`) is
+    opened through prep/open_dataset.py, which resolves it to the shard cache's local copy (prep/shard_cache.py) and
+    passes that copy's `remote`, which fetches its shards as they are needed (None for an ordinary directory), and
+    the `location` as given (a URL names the store, not the cache; `root` when None). Raises InputError in one line
+    for a directory that does not hold a packed dataset."""
 
-    def __init__(self, root: str | Path):
-        from twinray.prep import shard_cache
-        from twinray.storage import is_url
-
-        self.location = str(root)  # as given: a URL names the store, not the cache
-        self.root = shard_cache.resolve(root) if is_url(root) else Path(root)
-        self.remote = shard_cache.attached(self.root)  # None for an ordinary directory
+    def __init__(self, root: str | Path, remote=None, location: str | None = None):
+        self.location = str(root) if location is None else location
+        self.root = Path(root)
+        self.remote = remote
         manifest_path = self.root / MANIFEST
         if not self.root.is_dir():
             raise InputError(f"{self.root}: no such directory")
@@ -380,9 +378,10 @@ def _read_dali_index(path: Path) -> list[list[str]]:
     return [line.split() for line in lines[1:]]
 
 
-def verify(root: str | Path) -> Iterator[str]:
-    """Checks everything and yields progress lines; raises InputError naming the first problem found."""
-    data = PackedDataset(root)
+def verify(root: str | Path | PackedDataset) -> Iterator[str]:
+    """Checks everything and yields progress lines; raises InputError naming the first problem found. `root`: a
+    local directory, or a dataset already open (a URL's, from prep/open_dataset.py)."""
+    data = root if isinstance(root, PackedDataset) else PackedDataset(root)
     root = data.root
     expected = data.manifest["shards"]
     if data.remote is not None:  # a URL: every shard is fetched (and checked against its sha256) first

@@ -18,7 +18,9 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from twinray.prep import dicom
 from twinray.prep.format import encode_image
+from twinray.prep.pixels import ImageError, check_pixel_count, scale_to_uint8
 
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
@@ -37,10 +39,6 @@ DEFAULT_MAX_PIXELS = 100_000_000
 MAX_SIDE = {"jpeg": 65_500, "png": 65_535, "npy": 65_535}
 
 
-class ImageError(Exception):
-    """The file cannot become a training image; str(error) is the reason recorded in `skipped`."""
-
-
 @dataclass
 class Converted:
     """One file ready for a shard: member bytes, stored size, and notes for the manifest (may be empty)."""
@@ -51,16 +49,6 @@ class Converted:
     notes: list[str] = field(default_factory=list)
 
 
-def check_pixel_count(width: int, height: int, max_pixels: int) -> None:
-    """Raises ImageError naming the size when width x height is above `max_pixels` (read from the header, before
-    any pixel is decoded)."""
-    if width * height > max_pixels:
-        raise ImageError(
-            f"{width} x {height} pixels ({width * height / 1e6:g} MP) is above the --max-pixels limit of "
-            f"{max_pixels} ({max_pixels / 1e6:g} MP)"
-        )
-
-
 def parse_bit_depth(value: str | int) -> str | int:
     """A `--bit-depth` value -> "full" or an int in 8..16. Raises ValueError naming the value otherwise."""
     text = str(value).strip().lower()
@@ -69,11 +57,6 @@ def parse_bit_depth(value: str | int) -> str | int:
     if text.isdigit() and int(text) in POLICY_BITS:
         return int(text)
     raise ValueError(f"--bit-depth {value!r} is not 'full' or a whole number of bits from 8 to 16")
-
-
-def scale_to_uint8(values: np.ndarray, bits: int) -> np.ndarray:
-    top = (1 << bits) - 1
-    return np.clip(np.rint(values.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
 def container_bits(image: Image.Image) -> int:
@@ -272,8 +255,6 @@ def read_image(
     """One file -> (uint8 HxW grey, notes for the manifest). DICOM by suffix (.dcm, .dicom) or content, else Pillow.
     `bit_depth` ("full" or 8..16) scales raster files of more than 8 bits that declare no depth of their own (DICOM
     always declares Bits Stored). Raises ImageError with the skip reason."""
-    from twinray.prep import dicom
-
     path = Path(path)
     try:
         size = path.stat().st_size

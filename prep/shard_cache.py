@@ -1,6 +1,9 @@
 """The node-local shard cache: a packed dataset at a URL (`s3://`, `gs://`, `az://`, `file://`), read through local
 copies of its files, so that every loader backend reads a local directory as it does for a dataset on disk.
 
+Its settings (`CacheSettings`: `--shard-cache`, `--shard-cache-limit`, `--storage-options`) are passed in by
+whoever opens a dataset (prep/open_dataset.py); nothing here is set process-wide.
+
 Layout, under the cache directory (`--shard-cache`, else `$TWINRAY_SHARD_CACHE`, else the user's cache directory,
 e.g. `~/.cache/twinray/shards`):
 
@@ -53,10 +56,15 @@ import re
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import platformdirs
+from filelock import FileLock
 
 from twinray.cli import InputError
 from twinray.prep.format import INDEX, MANIFEST, sha256_file
+from twinray.prep.remote import check_container
 from twinray.storage import (
     filesystem,
     join,
@@ -75,9 +83,6 @@ PREFETCH_THREADS = 4
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20}
 _UNITS.update({"GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12})
 
-# What the CLIs set from --shard-cache, --shard-cache-limit and --storage-options (configure).
-_settings: dict = {"directory": None, "limit": None, "storage_options": None}
-
 
 def parse_size(text: str | int | None) -> int | None:
     """'200GB', '1.5TiB', '512MB', '1000' (bytes) -> bytes; None or '' -> None (no limit). Raises InputError."""
@@ -95,19 +100,30 @@ def default_directory() -> Path:
     """$TWINRAY_SHARD_CACHE, else `shards` in the user's cache directory (platformdirs: ~/.cache/twinray on Linux)."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
-    import platformdirs
-
     return platformdirs.user_cache_path("twinray") / "shards"
 
 
-def configure(directory=None, limit=None, storage_options=None) -> None:
-    """Sets what `resolve` uses when PackedDataset is handed a URL: the cache directory, its size limit (bytes or a
-    string like '200GB') and the fsspec storage options (a dict or its JSON text). None keeps the default."""
-    _settings["directory"] = Path(directory) if directory else None
-    _settings["limit"] = parse_size(limit)
-    _settings["storage_options"] = (
-        parse_storage_options(storage_options) if isinstance(storage_options, (str, type(None))) else storage_options
-    )
+@dataclass(frozen=True)
+class CacheSettings:
+    """How a dataset at a URL is read (`resolve`): the cache directory, its size limit (bytes, or a string like
+    '200GB') and the fsspec storage options (a dict or its JSON text). None takes the default: the environment
+    ($TWINRAY_SHARD_CACHE, $TWINRAY_SHARD_CACHE_LIMIT, $TWINRAY_STORAGE_OPTIONS), else the user's cache directory,
+    no limit and no options. Raises InputError for a limit or options that do not parse."""
+
+    directory: Path | None = None
+    limit: int | None = None
+    storage_options: dict | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "directory", Path(self.directory) if self.directory else None)
+        object.__setattr__(self, "limit", parse_size(self.limit))
+        if isinstance(self.storage_options, str):
+            object.__setattr__(self, "storage_options", parse_storage_options(self.storage_options))
+
+    @classmethod
+    def from_args(cls, args) -> CacheSettings:
+        """From the namespace add_arguments filled."""
+        return cls(args.shard_cache, args.shard_cache_limit, args.storage_options)
 
 
 def _size_argument(text: str) -> int:
@@ -137,11 +153,6 @@ def add_arguments(parser) -> None:
     )
 
 
-def configure_from(args) -> None:
-    """configure() from the namespace add_arguments filled."""
-    configure(args.shard_cache, args.shard_cache_limit, args.storage_options)
-
-
 def _log(root: Path, **event) -> None:
     """One JSON line per event; a single short O_APPEND write, so lines from several processes do not mix."""
     line = json.dumps({"time": round(time.time(), 3), "pid": os.getpid(), **event}) + "\n"
@@ -159,8 +170,6 @@ def read_log(root: Path) -> list[dict]:
 
 
 def _lock(path: Path):
-    from filelock import FileLock
-
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(path))
 
@@ -191,24 +200,24 @@ def dataset_directory(url: str, storage_options: dict, directory: Path) -> Path:
     return directory / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def resolve(url: str, directory=None, limit=None, storage_options=None) -> Path:
+def resolve(url: str, settings: CacheSettings | None = None) -> Path:
     """Makes the local copy of the dataset at `url` ready to open and returns its directory: the manifest, index and
     DALI indexes are fetched now (the manifest each time, to see a changed dataset), the shards later, as they are
-    needed (Remote.ensure). Arguments left None come from configure(), then the environment. Raises InputError in
-    one line for a missing bucket or dataset, a missing extra, an unreachable store, or a damaged index."""
-    directory = Path(directory or _settings["directory"] or default_directory())
-    limit = parse_size(limit) if limit is not None else _settings["limit"]
+    needed (Remote.ensure). `settings` (CacheSettings) left None, or its fields left None, come from the
+    environment. Raises InputError in one line for a missing bucket or dataset, a missing extra, an unreachable
+    store, or a damaged index."""
+    settings = CacheSettings() if settings is None else settings
+    directory = Path(settings.directory or default_directory())
+    limit = settings.limit
     if limit is None:
         limit = parse_size(os.environ.get(LIMIT_ENV))
-    options = storage_options if storage_options is not None else _settings["storage_options"]
+    options = settings.storage_options
     if options is None:
         options = parse_storage_options(None)
     fs, root = filesystem(url, options)
     try:
         manifest_bytes = fs.cat_file(join(root, MANIFEST))
     except FileNotFoundError:
-        from twinray.prep.remote import check_container
-
         check_container(fs, root, url)  # a missing bucket says so
         raise InputError(f"{url}: no {MANIFEST} there: not a packed dataset, or its upload has not finished") from None
     except Exception as e:  # noqa: BLE001 - each store's own errors, made one line
@@ -316,8 +325,10 @@ class Remote:
     _open: dict[tuple[int, Path], Remote] = {}  # (pid, local dir) -> Remote; a forked child makes its own
     _pinned: set[Path] = set()  # shards of the splits this process opened, of any dataset: never evicted by it
 
-    def __init__(self, local: Path, marker: dict):
+    def __init__(self, local: Path, marker: dict, storage_options: dict | None = None):
+        """`storage_options`: the opener's (CacheSettings), credentials included; None for the environment's."""
         self.root = local
+        self.given_options = storage_options
         self.url: str = marker["url"]
         self.sizes: dict[str, int] = marker["sizes"]
         self.cache = Path(marker["cache"])
@@ -333,22 +344,27 @@ class Remote:
         self._queue: queue.Queue | None = None
 
     @classmethod
-    def attached(cls, local: Path) -> Remote | None:
-        """The Remote of a cache directory, or None for an ordinary packed directory (no marker)."""
+    def attached(cls, local: Path, storage_options: dict | None = None) -> Remote | None:
+        """The Remote of a cache directory, or None for an ordinary packed directory (no marker). `storage_options`
+        (the opener's) serve a Remote made now; left None, a forked child takes those its parent opened the
+        directory with (it inherits the parent's Remote), else the environment's."""
         key = (os.getpid(), local)
         remote = cls._open.get(key)
         if remote is None:
             marker = local / MARKER
             if not marker.is_file():
                 return None
-            remote = cls._open.setdefault(key, Remote(local, json.loads(marker.read_text())))
+            if storage_options is None:  # a forked child: the options of the Remote its parent opened
+                inherited = [r.given_options for (pid, root), r in cls._open.items() if root == local]
+                storage_options = next((o for o in inherited if o is not None), None)
+            remote = cls._open.setdefault(key, Remote(local, json.loads(marker.read_text()), storage_options))
         return remote
 
     def _filesystem(self):
         # Options less secrets: credentials come from the environment, as they did for resolve().
         with self._fs_lock:
             if self._fs is None:
-                options = {**self.options, **(_settings["storage_options"] or parse_storage_options(None))}
+                options = {**self.options, **(self.given_options or parse_storage_options(None))}
                 self._fs = filesystem(self.url, options)
             return self._fs
 
@@ -521,5 +537,7 @@ class Remote:
             return reservation
 
 
-def attached(local: Path) -> Remote | None:
-    return Remote.attached(Path(local))
+def attached(local: Path, settings: CacheSettings | None = None) -> Remote | None:
+    """The Remote of a cache directory (see Remote.attached), with `settings`' storage options; None for an
+    ordinary packed directory."""
+    return Remote.attached(Path(local), settings.storage_options if settings is not None else None)

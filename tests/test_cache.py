@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from twinray.cli import InputError
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 from twinray.pipelines.cache import DEVICE_FRACTION, HOST_FRACTION, cache_bytes, choose
 from twinray.prep.format import PackedDataset, PackWriter, encode_image
 
@@ -31,10 +31,10 @@ def mixed_sizes(tmp_path_factory):
 
 
 def epochs(root, cache: str, epochs=(0, 1), start_step: int = 0, device="cpu", **kw) -> list:
-    """Every batch of `epochs` (the first resumed at `start_step`), seed-final at 16 px, batch 7, last batch kept."""
-    loader = build_loader(
-        str(root), batch_size=7, size=16, seed=3, drop_last=False, cache=cache, device=device, workers=1, **kw
-    )
+    """Every batch of `epochs` (the first resumed at `start_step`), seed-final at 16 px, batch 7, last batch kept;
+    `kw` more LoaderSettings fields."""
+    settings = LoaderSettings(batch_size=7, size=16, seed=3, drop_last=False, device=device, workers=1, **kw)
+    loader = build_loader(str(root), settings, cache=cache)
     batches = []
     for k, epoch in enumerate(epochs):
         loader.set_epoch(epoch, start_step if k == 0 else 0)
@@ -55,7 +55,7 @@ def assert_same_batches(expected: list, got: list) -> None:
 def test_cached_views_are_bit_identical_to_decoding_every_epoch(mixed_sizes, cache):
     uncached = epochs(mixed_sizes, "none")
     assert_same_batches(uncached, epochs(mixed_sizes, cache))
-    with build_loader(str(mixed_sizes), batch_size=7, size=16, cache=cache) as loader:
+    with build_loader(str(mixed_sizes), LoaderSettings(batch_size=7, size=16), cache=cache) as loader:
         assert f"cache {cache} (asked for)" in loader.cache_note
     # resumed mid-epoch: the rest of epoch 0, then epoch 1, as an uninterrupted run gives them
     assert_same_batches(uncached[2:], epochs(mixed_sizes, cache, start_step=2))
@@ -68,7 +68,7 @@ def test_cached_views_are_bit_identical_to_decoding_every_epoch(mixed_sizes, cac
 def test_cache_holds_each_image_at_its_size_in_one_padded_tensor(mixed_sizes):
     data = PackedDataset(mixed_sizes)
     rows = data.indices("train")[::2]  # a row subset (a label fraction) caches only its own rows
-    loader = build_loader(str(mixed_sizes), batch_size=4, size=16, cache="host", rows=rows, workers=1)
+    loader = build_loader(str(mixed_sizes), LoaderSettings(batch_size=4, size=16, workers=1, rows=rows), cache="host")
     cache = loader.cache
     assert cache.pixels.shape == (15, 1, 38, 32)  # rows 0, 2, ..., 28: heights 32..38, widths 32
     assert cache.nbytes == cache_bytes(data, rows) == 15 * 38 * 32 + 16 * 15
@@ -129,7 +129,7 @@ def test_a_damaged_image_stops_the_fill_with_its_shard_and_row(mixed_sizes, tmp_
     raw = bytearray(shard.read_bytes())
     raw[offset + 8 : offset + 300] = bytes(292)  # the signature stays: the decoder meets it
     shard.write_bytes(bytes(raw))
-    loader = build_loader(str(root), batch_size=7, size=16, cache="host", workers=1)
+    loader = build_loader(str(root), LoaderSettings(batch_size=7, size=16, workers=1), cache="host")
     with pytest.raises(InputError, match=rf"damaged/train-00003\.tar: row {row}: jpeg member does not decode"):
         next(iter(loader))
 
@@ -141,7 +141,7 @@ def test_an_image_whose_size_is_not_the_index_one_is_named(tmp_path):
         image = np.full((16, 20), 10 * k, np.uint8)
         writer.add("train", encode_image(image, "png"), 16, 20 if k != 3 else 18, {"label": 0})  # row 3's is wrong
     writer.finish({"skipped": []})
-    loader = build_loader(str(out), batch_size=2, size=8, cache="host", workers=1)
+    loader = build_loader(str(out), LoaderSettings(batch_size=2, size=8, workers=1), cache="host")
     with pytest.raises(InputError, match=r"train-00000\.tar: row 3 decodes to 16 x 20 pixels, index\.npy says 16 x 18"):
         next(iter(loader))
 
@@ -166,7 +166,9 @@ def _gather_without_waiting(cache, rows) -> torch.Tensor:
 @pytest.mark.gpu
 def test_cuda_device_cache_lives_on_the_gpu_and_gives_the_same_views(mixed_sizes):
     device = _cuda()
-    loader = build_loader(str(mixed_sizes), batch_size=7, size=16, seed=3, device=device, cache="device")
+    loader = build_loader(
+        str(mixed_sizes), LoaderSettings(batch_size=7, device=device, size=16, seed=3), cache="device"
+    )
     assert loader.gpu_jpeg and loader.cache_mode == "device"
     batch = next(iter(loader))
     assert loader.cache.pixels.is_cuda and batch.views[0].is_cuda
@@ -187,7 +189,7 @@ def test_cuda_device_cache_lives_on_the_gpu_and_gives_the_same_views(mixed_sizes
 @pytest.mark.gpu
 def test_cuda_host_cache_stays_in_ram_and_gives_the_same_views(mixed_sizes):
     device = _cuda()
-    loader = build_loader(str(mixed_sizes), batch_size=7, size=16, seed=3, device=device, cache="host")
+    loader = build_loader(str(mixed_sizes), LoaderSettings(batch_size=7, device=device, size=16, seed=3), cache="host")
     next(iter(loader))
     assert loader.cache.pixels.device.type == "cpu" and loader.cache.full
     images = _gather_without_waiting(loader.cache, loader.rows[:5])
@@ -198,7 +200,7 @@ def test_cuda_host_cache_stays_in_ram_and_gives_the_same_views(mixed_sizes):
 @pytest.mark.gpu
 def test_cuda_auto_puts_a_small_split_on_the_device(mixed_sizes):
     device = _cuda()
-    loader = build_loader(str(mixed_sizes), batch_size=7, size=16, device=device, cache="auto")
+    loader = build_loader(str(mixed_sizes), LoaderSettings(batch_size=7, device=device, size=16), cache="auto")
     assert loader.cache_mode == "device"
     assert "cache auto -> device: the decoded images take" in loader.cache_note
 

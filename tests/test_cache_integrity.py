@@ -13,18 +13,20 @@ import pytest
 
 from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
+from twinray.prep.open_dataset import open_dataset
+from twinray.prep.shard_cache import CacheSettings
 
 SHARD = "val-00000.tar"
 
 
 @pytest.fixture
 def cached(tmp_path, s3, s3_covid):
-    """s3_covid's dataset with every shard fetched into a fresh cache: (its PackedDataset, the cached val shard)."""
-    shard_cache.configure(tmp_path / "shard-cache", None, s3.storage_options)
-    data = PackedDataset(s3_covid)
+    """s3_covid's dataset with every shard fetched into a fresh cache: (its PackedDataset, the cached val shard, the
+    cache's settings, to open it again with)."""
+    settings = CacheSettings(tmp_path / "shard-cache", None, s3.storage_options)
+    data = open_dataset(s3_covid, settings)
     data.remote.fetch_all()
-    yield data, data.root / SHARD
-    shard_cache.configure()
+    return data, data.root / SHARD, settings
 
 
 def val_images(data: PackedDataset) -> list[np.ndarray]:
@@ -56,7 +58,7 @@ def change_pixels(path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["in place", "replaced"])
 def test_a_cached_shard_changed_at_the_same_size_is_fetched_again_before_it_is_read(cached, covid_packed, capfd, how):
-    data, path = cached
+    data, path, settings = cached
     expected = val_images(PackedDataset(covid_packed))
     size = path.stat().st_size
     change_pixels(path, how)
@@ -66,7 +68,7 @@ def test_a_cached_shard_changed_at_the_same_size_is_fetched_again_before_it_is_r
     assert data.remote.ensure(SHARD) == path
     assert path.read_bytes() == (covid_packed / SHARD).read_bytes()
     change_pixels(path, how)
-    fresh = PackedDataset(data.location)
+    fresh = open_dataset(data.location, settings)
     got = val_images(fresh)
     assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
     assert path.read_bytes() == (covid_packed / SHARD).read_bytes()
@@ -77,10 +79,10 @@ def test_a_cached_shard_changed_at_the_same_size_is_fetched_again_before_it_is_r
 
 
 def test_a_touched_shard_whose_bytes_still_match_is_hashed_again_and_kept(cached):
-    data, path = cached
+    data, path, settings = cached
     before = path.stat().st_ino
     os.utime(path)  # a new mtime, the same bytes (a copy tool, a backup restoring it)
-    fresh = PackedDataset(data.location)
+    fresh = open_dataset(data.location, settings)
     assert len(val_images(fresh)) == 6
     assert events(data) == [("fetch", ""), ("recheck", "")]  # hashed again, not downloaded again
     assert path.stat().st_ino == before

@@ -17,7 +17,7 @@ from PIL import Image
 
 from tests.test_export import backbone_of, finished_run
 from twinray import command
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 from twinray.pipelines.augment import EVAL_RECIPE
 from twinray.prep.format import SPLITS, PackedDataset, PackWriter
 from twinray.train.embed import main as embed_main
@@ -54,8 +54,8 @@ def test_embed_writes_one_row_per_image_with_labels_metadata_and_a_map(run, covi
         assert r["path"] == meta["source"] and r["origin"] == meta["origin"]
     # the features are the backbone's, row by row
     test_rows = data.indices("test")
-    with build_loader(str(covid_packed), "test", batch_size=64, recipe=EVAL_RECIPE, size=32, views=1,
-                      drop_last=False) as loader, torch.no_grad():  # fmt: skip
+    settings = LoaderSettings(split="test", batch_size=64, recipe=EVAL_RECIPE, size=32, views=1, drop_last=False)
+    with build_loader(str(covid_packed), settings) as loader, torch.no_grad():
         batch = next(iter(loader))
         want = backbone_of(run)(batch.views[0]).numpy()
     at = {int(r["row"]): k for k, r in enumerate(rows)}

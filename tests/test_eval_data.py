@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import run_torchrun
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 from twinray.pipelines.augment import EVAL_RECIPE
 from twinray.prep.format import LABEL_NONE, PackedDataset, PackWriter, encode_image
 from twinray.train.online_eval import NO_LABELS, LinearProbe, knn_metrics, knn_scores
@@ -83,9 +83,10 @@ def knn_of_backbone(out, eval_dir) -> dict:
     backbone.eval()
     kw = dict(batch_size=8, device="cpu", recipe=EVAL_RECIPE, size=32, views=1, drop_last=False)
     with torch.no_grad():
-        with build_loader(eval_dir, "train", rows=knn_bank_rows(eval_set, 40, seed=0), **kw) as loader:
+        bank = knn_bank_rows(eval_set, 40, seed=0)
+        with build_loader(eval_dir, LoaderSettings(split="train", rows=bank, **kw)) as loader:
             train = [(backbone(b.views[0]), b.labels) for b in loader]
-        with build_loader(eval_dir, "val", **kw) as loader:
+        with build_loader(eval_dir, LoaderSettings(split="val", **kw)) as loader:
             val = [(backbone(b.views[0]), b.labels) for b in loader]
     train_f, train_y = (torch.cat(x) for x in zip(*train))
     val_f, val_y = (torch.cat(x) for x in zip(*val))

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from twinray import command
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 from twinray.pipelines.augment import EVAL_RECIPE
 from twinray.prep.format import PackedDataset
 from twinray.train import preprocessing, transfer
@@ -53,7 +53,9 @@ def finetuned(run, covid_packed, tmp_path_factory) -> Path:
 
 def images(data: Path, n: int = 5) -> torch.Tensor:
     """The first n val+test images as the tools feed them: EVAL_RECIPE at 32 px, float32 N x 1 x 32 x 32."""
-    with build_loader(str(data), "test", batch_size=n, recipe=EVAL_RECIPE, size=32, views=1, drop_last=False) as ld:
+    with build_loader(
+        str(data), LoaderSettings(split="test", batch_size=n, recipe=EVAL_RECIPE, size=32, views=1, drop_last=False)
+    ) as ld:
         return next(iter(ld)).views[0].contiguous()
 
 

@@ -10,6 +10,7 @@ import torch
 
 from twinray.cli import InputError
 from twinray.pipelines.augment import Recipe
+from twinray.pipelines.base import LoaderSettings
 from twinray.pipelines.ffcv_backend import FFCVLoader
 from twinray.pipelines.native import NativeLoader
 from twinray.prep.ffcv_pack import write_beton
@@ -79,13 +80,13 @@ def test_the_loader_writes_its_beton_on_first_use(constant_data):
     # The shared contract (shapes, labels, ranks, epochs, resume) is tested for every backend in test_loader.py.
     beton = constant_data / "ffcv" / "train.beton"
     beton.unlink(missing_ok=True)
-    loader = FFCVLoader(constant_data, batch_size=8, recipe=PLAIN, size=32, seed=1)
+    loader = FFCVLoader(constant_data, LoaderSettings(batch_size=8, recipe=PLAIN, size=32, seed=1))
     assert beton.is_file() and len(loader) == 6
 
 
 def test_multilabel_codes(multilabel_data):
     data = PackedDataset(multilabel_data)
-    batches = list(FFCVLoader(multilabel_data, batch_size=4, recipe=PLAIN, size=16, seed=0))
+    batches = list(FFCVLoader(multilabel_data, LoaderSettings(batch_size=4, recipe=PLAIN, size=16, seed=0)))
     assert len(batches) == 3
     for batch in batches:
         assert batch.labels.dtype == torch.int8 and batch.labels.shape == (4, 3)
@@ -100,7 +101,8 @@ def test_ranks_get_disjoint_equal_shards_and_epochs_reshuffle(constant_data):
 
     def loader(rank, world):
         return FFCVLoader(
-            constant_data, batch_size=5, recipe=PLAIN, size=16, seed=3, rank=rank, world_size=world, drop_last=False
+            constant_data,
+            LoaderSettings(batch_size=5, recipe=PLAIN, size=16, seed=3, rank=rank, world_size=world, drop_last=False),
         )
 
     r0, r1, r2 = (epoch_indices(loader(r, 3), 0) for r in range(3))
@@ -115,8 +117,8 @@ def test_ranks_get_disjoint_equal_shards_and_epochs_reshuffle(constant_data):
 
 def test_matches_native_and_resumes(covid_packed):
     """Same rows, same pixels, same seeds: the views equal the native backend's; a resumed epoch repeats none."""
-    kwargs = dict(batch_size=6, size=32, seed=5)
-    ffcv, native = FFCVLoader(covid_packed, **kwargs), NativeLoader(covid_packed, **kwargs)
+    settings = LoaderSettings(batch_size=6, size=32, seed=5)
+    ffcv, native = FFCVLoader(covid_packed, settings), NativeLoader(covid_packed, settings)
     ffcv.set_epoch(2)
     native.set_epoch(2)
     full = list(ffcv)
@@ -143,8 +145,8 @@ def test_cuda_matches_cpu(covid_packed):
         pytest.skip("no CUDA device")
     pytest.importorskip("ffcv", reason="the GPU machine's image has no FFCV")
     kwargs = dict(batch_size=8, size=64, seed=0)
-    gpu = next(iter(FFCVLoader(covid_packed, device="cuda", **kwargs)))
-    cpu = next(iter(FFCVLoader(covid_packed, device="cpu", **kwargs)))
+    gpu = next(iter(FFCVLoader(covid_packed, LoaderSettings(device="cuda", **kwargs))))
+    cpu = next(iter(FFCVLoader(covid_packed, LoaderSettings(device="cpu", **kwargs))))
     assert gpu.views[0].is_cuda and gpu.labels.is_cuda and gpu.views[0].shape == (8, 1, 64, 64)
     assert torch.equal(gpu.indices, cpu.indices) and torch.equal(gpu.labels.cpu(), cpu.labels)
     assert torch.allclose(gpu.views[0].cpu(), cpu.views[0], atol=1e-4)
@@ -159,7 +161,9 @@ def test_discarded_loaders_print_nothing_but_other_finalizer_errors_still_do(con
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_type))
     for rank in range(3):  # the second Loader's collection is the first to raise
-        loader = FFCVLoader(constant_data, batch_size=10, recipe=PLAIN, size=16, rank=rank, world_size=3)
+        loader = FFCVLoader(
+            constant_data, LoaderSettings(batch_size=10, recipe=PLAIN, size=16, rank=rank, world_size=3)
+        )
         assert sum(len(b.indices) for b in loader) == 10
     del loader
     gc.collect()
@@ -188,7 +192,7 @@ def test_an_epoch_left_early_ends_ffcvs_reader_thread(constant_data):
     def readers() -> list:
         return [t for t in threading.enumerate() if type(t).__name__ == "EpochIterator" and t.is_alive()]
 
-    loader = FFCVLoader(constant_data, batch_size=12, recipe=PLAIN, size=16, workers=1, prefetch=3)
+    loader = FFCVLoader(constant_data, LoaderSettings(batch_size=12, recipe=PLAIN, size=16, workers=1), prefetch=3)
     assert len(loader) == 4  # one taken, three queued: the end marker finds the queue full
     epoch = iter(loader)
     next(epoch)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from twinray.cli import InputError
+from twinray.pipelines.base import LoaderSettings
 from twinray.pipelines.native import NativeLoader
 from twinray.prep.format import (
     INDEX,
@@ -181,7 +182,7 @@ def test_a_shard_cut_short_names_the_shard_and_row(tmp_path):
     assert data.image(1).shape == _images(4)[1].shape  # the other shard still reads
     with pytest.raises(InputError, match=r"train-00001.tar: row 3 ends at byte \d+, past the shard's 600; .*verify"):
         data.image(3)
-    loader = NativeLoader(tmp_path, batch_size=4, size=16, recipe="base", workers=1)
+    loader = NativeLoader(tmp_path, LoaderSettings(batch_size=4, recipe="base", size=16, workers=1))
     with pytest.raises(InputError, match="train-00001.tar: row [23] ends at byte"):
         list(loader)
 

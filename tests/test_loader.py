@@ -16,7 +16,7 @@ import torch
 
 from tests.conftest import REPO
 from twinray.cli import InputError
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 from twinray.pipelines.augment import Recipe
 from twinray.pipelines.native import pad_batch
 from twinray.prep.format import PackedDataset
@@ -48,7 +48,9 @@ def test_pad_batch_stacks_one_size_and_zero_pads_mixed_sizes():
 
 def test_batches_have_the_contracted_shapes_and_align_with_labels(constant_data, backend):
     data = PackedDataset(constant_data)
-    loader = build_loader(constant_data, backend=backend, batch_size=8, recipe=PLAIN, size=32, views=3, seed=1)
+    loader = build_loader(
+        constant_data, LoaderSettings(batch_size=8, recipe=PLAIN, size=32, views=3, seed=1), backend=backend
+    )
     assert len(loader) == 6  # 50 // 8 with drop_last
     batches = list(loader)
     assert len(batches) == 6
@@ -68,7 +70,9 @@ def test_a_row_subset_yields_exactly_those_rows_with_their_pixels(constant_data,
     data = PackedDataset(constant_data)
     subset = data.indices("train")[[1, 4, 9, 16, 25, 36, 49]]
     loader = build_loader(
-        constant_data, backend=backend, batch_size=3, recipe=PLAIN, size=16, drop_last=False, rows=subset
+        constant_data,
+        LoaderSettings(batch_size=3, recipe=PLAIN, size=16, drop_last=False, rows=subset),
+        backend=backend,
     )
     batches = list(loader)
     assert len(loader) == len(batches) == 3
@@ -78,7 +82,7 @@ def test_a_row_subset_yields_exactly_those_rows_with_their_pixels(constant_data,
         expected = _values(data, batch.indices)[:, None, None, None] / 255
         assert torch.allclose(batch.views[0], expected.expand_as(batch.views[0]), atol=1e-5)
     with pytest.raises(ValueError, match="not in split 'train'"):
-        build_loader(constant_data, backend=backend, rows=[len(data) + 5])
+        build_loader(constant_data, LoaderSettings(rows=[len(data) + 5]), backend=backend)
 
 
 def test_leaving_an_epoch_early_ends_its_background_thread(constant_data):
@@ -86,7 +90,7 @@ def test_leaving_an_epoch_early_ends_its_background_thread(constant_data):
     import threading
 
     # 4 batches, 3 prepared ahead: once the consumer has taken one, the producer ends its epoch on a full queue.
-    loader = build_loader(constant_data, batch_size=12, recipe=PLAIN, size=16, workers=1)
+    loader = build_loader(constant_data, LoaderSettings(batch_size=12, recipe=PLAIN, size=16, workers=1))
     for _ in range(2):
         epoch = iter(loader)
         next(epoch)
@@ -105,7 +109,7 @@ def loader_thread_count() -> int:
 
 
 def test_real_views_are_in_range_and_differ(covid_packed, backend):
-    loader = build_loader(covid_packed, backend=backend, batch_size=8, size=64, seed=0)
+    loader = build_loader(covid_packed, LoaderSettings(batch_size=8, size=64, seed=0), backend=backend)
     batch = next(iter(loader))
     a, b = batch.views
     assert a.min() >= 0 and a.max() <= 1 and a.std() > 0.05
@@ -116,14 +120,8 @@ def test_ranks_get_disjoint_equal_shards_and_epochs_reshuffle(constant_data, bac
     def epoch_indices(rank, world, epoch):
         loader = build_loader(
             constant_data,
+            LoaderSettings(batch_size=5, recipe=PLAIN, size=16, seed=3, rank=rank, world_size=world, drop_last=False),
             backend=backend,
-            batch_size=5,
-            recipe=PLAIN,
-            size=16,
-            seed=3,
-            rank=rank,
-            world_size=world,
-            drop_last=False,
         )
         loader.set_epoch(epoch)
         return torch.cat([b.indices for b in loader]).tolist()
@@ -137,7 +135,7 @@ def test_ranks_get_disjoint_equal_shards_and_epochs_reshuffle(constant_data, bac
 
 
 def test_resume_mid_epoch_repeats_nothing(covid_packed, backend):
-    loader = build_loader(covid_packed, backend=backend, batch_size=6, size=32, seed=5)
+    loader = build_loader(covid_packed, LoaderSettings(batch_size=6, size=32, seed=5), backend=backend)
     loader.set_epoch(2)
     full = list(loader)
     loader.set_epoch(2, start_step=4)
@@ -152,8 +150,8 @@ def test_resume_mid_epoch_repeats_nothing(covid_packed, backend):
 
 
 def test_same_seed_same_batches(covid_packed):
-    a = next(iter(build_loader(covid_packed, batch_size=4, size=32, seed=9)))
-    b = next(iter(build_loader(covid_packed, batch_size=4, size=32, seed=9)))
+    a = next(iter(build_loader(covid_packed, LoaderSettings(batch_size=4, size=32, seed=9))))
+    b = next(iter(build_loader(covid_packed, LoaderSettings(batch_size=4, size=32, seed=9))))
     assert torch.equal(a.indices, b.indices) and torch.equal(a.views[0], b.views[0])
 
 
@@ -161,18 +159,18 @@ def test_bad_backend_and_split_are_clear(covid_packed):
     with pytest.raises(ValueError, match="backend 'tfrecord' is not one of native, dali, ffcv"):
         build_loader(covid_packed, backend="tfrecord")
     with pytest.raises(Exception, match="split 'dev'"):
-        build_loader(covid_packed, split="dev")
+        build_loader(covid_packed, LoaderSettings(split="dev"))
 
 
 @pytest.mark.gpu
 def test_cuda_decodes_jpeg_on_the_gpu(covid_packed):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    loader = build_loader(covid_packed, batch_size=8, size=64, device="cuda", seed=0)
+    loader = build_loader(covid_packed, LoaderSettings(batch_size=8, device="cuda", size=64, seed=0))
     assert loader.gpu_jpeg
     batch = next(iter(loader))
     assert batch.views[0].is_cuda and batch.views[0].shape == (8, 1, 64, 64)
-    cpu = next(iter(build_loader(covid_packed, batch_size=8, size=64, device="cpu", seed=0)))
+    cpu = next(iter(build_loader(covid_packed, LoaderSettings(batch_size=8, device="cpu", size=64, seed=0))))
     assert torch.equal(batch.indices, cpu.indices)
 
 
@@ -193,13 +191,17 @@ def test_missing_dali_is_one_clear_line(covid_packed, tmp_path):
 def test_dali_noise_and_jitter_follow_the_recipe(constant_data):
     data = PackedDataset(constant_data)
     noisy = Recipe(name="noise", hflip=0.0, noise=1.0, noise_mean_fraction=(0.06, 0.1))
-    batch = next(iter(build_loader(constant_data, backend="dali", batch_size=16, recipe=noisy, size=32, seed=2)))
+    batch = next(
+        iter(build_loader(constant_data, LoaderSettings(batch_size=16, recipe=noisy, size=32, seed=2), backend="dali"))
+    )
     values = _values(data, batch.indices) / 255
     ratio = (batch.views[0] - values[:, None, None, None]).flatten(1).std(1) / values
     keep = values > 0.1  # away from clipping at 0
     assert ((ratio[keep] > 0.05) & (ratio[keep] < 0.11)).all(), ratio
     jitter = Recipe(name="jitter", hflip=0.0, brightness_contrast=1.0, brightness=0.4, contrast=0.0)
-    batch = next(iter(build_loader(constant_data, backend="dali", batch_size=16, recipe=jitter, size=32, seed=2)))
+    batch = next(
+        iter(build_loader(constant_data, LoaderSettings(batch_size=16, recipe=jitter, size=32, seed=2), backend="dali"))
+    )
     factor = batch.views[0].flatten(1).mean(1) / (_values(data, batch.indices) / 255)
     unclipped = _values(data, batch.indices) < 150
     assert ((factor[unclipped] > 0.59) & (factor[unclipped] < 1.41)).all() and factor.std() > 0.05
@@ -222,7 +224,9 @@ def _damaged_copy(packed, tmp_path, start: int, stop: int) -> tuple[Path, int]:
 def test_a_damaged_image_stops_every_backend_with_its_shard_and_row(covid_packed, backend, tmp_path):
     root, row = _damaged_copy(covid_packed, tmp_path, 0, 16)
     with pytest.raises(InputError, match=rf"train-\d+\.tar: row {row} does not start as jpeg bytes do; .*verify"):
-        for _ in build_loader(root, backend=backend, batch_size=8, recipe=PLAIN, size=16, seed=0, drop_last=False):
+        for _ in build_loader(
+            root, LoaderSettings(batch_size=8, recipe=PLAIN, size=16, seed=0, drop_last=False), backend=backend
+        ):
             pass  # the FFCV backend fails while writing its beton, the others while loading
 
 
@@ -231,7 +235,7 @@ def test_a_gpu_decoders_error_is_named_by_decoding_its_rows_on_the_cpu(covid_pac
     """nvJPEG's and DALI's errors name no image, and DALI may crash instead of raising, so this is not run through
     them: the loaders hand the rows the decoder was working on to `name_undecodable`."""
     root, row = _damaged_copy(covid_packed, tmp_path, 8, 300)  # the JPEG signature stays
-    loader = build_loader(root, backend=backend, batch_size=8, recipe=PLAIN, size=16, seed=0)
+    loader = build_loader(root, LoaderSettings(batch_size=8, recipe=PLAIN, size=16, seed=0), backend=backend)
     order = loader.epoch_order()
     decoder_error = RuntimeError("nvjpeg: decode failed")
     named = loader.name_undecodable(order, decoder_error)
@@ -245,7 +249,7 @@ def test_cuda_names_a_jpeg_that_nvjpeg_cannot_decode(covid_packed, tmp_path):
         pytest.skip("no CUDA device")
     root, row = _damaged_copy(covid_packed, tmp_path, 8, 300)
     with pytest.raises(InputError, match=rf"row {row}: jpeg member does not decode"):
-        for _ in build_loader(root, batch_size=8, size=16, device="cuda", seed=0, drop_last=False):
+        for _ in build_loader(root, LoaderSettings(batch_size=8, device="cuda", size=16, seed=0, drop_last=False)):
             pass
 
 
@@ -256,12 +260,14 @@ def _os_threads() -> set[int]:
 def test_close_ends_every_thread_the_loader_started(constant_data, backend):
     """An epoch left open mid-way (its iterator suspended, as a loop left by an exception leaves it) is ended by
     close(), which waits for its threads, decode pool and pipeline: none is left for the interpreter's shutdown."""
-    kw = dict(backend=backend, batch_size=8, recipe=PLAIN, size=16, workers=2, seed=0)
-    with build_loader(constant_data, **kw) as warm:  # process-wide pools (OpenMP, numba's) start once and stay
+    settings = LoaderSettings(batch_size=8, recipe=PLAIN, size=16, workers=2, seed=0)
+    with build_loader(
+        constant_data, settings, backend=backend
+    ) as warm:  # process-wide pools (OpenMP, numba's) start once and stay
         for _ in warm:
             pass
     before, python_before = _os_threads(), set(threading.enumerate())
-    with build_loader(constant_data, **kw) as loader:
+    with build_loader(constant_data, settings, backend=backend) as loader:
         epoch = iter(loader)
         next(epoch)
         next(epoch)
@@ -281,11 +287,11 @@ def test_close_ends_every_thread_the_loader_started(constant_data, backend):
 
 OPEN_EPOCHS_AT_EXIT = """
 import sys
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 
 epochs = []  # kept to the end: iterators suspended mid-epoch, as a loop left by an exception leaves them
 for backend in ("ffcv", "dali", "native"):  # ffcv first (writing its beton forks); native last, busy at exit
-    loader = build_loader(sys.argv[1], backend=backend, batch_size=4, size=128, workers=2, seed=0)
+    loader = build_loader(sys.argv[1], LoaderSettings(batch_size=4, size=128, workers=2, seed=0), backend=backend)
     epoch = iter(loader)
     next(epoch)
     epochs.append(epoch)

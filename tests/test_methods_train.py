@@ -66,9 +66,9 @@ def test_a_fixed_batch_lowers_each_methods_loss(method, covid_packed):
     """The trainer's step with the method's defaults (optimizer, lr at batch 16, temperature, momentum, ...; no
     warm-up, small heads) on one batch of the sample, repeated: the loss goes down. MoCo's queue is put back after
     each step, else the batch's own earlier keys fill it as negatives and the loss rises."""
-    from twinray.pipelines import build_loader
+    from twinray.pipelines import LoaderSettings, build_loader
 
-    with build_loader(str(covid_packed), "train", batch_size=16, size=32, workers=1) as loader:
+    with build_loader(str(covid_packed), LoaderSettings(split="train", batch_size=16, size=32, workers=1)) as loader:
         loader.set_epoch(0)
         batch = next(iter(loader))
         classes = len(loader.data.classes)

@@ -191,7 +191,7 @@ def test_accelerate_launch_on_two_machines_records_two_nodes(s3, s3_covid, tmp_p
 def test_a_global_step_holds_the_same_samples_whatever_the_world_size():
     """What resuming on another world size keeps (docs/distributed.md): global step k covers the same rows, except
     for the epoch's tail that is cut to a multiple of the world size."""
-    from twinray.pipelines.loader import rank_order
+    from twinray.pipelines.base import rank_order
 
     rows, global_batch = np.arange(1000, 1050), 8
 

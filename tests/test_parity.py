@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 from twinray.pipelines.augment import SPEC, Augment, Recipe, load_recipe
 from twinray.pipelines.augment import dali as dali_augment
 from twinray.pipelines.augment.ops import PROBABILITIES, RUNS
@@ -231,7 +231,9 @@ def patterns(tmp_path_factory):
 
 
 def _loader_views(root, backend: str, recipe: Recipe, device: str = "cpu") -> torch.Tensor:
-    loader = build_loader(str(root), backend=backend, batch_size=64, device=device, recipe=recipe, size=S, seed=0)
+    loader = build_loader(
+        str(root), LoaderSettings(batch_size=64, device=device, recipe=recipe, size=S, seed=0), backend=backend
+    )
     batch = next(iter(loader))
     return torch.cat([view[:, 0].float().cpu() for view in batch.views])
 

@@ -20,15 +20,16 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO, assert_one_line_error, run_torchrun
 from twinray import atomic
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 from twinray.pipelines.augment import EVAL_RECIPE
 from twinray.prep.format import PackedDataset
 from twinray.train import checkpoint
 from twinray.train.config import ConfigError, PretrainConfig, from_args
+from twinray.train.heads import build_projector
 from twinray.train.health import effective_rank
 from twinray.train.loss import barlow_twins_loss
 from twinray.train.meter import NonFiniteLoss, StepMeter
-from twinray.train.model import BarlowTwins, build_projector
+from twinray.train.model import BarlowTwins
 from twinray.train.online_eval import LinearProbe
 from twinray.train.optim import build_optimizer, lr_factor
 from twinray.train.pretrain import knn_bank_rows
@@ -388,7 +389,10 @@ def test_short_run_logs_checkpoints_and_exports_a_timm_backbone(covid_packed, tm
     data = PackedDataset(covid_packed)
     bank = knn_bank_rows(data, 40, seed=0)
     loader = build_loader(
-        covid_packed, "train", rows=bank, batch_size=16, device="cpu", recipe=EVAL_RECIPE, size=32, drop_last=False
+        covid_packed,
+        LoaderSettings(
+            split="train", batch_size=16, device="cpu", recipe=EVAL_RECIPE, size=32, drop_last=False, rows=bank
+        ),
     )
     with loader, torch.no_grad():
         features = torch.cat([backbone(b.views[0]) for b in loader])

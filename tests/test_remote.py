@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,21 +17,20 @@ import torch
 
 from tests.conftest import REPO, assert_one_line_error
 from twinray.cli import InputError
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 from twinray.prep import shard_cache
 from twinray.prep.format import MANIFEST, PackedDataset
+from twinray.prep.open_dataset import open_dataset
+from twinray.prep.shard_cache import CacheSettings
 from twinray.storage import is_url, location, upload_dataset
 
 PLAIN = "base"
 
 
 @pytest.fixture
-def cache(tmp_path, s3):
-    """A fresh shard cache for one test, configured for the test server; reset afterwards."""
-    directory = tmp_path / "shard-cache"
-    shard_cache.configure(directory, None, s3.storage_options)
-    yield directory
-    shard_cache.configure()
+def cache(tmp_path, s3) -> CacheSettings:
+    """A fresh shard cache for one test, set for the test server: what a test opens its URLs with."""
+    return CacheSettings(tmp_path / "shard-cache", None, s3.storage_options)
 
 
 def prep_cli(*args, cwd=REPO, env=None) -> subprocess.CompletedProcess:
@@ -81,7 +81,7 @@ def test_the_upload_sends_the_manifest_last(covid_packed, tmp_path):
     # Every file under the packed folder, side folders too (another test may have added FFCV files beside it).
     sent = sorted(p.relative_to(up) for p in files)
     assert sent == sorted(p.relative_to(covid_packed) for p in covid_packed.rglob("*") if p.is_file())
-    assert PackedDataset(url).manifest == PackedDataset(covid_packed).manifest
+    assert open_dataset(url).manifest == PackedDataset(covid_packed).manifest
 
 
 def test_prep_verify_and_info_of_a_url(s3, s3_covid, tmp_path):
@@ -98,10 +98,10 @@ def test_prep_verify_and_info_of_a_url(s3, s3_covid, tmp_path):
 
 @pytest.mark.parametrize("backend", ["native", "dali", "ffcv"])
 def test_each_backend_reads_a_url_as_it_reads_the_local_directory(s3_covid, covid_packed, cache, backend):
-    kwargs = dict(backend=backend, batch_size=8, recipe=PLAIN, size=32, seed=3, workers=1)
-    remote = build_loader(s3_covid, **kwargs)
-    assert remote.data.root.is_relative_to(cache) and remote.data.location == s3_covid
-    local = build_loader(covid_packed, **kwargs)
+    settings = LoaderSettings(batch_size=8, recipe=PLAIN, size=32, seed=3, workers=1)
+    remote = build_loader(s3_covid, replace(settings, shard_cache=cache), backend=backend)
+    assert remote.data.root.is_relative_to(cache.directory) and remote.data.location == s3_covid
+    local = build_loader(covid_packed, settings, backend=backend)
     remote.set_epoch(1)
     local.set_epoch(1)
     pairs = list(zip(remote, local, strict=True))
@@ -127,16 +127,18 @@ def test_a_damaged_remote_shard_is_caught_by_its_sha256(s3, covid_packed, cache,
     assert_one_line_error(result, f"{url}/train-00001.tar", "sha256 does not match the manifest in 2 downloads")
     # Reading it through a loader: the same line, and the bad copy never reaches the cache.
     with pytest.raises(InputError, match="train-00001.tar: sha256 does not match"):
-        for _ in build_loader(url, batch_size=8, recipe=PLAIN, size=16, seed=0, workers=1):
+        for _ in build_loader(
+            url, LoaderSettings(batch_size=8, recipe=PLAIN, size=16, seed=0, workers=1, shard_cache=cache)
+        ):
             pass
-    local = PackedDataset(url).root
+    local = open_dataset(url, cache).root
     attempts = [e for e in shard_cache.read_log(local) if e["file"] == "train-00001.tar"]
     assert [(e["attempt"], e["ok"]) for e in attempts] == [(1, False), (2, False)]  # fetched again once, no more
     assert not (local / "train-00001.tar").exists() and not list(local.glob(".*.part"))
 
 
 def test_a_read_fetches_the_shard_it_needs_without_waiting_for_the_split(s3_covid, cache):
-    data = PackedDataset(s3_covid)  # no split opened yet, so nothing queued in the background
+    data = open_dataset(s3_covid, cache)  # no split opened yet, so nothing queued in the background
     last_val_row = int(np.flatnonzero(data.index["split"] == 1)[-1])
     assert data.image(last_val_row).shape == (256, 256)
     fetched = [e["file"] for e in shard_cache.read_log(data.root) if e["event"] == "fetch"]
@@ -144,11 +146,11 @@ def test_a_read_fetches_the_shard_it_needs_without_waiting_for_the_split(s3_covi
 
 
 def test_a_cached_copy_cut_short_is_fetched_again(s3_covid, cache):
-    data = PackedDataset(s3_covid)
+    data = open_dataset(s3_covid, cache)
     data.remote.fetch_all()
     path = data.root / "val-00000.tar"
     path.write_bytes(path.read_bytes()[:1000])
-    fresh = PackedDataset(s3_covid)  # another process would see the same: the size differs from the store's
+    fresh = open_dataset(s3_covid, cache)  # another process would see the same: the size differs from the store's
     fresh.remote._ready.clear()
     image = fresh.image(int(fresh.indices("val")[0]))
     assert image.shape == (256, 256) and path.stat().st_size == data.remote.sizes["val-00000.tar"]
@@ -169,12 +171,12 @@ def test_a_missing_bucket_is_one_clear_line(s3, covid_sample, tmp_path):
 RANK = textwrap.dedent(
     """
     import sys, time
-    from twinray.prep import shard_cache
-    from twinray.prep.format import PackedDataset
+    from twinray.prep.open_dataset import open_dataset
+    from twinray.prep.shard_cache import CacheSettings
     url, cache, options, start = sys.argv[1:5]
-    shard_cache.configure(cache, None, options)
+    settings = CacheSettings(cache, None, options)
     time.sleep(max(0.0, float(start) - time.time()))  # both ranks open the dataset at the same moment
-    data = PackedDataset(url)
+    data = open_dataset(url, settings)
     data.indices("train")  # queues the split for the background threads, as a loader does
     rows = range(len(data))
     print(sum(int(data.image(i).sum()) for i in rows))
@@ -210,11 +212,10 @@ def test_local_ranks_download_each_shard_once(s3, s3_covid, tmp_path):
 EVICT = textwrap.dedent(
     """
     import sys
-    from twinray.prep import shard_cache
-    from twinray.prep.format import PackedDataset
+    from twinray.prep.open_dataset import open_dataset
+    from twinray.prep.shard_cache import CacheSettings
     url, cache, options, limit, split = sys.argv[1:6]
-    shard_cache.configure(cache, limit, options)
-    data = PackedDataset(url)
+    data = open_dataset(url, CacheSettings(cache, limit, options))
     rows = data.indices(split)
     print(sum(int(data.image(int(i)).sum()) for i in rows))
     """

@@ -3,7 +3,7 @@ size; at 224 px every named recipe is exactly the study's (docs/augmentation.md,
 
 import pytest
 
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 from twinray.pipelines.augment import RECIPES, load_recipe
 
 
@@ -41,7 +41,7 @@ def test_a_recipe_without_reference_size_is_taken_as_given(tmp_path):
 
 
 def test_the_loader_uses_the_recipe_at_its_size(covid_packed):
-    loader = build_loader(str(covid_packed), batch_size=4, size=48, recipe="seed-final")
+    loader = build_loader(str(covid_packed), LoaderSettings(batch_size=4, recipe="seed-final", size=48))
     try:
         assert loader.recipe.size == 48 and loader.recipe.blur_kernel == 5  # 23 x 48/224 = 4.93 -> 5
         assert loader.recipe.blur_sigma == pytest.approx((0.1 * 48 / 224, 2.0 * 48 / 224))

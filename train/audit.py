@@ -25,7 +25,7 @@ from pathlib import Path
 
 from twinray.atomic import write_json
 from twinray.cli import InputError, OneLineParser, run_cli
-from twinray.prep.format import PackedDataset
+from twinray.prep.open_dataset import open_dataset
 from twinray.train import shortcuts
 from twinray.usage import examples, program
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--folds {args.folds} must be at least 2")
     if args.resamples < 100:
         parser.error(f"--resamples {args.resamples} must be at least 100")
-    PackedDataset(args.data)  # a missing or unpacked dataset is said first, before anything about --out
+    open_dataset(args.data)  # a missing or unpacked dataset is said first, before anything about --out
     if args.out.is_dir():
         raise InputError(f"--out {args.out} is a folder; the report is one JSON file: give its path (audit.json)")
     if args.out.exists() and not args.force:

@@ -40,9 +40,11 @@ from torch import nn
 
 from twinray.atomic import atomic, write_json
 from twinray.cli import InputError, OneLineParser, positive_int, run_cli
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 from twinray.pipelines.augment import EVAL_RECIPE
+from twinray.prep.cli import main as prep_main
 from twinray.prep.format import LABEL_NONE, MANIFEST, SPLITS, PackedDataset
+from twinray.prep.open_dataset import open_dataset
 from twinray.train import preprocessing, transfer
 from twinray.train.export import publishing, unfinished
 from twinray.usage import examples, program
@@ -149,14 +151,23 @@ def embed(model: nn.Module, info: dict, data: str, splits: list[str], device: st
     loader's order, through build_loader with EVAL_RECIPE at `size` (the model's by default). An empty split
     gives nothing."""
     model = model.to(device).to(memory_format=torch.channels_last)
-    counts = PackedDataset(data).manifest.get("splits", {})
+    counts = open_dataset(data).manifest.get("splits", {})
     feats, rows = [], []
     for split in splits:
         if not counts.get(split):  # an empty split gives nothing; any other refusal is said, never passed over
             continue
         try:
-            loader = build_loader(data, split=split, batch_size=batch_size, device=device, recipe=EVAL_RECIPE,
-                                  size=size or info["size"], views=1, drop_last=False, workers=workers)  # fmt: skip
+            settings = LoaderSettings(
+                split=split,
+                batch_size=batch_size,
+                device=device,
+                recipe=EVAL_RECIPE,
+                size=size or info["size"],
+                views=1,
+                drop_last=False,
+                workers=workers,
+            )
+            loader = build_loader(data, settings)
         except ValueError as e:
             raise InputError(f"--data {data}: {e}") from None
         with loader:
@@ -296,15 +307,13 @@ def run(args: argparse.Namespace) -> Path:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     folder = unpacked_folder(args.data)
     if folder is None:
-        PackedDataset(args.data)  # a bad --data is one line before anything is written
+        open_dataset(args.data)  # a bad --data is one line before anything is written
     with publishing(args.out, args.force, inputs=(args.model, args.data)) as tmp:
         source, recorded = str(args.data), str(args.data)
         if folder is not None:  # a plain tree of images: packed without labels, as `prep images` packs it
-            from twinray.prep.cli import main as prep_main
-
             source, recorded = str(tmp / "packed"), str(Path(args.out) / "packed")
             prep_main(["images", "--src", str(folder), "--out", source])
-        data = PackedDataset(source)
+        data = open_dataset(source)
         if data.manifest.get("image", {}).get("channels", 1) != 1:
             raise InputError(f"--data {args.data}: embed reads 1-channel grey datasets")
         warning = preprocessing.warn("embed", info["preprocessing"], data.manifest, str(args.data))

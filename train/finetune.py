@@ -33,11 +33,12 @@ from torch import nn
 from twinray import lock
 from twinray.atomic import write_json
 from twinray.cli import InputError, run_cli
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 from twinray.pipelines.augment import EVAL_RECIPE, FINETUNE_RECIPE
-from twinray.prep import shard_cache
 from twinray.prep.datasets.chexpert import COMPETITION  # used by default when the dataset has them all
 from twinray.prep.format import PackedDataset
+from twinray.prep.open_dataset import open_dataset
+from twinray.prep.shard_cache import CacheSettings
 from twinray.train import checkpoint, preprocessing, runlog, transfer
 from twinray.train.config import FinetuneConfig, from_args
 from twinray.train.label_fractions import label_fraction
@@ -99,7 +100,7 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
     cuda when there is one. Raises ConfigError naming the flag for a bad value."""
     cfg, _ = from_args(argv, FinetuneConfig, description=__doc__)
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    shard_cache.configure(cfg.shard_cache, cfg.shard_cache_limit, cfg.storage_options)  # for a --data URL
+    CacheSettings.from_args(cfg)  # a bad --shard-cache-limit or --storage-options is one line here
     return cfg
 
 
@@ -107,17 +108,20 @@ def _loader(args, split: str, rows=None, train: bool = False, cache: str = "none
     """`cache`: for the loaders read every epoch (fine-tuning's train, val); the others are read once."""
     return build_loader(
         args.data,
-        split=split,
+        LoaderSettings(
+            split=split,
+            batch_size=args.batch_size,
+            device=args.device,
+            recipe=FINETUNE_RECIPE if train else EVAL_RECIPE,
+            size=args.size,
+            views=1,
+            seed=args.seed,
+            drop_last=train and len(rows) > args.batch_size,  # a 1% fraction may hold less than one batch
+            workers=args.workers,
+            rows=rows,
+            shard_cache=CacheSettings.from_args(args),
+        ),
         backend=args.backend,
-        batch_size=args.batch_size,
-        device=args.device,
-        recipe=FINETUNE_RECIPE if train else EVAL_RECIPE,
-        size=args.size,
-        views=1,
-        seed=args.seed,
-        drop_last=train and len(rows) > args.batch_size,  # a 1% fraction may hold less than one batch
-        workers=args.workers,
-        rows=rows,
         cache=cache,
     )
 
@@ -178,7 +182,7 @@ def run(args: FinetuneConfig, command: str | None = None) -> dict:
 
 def _run(args: FinetuneConfig, loaders: contextlib.ExitStack, command: str) -> dict:
     device, out = torch.device(args.device), Path(args.out)
-    data = PackedDataset(args.data)
+    data = open_dataset(args.data, CacheSettings.from_args(args))
     record = {"config": args.to_dict(), "data_sha256": data.digest}
     if (out / "results.json").is_file() and not args.force:
         results = finished(out, record)

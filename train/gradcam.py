@@ -25,10 +25,12 @@ from safetensors.torch import load_file
 
 from twinray.atomic import write_json
 from twinray.cli import InputError, OneLineParser, run_cli
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 from twinray.pipelines.augment import EVAL_RECIPE
 from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
+from twinray.prep.open_dataset import open_dataset
+from twinray.prep.shard_cache import CacheSettings
 from twinray.storage import location
 from twinray.train.labels import POSITIVE
 from twinray.train.model import Classifier, build_backbone
@@ -119,19 +121,29 @@ def draw(images: np.ndarray, maps: list[np.ndarray], titles: list[list[str]], na
     return out
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, cache: CacheSettings | None = None) -> dict:
     """Draws the grid into args.out and writes its record beside it (FILE.json); returns the record: {"png",
     "data", "data_sha256", "rows", "true" (class names), "models": [{"run", "classes", "targets" (the model's output
-    index mapped for each image), "predicted" (class names, or yes/no per label)}]}."""
-    data = PackedDataset(args.data)
+    index mapped for each image), "predicted" (class names, or yes/no per label)}]}. `cache`: how a URL --data is
+    read (prep/shard_cache.py)."""
+    data = open_dataset(args.data, cache)
     loaded = [load_model(Path(m)) for m in args.models]
     runs = [str(m) for m in args.models]
     classes = shown_classes(data, loaded, runs)
     size = args.size or loaded[0][1]["size"]
     rows, true = pick_rows(data, classes, args.per_class)
     unique = np.unique(rows)  # an image positive for two labels is read once
-    with build_loader(str(args.data), split="test", batch_size=len(unique), recipe=EVAL_RECIPE, size=size,
-                      views=1, drop_last=False, rows=unique) as loader:  # fmt: skip
+    settings = LoaderSettings(
+        split="test",
+        batch_size=len(unique),
+        recipe=EVAL_RECIPE,
+        size=size,
+        views=1,
+        drop_last=False,
+        rows=unique,
+        shard_cache=cache,
+    )
+    with build_loader(str(args.data), settings) as loader:
         batch = next(iter(loader))  # every picked image in one batch, in the loader's shuffled order
     position = {int(row): k for k, row in enumerate(batch.indices)}
     images = batch.views[0][[position[int(r)] for r in rows]].float().contiguous()
@@ -177,12 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, required=True, help="the PNG to write; its record goes beside it as .json (required)"
     )
     args = parser.parse_args(argv)
-    shard_cache.configure_from(args)
     if args.per_class < 1:
         parser.error(f"--per-class {args.per_class} must be at least 1")
     if args.out.suffix.lower() == ".json":
         parser.error(f"--out {args.out}: the picture's file (its record goes beside it, as .json)")
-    record = run(args)
+    record = run(args, CacheSettings.from_args(args))
     print(f"wrote {record['png']} and {Path(record['png']).with_suffix('.json')}")
     return 0
 

@@ -1,16 +1,34 @@
-"""Projection heads per method and BYOL's predictor, from train/model.py's spec strings ('4096-256')."""
+"""Projection heads per method and BYOL's predictor, from spec strings ('4096-256': the sizes of the layers)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from twinray.train.model import build_projector, parse_projector
+
+def parse_projector(spec: str) -> list[int]:
+    try:
+        dims = [int(d) for d in str(spec).split("-")]
+    except ValueError:
+        raise ValueError(f"projector {spec!r} is not a list of sizes like 512 or 8192-8192-8192") from None
+    if not dims or any(d < 1 for d in dims):
+        raise ValueError(f"projector {spec!r} must list positive sizes")
+    return dims
+
+
+def build_projector(in_features: int, spec: str = "512") -> nn.Sequential:
+    """Linear(no bias)-BN-ReLU blocks, then a last Linear alone: '512' is one Linear, '512-512' two layers."""
+    dims = [in_features, *parse_projector(spec)]
+    layers: list[nn.Module] = []
+    for k in range(len(dims) - 2):
+        layers += [nn.Linear(dims[k], dims[k + 1], bias=False), nn.BatchNorm1d(dims[k + 1]), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
+    return nn.Sequential(*layers)
 
 
 def build_head(in_features: int, spec: str, batch_norm: bool = True) -> nn.Sequential:
-    """A projection head (or BYOL's predictor) from a spec string such as '4096-256' (train/model.py's format).
+    """A projection head (or BYOL's predictor) from a spec string such as '4096-256' (parse_projector's format).
 
-    batch_norm=True: train/model.py's build_projector (Linear without bias, BatchNorm1d, ReLU per hidden layer;
+    batch_norm=True: build_projector (Linear without bias, BatchNorm1d, ReLU per hidden layer;
     a last Linear alone), as SimCLR's, BYOL's and VICReg's heads are built. batch_norm=False: Linear (with bias),
     ReLU per hidden layer, a last Linear: MoCo v2's head (its official code has no BatchNorm in the head).
     """

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from twinray.cli import OneLineParser, run_cli, say_error
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 from twinray.prep import shard_cache
+from twinray.prep.shard_cache import CacheSettings
 from twinray.storage import location
 from twinray.train.config import ConfigError, check_batch_size
 from twinray.train.labels import certain_bce
@@ -115,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         check_batch_size(args.batch_size)  # BatchNorm trains on the batch: one image cannot
     except ConfigError as e:
         parser.error(str(e))
-    shard_cache.configure_from(args)
     if not 0 < args.min_lr < args.max_lr:
         say_error("lr_find", f"need 0 < --min-lr ({args.min_lr}) < --max-lr ({args.max_lr})")
         return 2
@@ -123,13 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     recipe = "seed-final" if args.task == "pretrain" else "base"
     loader = build_loader(
         str(args.data),
-        "train",
-        batch_size=args.batch_size,
-        device=args.device,
-        recipe=recipe,
-        size=args.size,
-        views=2 if args.task == "pretrain" else 1,
-        seed=args.seed,
+        LoaderSettings(
+            split="train",
+            batch_size=args.batch_size,
+            device=args.device,
+            recipe=recipe,
+            size=args.size,
+            views=2 if args.task == "pretrain" else 1,
+            seed=args.seed,
+            shard_cache=CacheSettings.from_args(args),
+        ),
     )
     if len(loader) == 0:  # cycling empty epochs would never end
         loader.close()

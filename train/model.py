@@ -1,11 +1,14 @@
-"""The twins: a timm backbone without classifier and a projector built from a spec string; and the downstream
-Classifier (backbone and linear head) that finetune trains and gradcam explains."""
+"""The twins: a timm backbone without classifier and a projector built from a spec string (train/heads.py); and the
+downstream Classifier (backbone and linear head) that finetune trains and gradcam explains."""
 
 from __future__ import annotations
 
 import timm
 import torch
 from torch import nn
+
+from twinray.train.heads import build_head, build_predictor, parse_projector
+from twinray.train.momentum import KeyQueue, MomentumEncoder
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", *(f"efficientnet_b{k}" for k in range(5)))
 
@@ -21,26 +24,6 @@ def build_backbone(name: str = "resnet18", in_chans: int = 1, pretrained: bool =
     return timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=in_chans, **extra)
 
 
-def parse_projector(spec: str) -> list[int]:
-    try:
-        dims = [int(d) for d in str(spec).split("-")]
-    except ValueError:
-        raise ValueError(f"projector {spec!r} is not a list of sizes like 512 or 8192-8192-8192") from None
-    if not dims or any(d < 1 for d in dims):
-        raise ValueError(f"projector {spec!r} must list positive sizes")
-    return dims
-
-
-def build_projector(in_features: int, spec: str = "512") -> nn.Sequential:
-    """Linear(no bias)-BN-ReLU blocks, then a last Linear alone: '512' is one Linear, '512-512' two layers."""
-    dims = [in_features, *parse_projector(spec)]
-    layers: list[nn.Module] = []
-    for k in range(len(dims) - 2):
-        layers += [nn.Linear(dims[k], dims[k + 1], bias=False), nn.BatchNorm1d(dims[k + 1]), nn.ReLU(inplace=True)]
-    layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
-    return nn.Sequential(*layers)
-
-
 class BarlowTwins(nn.Module):
     """A backbone and a projector: `model(x) -> (backbone features, projection)`. projector_batch_norm=False builds
     MoCo v2's head (biases, no BatchNorm; train/heads.py build_head)."""
@@ -49,8 +32,6 @@ class BarlowTwins(nn.Module):
         self, backbone: str = "resnet18", in_chans: int = 1, projector: str = "512", projector_batch_norm: bool = True
     ):
         super().__init__()
-        from twinray.train.heads import build_head  # heads imports this module
-
         self.backbone = build_backbone(backbone, in_chans)
         self.projector = build_head(self.backbone.num_features, projector, projector_batch_norm)
         self.in_chans = in_chans
@@ -99,9 +80,6 @@ class PretrainModel(BarlowTwins):
         queue_size: int | None = None,
     ):
         super().__init__(backbone, in_chans, projector, projector_batch_norm)
-        from twinray.train.heads import build_predictor
-        from twinray.train.momentum import KeyQueue, MomentumEncoder
-
         dim = parse_projector(projector)[-1]
         self.predictor = build_predictor(dim, predictor) if predictor else None
         self.target = MomentumEncoder(self.online()) if momentum_encoder else None

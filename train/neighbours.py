@@ -30,6 +30,7 @@ import torch
 
 from twinray.atomic import atomic, write_csv
 from twinray.cli import InputError, OneLineParser, run_cli
+from twinray.prep.open_dataset import open_dataset
 from twinray.usage import examples, program
 
 THRESHOLD = 0.99
@@ -128,9 +129,7 @@ def draw_grid(info: dict, rows: list[dict], at: int, hits: list[tuple[int, float
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from twinray.prep.format import PackedDataset
-
-    data = PackedDataset(info["data"])
+    data = open_dataset(info["data"])
     panels = [(at, None), *hits]
     cols = min(len(panels), 5)
     lines = math.ceil(len(panels) / cols)

@@ -18,7 +18,10 @@ from torch import nn
 
 from twinray.cli import InputError
 from twinray.prep.format import PackedDataset
+from twinray.prep.open_dataset import open_dataset
+from twinray.prep.shard_cache import CacheSettings
 from twinray.train.labels import MASKED, certain_targets, masked_bce
+from twinray.train.metrics import balanced_accuracy, multilabel_metrics
 
 
 class LinearProbe(nn.Module):
@@ -95,8 +98,6 @@ def knn_scores(train_feats, train_labels, query_feats, classes: int, multilabel:
 def knn_metrics(scores: torch.Tensor, labels: torch.Tensor, multilabel: bool) -> dict[str, float]:
     from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-    from twinray.train.metrics import balanced_accuracy, multilabel_metrics
-
     if not multilabel:
         labels = labels.long()
         # Balanced accuracy (mean recall per class) is 1/classes at chance, whatever the class frequencies. A class
@@ -153,7 +154,9 @@ class LabelSource:
 NO_LABELS = "no labels: probe and kNN off; pass --eval-data DIR for them"
 
 
-def label_source(data: PackedDataset, location: str, eval_data: str | None, size: int, world: int):
+def label_source(
+    data: PackedDataset, location: str, eval_data: str | None, size: int, world: int, cache: CacheSettings | None = None
+):
     """The LabelSource the kNN and the probe use: `eval_data` when given (checked here), else `data`'s own, else None
     (an unlabeled `data`, task "none": probe and kNN off, NO_LABELS).
 
@@ -161,12 +164,12 @@ def label_source(data: PackedDataset, location: str, eval_data: str | None, size
     `data`'s channel count, stored at no smaller a size than both `size` and `data`'s (else its views would be
     upscaled where the training views are not), and at least 2 train images per process (the probe's BatchNorm).
     Raises InputError, one line naming --eval-data and the value, otherwise (PackedDataset's own, after the flag,
-    for a folder that is not a packed dataset)."""
+    for a folder that is not a packed dataset). `cache`: how a URL `eval_data` is read (prep/shard_cache.py)."""
     if eval_data is None:
         return None if data.task == "none" else LabelSource(location, data, external=False)
     name = f"--eval-data {eval_data}"
     try:
-        found = PackedDataset(eval_data)
+        found = open_dataset(eval_data, cache)
     except InputError as e:  # "DIR: not a packed dataset ...": said as the flag's value, not --data's
         raise InputError(f"{name}: {e}") from None
     if found.task == "none":

@@ -25,6 +25,7 @@ import shutil
 import signal
 import time
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +36,11 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_se
 from twinray.atomic import atomic, naming, write_json
 from twinray.cli import InputError, run_cli, say_error
 from twinray.lock import exclusive
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 from twinray.pipelines.augment import EVAL_RECIPE, load_recipe
-from twinray.prep import shard_cache
 from twinray.prep.format import PackedDataset
+from twinray.prep.open_dataset import open_dataset
+from twinray.prep.shard_cache import CacheSettings
 from twinray.train import checkpoint, health, preprocessing, runlog, transfer
 from twinray.train.config import ConfigError, PretrainConfig, check_batch_size, from_args, parse_allow_change
 from twinray.train.distributed import StopVote, count_nodes
@@ -142,7 +144,7 @@ def evaluate(model, cfg, accelerator, bank: np.ndarray, labels: LabelSource | No
     images under the run's recipe; they need no labels), with health_s, what they cost; then, with `labels`, kNN on
     its val split against `knn_bank`, rows of its train split (train/online_eval.py; --data's own labels reuse the
     health bank's features), named by `eval_data` and `eval_data_digest`. None: no kNN (unlabeled data)."""
-    kw = dict(
+    eval_settings = LoaderSettings(
         batch_size=max(1, cfg.batch_size // accelerator.num_processes),
         device=accelerator.device,
         recipe=EVAL_RECIPE,
@@ -153,25 +155,28 @@ def evaluate(model, cfg, accelerator, bank: np.ndarray, labels: LabelSource | No
         world_size=accelerator.num_processes,
         drop_last=False,
         workers=cfg.workers,
+        shard_cache=CacheSettings.from_args(cfg),
     )
     model.eval()
-    with build_loader(cfg.data, "train", rows=bank, **kw) as bank_loader:  # its threads end here, each evaluation
+    with build_loader(
+        cfg.data, replace(eval_settings, split="train", rows=bank)
+    ) as bank_loader:  # its threads end here, each evaluation
         train_f, train_z, train_y = _features(model, bank_loader, accelerator)
     start = time.perf_counter()
     pairs = None
     if cfg.method == "barlow" and len(bank) >= 2:
         with build_loader(
-            cfg.data, "train", rows=bank[:HEALTH_PAIRS], **{**kw, "recipe": cfg.recipe, "views": 2}
+            cfg.data, replace(eval_settings, split="train", rows=bank[:HEALTH_PAIRS], recipe=cfg.recipe, views=2)
         ) as pl:
             pairs = _view_pairs(model, pl, accelerator)
     row = {**health.figures(train_f, train_z, pairs), "health_s": round(time.perf_counter() - start, 3)}
     val_f = None
     if labels is not None:
         if labels.external:
-            with build_loader(labels.location, "train", rows=knn_bank, **kw) as bank_loader:
+            with build_loader(labels.location, replace(eval_settings, split="train", rows=knn_bank)) as bank_loader:
                 train_f, _, train_y = _features(model, bank_loader, accelerator)
         try:
-            with build_loader(labels.location, "val", **kw) as val_loader:
+            with build_loader(labels.location, replace(eval_settings, split="val")) as val_loader:
                 val_f, _, val_y = _features(model, val_loader, accelerator)
         except ValueError:  # an empty val split (or fewer images than processes): no kNN
             val_f = None
@@ -383,11 +388,11 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
         torch.use_deterministic_algorithms(True)
     device = accelerator.device
     cuda = device.type == "cuda"
-    shard_cache.configure(cfg.shard_cache, cfg.shard_cache_limit, cfg.storage_options)  # for a --data URL
-    training_data = PackedDataset(cfg.data)
+    cache = CacheSettings.from_args(cfg)  # for a --data URL
+    training_data = open_dataset(cfg.data, cache)
     digest = training_data.digest  # the data, by content
     # the labels of the kNN and the probe: --eval-data (checked here, before --out changes), --data's own, or none
-    labels = label_source(training_data, cfg.data, cfg.eval_data, cfg.size, world)
+    labels = label_source(training_data, cfg.data, cfg.eval_data, cfg.size, world, cache)
     eval_digest = labels.digest if labels is not None and labels.external else None
     # --init: the backbone's starting weights, read and checked here too (train/transfer.py), known by their sha256
     start, started = None, None
@@ -416,18 +421,21 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
 
     loader = build_loader(
         cfg.data,
-        "train",
+        LoaderSettings(
+            split="train",
+            batch_size=cfg.batch_size // world,
+            device=device,
+            recipe=recipe,
+            size=cfg.size,
+            views=2,
+            seed=cfg.seed,
+            rank=accelerator.process_index,
+            world_size=world,
+            drop_last=True,
+            workers=cfg.workers,
+            shard_cache=cache,
+        ),
         backend=cfg.backend,
-        batch_size=cfg.batch_size // world,
-        device=device,
-        recipe=recipe,
-        size=cfg.size,
-        views=2,
-        seed=cfg.seed,
-        rank=accelerator.process_index,
-        world_size=world,
-        drop_last=True,
-        workers=cfg.workers,
         cache=cfg.cache,
     )
     data = loader.data
@@ -463,18 +471,21 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
         per_process = max(MIN_PROBE_BATCH, min(cfg.probe_batch // world, len(labels.data.indices("train")) // world))
         probe_loader = build_loader(
             labels.location,
-            "train",
+            LoaderSettings(
+                split="train",
+                batch_size=per_process,
+                device=device,
+                recipe=EVAL_RECIPE,
+                size=cfg.size,
+                views=1,
+                seed=cfg.seed,
+                rank=accelerator.process_index,
+                world_size=world,
+                drop_last=True,
+                workers=1,
+                shard_cache=cache,
+            ),
             backend="native",
-            batch_size=per_process,
-            device=device,
-            recipe=EVAL_RECIPE,
-            size=cfg.size,
-            views=1,
-            seed=cfg.seed,
-            rank=accelerator.process_index,
-            world_size=world,
-            drop_last=True,
-            workers=1,
             cache=cfg.cache,
         )
         side = ProbeStream(probe_loader, run.probe, run.model, accelerator.autocast)

@@ -51,9 +51,10 @@ from scipy.stats import rankdata
 from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
 from twinray.cli import InputError
-from twinray.pipelines import build_loader
+from twinray.pipelines import LoaderSettings, build_loader
 from twinray.pipelines.augment.recipes import EVAL_RECIPE
 from twinray.prep.format import LABEL_NONE, SPLITS, PackedDataset
+from twinray.prep.open_dataset import open_dataset
 from twinray.train.label_fractions import label_fraction
 from twinray.train.metrics import multiclass_metrics
 
@@ -114,8 +115,10 @@ def split_features(data: PackedDataset, root: Path, split: str, size: int) -> di
     """The image feature sets, labels, patient ids and sample JSONs of one split, in index order. A row without a
     patient id is its own group (`image-ROW`)."""
     rows, stats, ring, thumbs = [], [], [], []
-    with build_loader(str(root), split=split, batch_size=64, device="cpu", recipe=EVAL_RECIPE, size=size, views=1,
-                      seed=0, drop_last=False) as loader:  # fmt: skip
+    settings = LoaderSettings(
+        split=split, batch_size=64, device="cpu", recipe=EVAL_RECIPE, size=size, views=1, seed=0, drop_last=False
+    )
+    with build_loader(str(root), settings) as loader:
         for batch in loader:
             views = batch.views[0].float().cpu()
             rows.append(batch.indices.cpu().numpy())
@@ -354,7 +357,7 @@ def check(root: str | Path, size: int = 96, source_class: str | None = "COVID-19
     root = Path(root)
     if protocol not in PROTOCOLS:
         raise InputError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
-    data = PackedDataset(root)
+    data = open_dataset(root)
     if data.task == "none":
         raise InputError(f"{root}: unlabelled (task 'none'): the audit predicts the label, so it needs labels")
     if data.task != "multiclass":
@@ -458,7 +461,7 @@ def fraction_floor(root: str | Path, size: int, fractions: list[float], seeds: l
     root = Path(root)
     if probe not in (*FEATURE_SETS, "thumbnail"):
         raise InputError(f"floor probe {probe!r} is not one of {', '.join((*FEATURE_SETS, 'thumbnail'))}")
-    data = PackedDataset(root)
+    data = open_dataset(root)
     if data.task != "multiclass":
         raise InputError(f"{root}: the floor needs a multiclass dataset, not {data.task}")
     classes = list(data.classes)

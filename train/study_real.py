@@ -43,7 +43,8 @@ from twinray.cli import InputError, OneLineParser, run_cli, say_error
 from twinray.config import check_fields, read_mapping
 from twinray.prep import real_cxr
 from twinray.prep.cli import main as prep_main
-from twinray.prep.format import SPLITS, PackedDataset
+from twinray.prep.format import SPLITS
+from twinray.prep.open_dataset import open_dataset
 from twinray.train import audit, scan, shortcuts
 from twinray.usage import examples, program
 
@@ -255,7 +256,7 @@ def _cell(entry: dict, metric: str) -> str:
 
 def table(cfg: dict, summary: list[dict], report: dict, packed: Path, command: str) -> str:
     """The markdown report: the command, the data, the results table and the shortcut table."""
-    data = PackedDataset(packed)
+    data = open_dataset(packed)
     counts = ", ".join(f"{s} {data.manifest['splits'][s]}" for s in SPLITS)
     seeds = len(cfg["seeds"])
     spread = "mean ± 95% t-interval over" if seeds > 1 else "one seed, no interval:"

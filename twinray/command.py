@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import twinray
 from twinray import __version__
 from twinray.cli import InputError, OneLineParser, run_cli, say_error
 
@@ -166,8 +167,6 @@ def _bad(prog: str, message: str) -> int:
 def configs_dir() -> Path:
     """The folder of the shipped YAML configs: twinray/configs/ in an installed wheel, the repository's configs/ in
     a checkout (where the package's search path includes the repository root, twinray/__init__.py)."""
-    import twinray
-
     for root in twinray.__path__:
         if (Path(root) / "configs").is_dir():
             return Path(root) / "configs"
@@ -214,7 +213,7 @@ def configs(argv: list[str]) -> int:
     if target.exists() and not args.force:
         raise InputError(f"{target} exists; pass --force to replace it")
     args.copy.mkdir(parents=True, exist_ok=True)
-    from twinray.atomic import atomic
+    from twinray.atomic import atomic  # lazy: `twinray` imports twinray.cli only (tests/test_command.py)
 
     with atomic(target) as tmp:
         shutil.copyfile(path, tmp)
