@@ -1,9 +1,10 @@
 """The training step, written once: pretrain, lr_find and both training benchmarks run this very code.
 
-A step is: the method's loss on the batch's views, backward, the optimizer update, then (optionally) the online
-probe on the first view's detached features. The method supplies the forward and the loss (`Method`), so the loop
-never branches on a method's name. Barlow Twins (`BarlowTwinsMethod`) is here; the other methods are in
-train/objectives.py.
+A step is: the method's loss on the batch's views, backward, the optimizer update, then (optionally) the online probe
+on the first view's detached features (`train_step`). pretrain runs it as `AcceleratedStep`: under Accelerate's
+gradient accumulation, with --eval-data's probe stream and the lr schedule. The method supplies the forward and the
+loss (`Method`), so the loop never branches on a method's name. Barlow Twins (`BarlowTwinsMethod`) is here; the other
+methods are in train/objectives.py.
 
 Nothing here waits for the device: the figures come back as detached 0-dim device tensors, which the trainer reads
 one step later (train/meter.py).
@@ -119,6 +120,44 @@ def train_step(
     if probe is not None:
         figures.update(probe.step(out.features, labels))
     return figures
+
+
+class AcceleratedStep:
+    """pretrain's step: `train_step` under Accelerate's gradient accumulation, then --eval-data's probe on its side
+    stream, then the lr schedule once per optimizer update. Built once per run; `step(batch)` runs one batch.
+
+    accelerator: the run's Accelerator, built with `gradient_accumulation_steps`. Inside `accumulate(model)` its
+        `backward` scales fp16 losses and divides by the accumulation steps, DDP syncs gradients only on the last
+        of them, and the prepared `optimizer` skips the update on the others (`sync_gradients` is False there).
+    model, optimizer: as `accelerator.prepare` returned them; method: the run's `Method`.
+    scheduler: the lr schedule (train/optim.py), stepped after each optimizer update, not after each batch.
+    probe: the online probe on the batch's labels (train/online_eval.py LinearProbe), or None.
+    side: --eval-data's probe stream (train/online_eval.py ProbeStream: `step() -> figures`), or None; it takes
+        one of its own batches per step, inside the same `accumulate` block as the step.
+    """
+
+    def __init__(self, accelerator, model: nn.Module, method: Method, optimizer, scheduler, probe=None, side=None):
+        self.accelerator, self.model, self.method = accelerator, model, method
+        self.optimizer, self.scheduler, self.probe, self.side = optimizer, scheduler, probe, side
+
+    def __call__(self, batch) -> dict[str, torch.Tensor]:
+        """One step on a loader `Batch` (pipelines/loader.py: `views`, each B x C x S x S on the device, and
+        `labels`). Returns `train_step`'s figures plus the side stream's, detached 0-dim device tensors, unread."""
+        with self.accelerator.accumulate(self.model):
+            figures = train_step(
+                self.model,
+                self.method,
+                batch.views,
+                self.optimizer,
+                backward=self.accelerator.backward,
+                probe=self.probe,
+                labels=batch.labels,
+            )
+            if self.side is not None:  # --eval-data's probe, on its side stream's next batch
+                figures.update(self.side.step())
+            if self.accelerator.sync_gradients:  # an update happened: the schedule moves on
+                self.scheduler.step()
+        return figures
 
 
 def new_iteration() -> None:
