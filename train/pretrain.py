@@ -11,10 +11,12 @@ that change what is learned are the checkpoint's; a larger --epochs extends a fi
 in one line before --out changes, unless --allow-change names it; --force starts over (docs/pretrain.md).
 `--batch-size` is the global batch, split evenly over the processes.
 
-Where things are: the step is train/step.py (`train_step`; each method's forward and loss, train/objectives.py;
-the model with its momentum encoder, queue or predictor, train/model.py `PretrainModel`); the run's state
-and what a checkpoint holds, train/state.py (`RunState`); reading the figures one step late, train/meter.py. Below,
-`train()` reads top to bottom: setup, resume, then the loop (step, metrics, checkpoint).
+Where things are: the step is train/step.py (`train_step`, run as `AcceleratedStep`: gradient accumulation and the
+lr schedule; each method's forward and loss, train/objectives.py; the model with its momentum encoder, queue or
+predictor, train/model.py `PretrainModel`); the run's state and what a checkpoint holds, train/state.py
+(`RunState`); reading the figures one step late, and the epoch's progress bar, train/meter.py; what a re-run shares
+with finetune's, train/resume.py. Below, `_train()` reads top to bottom: setup, resume, then the loop (step,
+metrics, checkpoint), each part a call to a helper defined above it.
 """
 
 from __future__ import annotations
@@ -489,8 +491,8 @@ def _new_run(cfg: PretrainConfig, accelerator, inputs: Inputs, steps_per_epoch: 
 def _prepared_step(cfg: PretrainConfig, accelerator, run: RunState, labels: LabelSource | None):
     """The model compiled (--compile, --compile-mode) and prepared by Accelerate with its optimizer, --eval-data's
     probe stream (None without it), and the step over both (train/step.py AcceleratedStep): (model, step, side)."""
-    model = compile_model(run.model, accelerator.device.type == "cuda" if cfg.compile is None else cfg.compile,
-                          cfg.compile_mode)  # fmt: skip
+    compiled = accelerator.device.type == "cuda" if cfg.compile is None else cfg.compile  # by default on CUDA
+    model = compile_model(run.model, compiled, cfg.compile_mode)
     model, optimizer = accelerator.prepare(model, run.optimizer)
     side = _probe_stream(cfg, labels, run, accelerator)  # --eval-data's probe; without it the probe is in the step
     probe = run.probe if side is None else None  # on --data's labels, if any
