@@ -1,5 +1,5 @@
 """The pieces the training loops are made of: the meter's progress bar, pretrain's accumulated step, the shared
-resume point (train/meter.py, train/step.py AcceleratedStep, train/resume.py)."""
+resume point (train/meter.py, train/step.py train_step, train/resume.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 from twinray.train import checkpoint
 from twinray.train.meter import StepMeter
 from twinray.train.resume import latest_checkpoint
-from twinray.train.step import AcceleratedStep, StepOutput
+from twinray.train.step import StepOutput, train_step
 
 
 class Bar:
@@ -92,11 +92,12 @@ def test_the_step_moves_the_schedule_once_per_update_and_adds_the_side_streams_f
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     side = SimpleNamespace(step=lambda: {"probe_loss": torch.tensor(0.5)})
-    step = AcceleratedStep(Accumulating(2), model, Mean(), optimizer, scheduler, side=side)
-    batch = SimpleNamespace(views=[torch.ones(4, 3)], labels=None)
-    got = [step(batch) for _ in range(5)]
+    each = dict(accelerator=Accumulating(2), scheduler=scheduler, side=side)
+    got = [train_step(model, Mean(), [torch.ones(4, 3)], optimizer, **each) for _ in range(5)]
     assert scheduler.last_epoch == 2  # 5 batches, an update every 2
     assert set(got[0]) == {"loss", "probe_loss"} and got[0]["loss"].requires_grad is False
+    train_step(model, Mean(), [torch.ones(4, 3)], optimizer, scheduler=scheduler)  # no accelerator: an update
+    assert scheduler.last_epoch == 3
 
 
 def test_the_resume_point_is_the_newest_checkpoint_unless_forced(tmp_path):

@@ -11,8 +11,8 @@ that change what is learned are the checkpoint's; a larger --epochs extends a fi
 in one line before --out changes, unless --allow-change names it; --force starts over (docs/pretrain.md).
 `--batch-size` is the global batch, split evenly over the processes.
 
-Where things are: the step is train/step.py (`train_step`, run as `AcceleratedStep`: gradient accumulation and the
-lr schedule; each method's forward and loss, train/objectives.py; the model with its momentum encoder, queue or
+Where things are: the step is train/step.py (`train_step`, with gradient accumulation and the lr schedule;
+each method's forward and loss, train/objectives.py; the model with its momentum encoder, queue or
 predictor, train/model.py `PretrainModel`); the run's state and what a checkpoint holds, train/state.py
 (`RunState`); reading the figures one step late, and the epoch's progress bar, train/meter.py; what a re-run shares
 with finetune's, train/resume.py. Below, `_train()` reads top to bottom: setup, resume, then the loop (step,
@@ -66,7 +66,7 @@ from twinray.train.state import (
     saved_parts,
     settings,
 )
-from twinray.train.step import AcceleratedStep, compile_model, new_iteration
+from twinray.train.step import compile_model, new_iteration, train_step
 from twinray.usage import program
 
 
@@ -488,15 +488,13 @@ def _new_run(cfg: PretrainConfig, accelerator, inputs: Inputs, steps_per_epoch: 
     return run
 
 
-def _prepared_step(cfg: PretrainConfig, accelerator, run: RunState, labels: LabelSource | None):
-    """The model compiled (--compile, --compile-mode) and prepared by Accelerate with its optimizer, --eval-data's
-    probe stream (None without it), and the step over both (train/step.py AcceleratedStep): (model, step, side)."""
+def _prepared(cfg: PretrainConfig, accelerator, run: RunState, labels: LabelSource | None):
+    """The model compiled (--compile, --compile-mode) and prepared by Accelerate with its optimizer, and
+    --eval-data's probe stream (None without it): (model, optimizer, side)."""
     compiled = accelerator.device.type == "cuda" if cfg.compile is None else cfg.compile  # by default on CUDA
     model = compile_model(run.model, compiled, cfg.compile_mode)
     model, optimizer = accelerator.prepare(model, run.optimizer)
-    side = _probe_stream(cfg, labels, run, accelerator)  # --eval-data's probe; without it the probe is in the step
-    probe = run.probe if side is None else None  # on --data's labels, if any
-    return model, AcceleratedStep(accelerator, model, run.method, optimizer, run.scheduler, probe, side), side
+    return model, optimizer, _probe_stream(cfg, labels, run, accelerator)
 
 
 def _probe_stream(cfg: PretrainConfig, labels: LabelSource | None, run: RunState, accelerator) -> ProbeStream | None:
@@ -629,7 +627,9 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
     if saved is not None:
         resume(run, cfg, saved, changes, accelerator, steps_per_epoch)
     pos = run.position
-    model, step, side = _prepared_step(cfg, accelerator, run, labels)  # compiled, prepared; --eval-data's stream
+    model, optimizer, side = _prepared(cfg, accelerator, run, labels)  # compiled, prepared; --eval-data's stream
+    probe = run.probe if side is None else None  # on --data's labels, if any; else the side stream's
+    each_step = dict(accelerator=accelerator, scheduler=run.scheduler, probe=probe, side=side)  # the same every step
     resolved = _open_outputs(cfg, accelerator, inputs, precision, parts, pos.step if saved else None)
     where = f"{saved['name']}: epoch {pos.epoch}, step {pos.in_epoch} of {steps_per_epoch}" if saved else None
     log_file = _start_log(cfg, accelerator, inputs, precision, resolved, where, changes, command)
@@ -646,7 +646,7 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
         bar = runlog.progress(steps_per_epoch, pos.in_epoch, desc, disable=not accelerator.is_main_process)
         for batch in meter.batches(loader, bar):  # push() moves the bar; it closes with the epoch, on errors too
             # -- the step: the method's loss, backward, update (accumulated), the lr schedule, the online probe
-            figures = step(batch)
+            figures = train_step(model, run.method, batch.views, optimizer, labels=batch.labels, **each_step)
             # -- the loss: this step's figures are held and the previous step's read, while the device works
             meter.push(figures, images=batch.views[0].shape[0] * world, step=pos.step, epoch=pos.epoch)
             pos.step, pos.in_epoch = pos.step + 1, pos.in_epoch + 1
