@@ -24,6 +24,8 @@ import copy
 import json
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +47,7 @@ from twinray.train.label_fractions import label_fraction
 from twinray.train.labels import policy_targets, targets_bce
 from twinray.train.metrics import draw_confusion, multiclass_metrics, multilabel_metrics
 from twinray.train.model import Classifier
+from twinray.train.resume import latest_checkpoint
 from twinray.usage import program
 
 # A run directory resumes only a run with the same settings; --epochs may grow, and the device or backend may change.
@@ -180,16 +183,10 @@ def run(args: FinetuneConfig, command: str | None = None) -> dict:
         return _run(args, loaders, command)
 
 
-def _run(args: FinetuneConfig, loaders: contextlib.ExitStack, command: str) -> dict:
-    device, out = torch.device(args.device), Path(args.out)
-    data = open_dataset(args.data, CacheSettings.from_args(args))
-    record = {"config": args.to_dict(), "data_sha256": data.digest}
-    if (out / "results.json").is_file() and not args.force:
-        results = finished(out, record)
-        print(f"--out {out} already holds this finished run: {out / 'results.json'} (--force runs it again)")
-        return results
-    task = Task(data, args.labels, args.uncertain)
-    torch.manual_seed(args.seed)
+def _build(args: FinetuneConfig, data: PackedDataset, task: Task, device: torch.device):
+    """The classifier (--init's backbone, `transfer.freeze`'s --mode, a fine-tuned init's head matched by class
+    name) on `device` in channels_last, and Adam over its trainable parameters: (model, frozen modules, init's
+    record, optimizer). Raises InputError/ValueError for an --init that cannot be read."""
     backbone, init = transfer.load_backbone(args.init, args.backbone, args.channels)
     preprocessing.warn("finetune", preprocessing.of_init(init), data.manifest, args.data)  # one line, if any
     frozen = transfer.freeze(backbone, args.mode)
@@ -199,18 +196,33 @@ def _run(args: FinetuneConfig, loaders: contextlib.ExitStack, command: str) -> d
         model.head.load_state_dict(head)
     model = model.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(transfer.trainable_parameters(model), lr=args.lr, weight_decay=args.weight_decay)
+    return model, frozen, init, optimizer
 
-    split_rows = data.indices("train")
-    rows = label_fraction(split_rows, data.labels(split_rows), args.fraction, args.seed)
-    linear = transfer.parse_mode(args.mode)[0] == "linear"
+
+@dataclass
+class Feed:
+    """What an epoch trains on and is scored with. `forward`: the module the step runs (the whole model, or the
+    head alone for a linear probe); `batches(epoch)`: the epoch's (inputs, targets) on the device; `val()`:
+    (outputs, targets) of the val split, in eval mode; `notes`: where each cached split went, said once."""
+
+    forward: nn.Module
+    batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    val: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    notes: list[str]
+
+
+def _feed(args: FinetuneConfig, model: Classifier, task: Task, rows, loaders: contextlib.ExitStack) -> Feed:
+    """The loaders (entered in `loaders`, so their threads end with the run) and the Feed of --mode: a linear
+    probe trains the head on the backbone's features of unaugmented images, computed once; any other mode runs the
+    model on augmented batches each epoch."""
+    device, linear = torch.device(args.device), transfer.parse_mode(args.mode)[0] == "linear"
     val_loader = loaders.enter_context(_loader(args, "val", cache="none" if linear else args.cache))  # linear: once
-    loaders_read_each_epoch = [val_loader]
+    read_each_epoch = [val_loader]
     if linear:
         # The backbone is a fixed function here: its features (of unaugmented images) are computed once, and the
         # head trains on them; a probe of the features themselves, and far cheaper than a forward pass per epoch.
         train_x, train_y = predict(model.backbone, loaders.enter_context(_loader(args, "train", rows)), task, device)
         val_x, val_y = predict(model.backbone, val_loader, task, device)
-        forward = model.head
 
         def train_batches(epoch: int):
             order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
@@ -223,10 +235,11 @@ def _run(args: FinetuneConfig, loaders: contextlib.ExitStack, command: str) -> d
             model.head.eval()
             with torch.no_grad():
                 return model.head(val_x.to(device)).float().cpu(), val_y
+
+        forward = model.head
     else:
         train_loader = loaders.enter_context(_loader(args, "train", rows, train=True, cache=args.cache))
-        loaders_read_each_epoch.append(train_loader)
-        forward = model
+        read_each_epoch.append(train_loader)
 
         def train_batches(epoch: int):
             train_loader.set_epoch(epoch)
@@ -236,50 +249,100 @@ def _run(args: FinetuneConfig, loaders: contextlib.ExitStack, command: str) -> d
         def val_outputs():
             return predict(model, val_loader, task, device)
 
+        forward = model
+    notes = [loader.cache_note for loader in read_each_epoch if loader.cache_note]
+    return Feed(forward, train_batches, val_outputs, notes)
+
+
+def _discard(out: Path) -> None:
+    """--force: removes OUTPUTS, results.json first (without it, what is left is no longer a finished run), then
+    the checkpoints (train/resume.py says how pretrain's --force differs)."""
+    for name in OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    for old in out.glob(f"{checkpoint.PREFIX}*"):
+        shutil.rmtree(old)
+
+
+def _resume(saved: dict, record: dict, out: Path, model: nn.Module, optimizer) -> tuple[list[dict], dict]:
+    """Puts a run killed part-way back after its last finished epoch: the model and optimizer of checkpoint `saved`
+    (train/resume.py latest_checkpoint); returns its (history, best). Raises InputError naming each setting of
+    RESUME_MUST_MATCH that differs from `record`'s."""
+    changed = differences(saved, record, RESUME_MUST_MATCH)
+    if changed:
+        raise InputError(
+            f"--out {out} holds an unfinished run with other settings: {'; '.join(changed)}; use another --out, "
+            "or --force to start it over"
+        )
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    print(f"resuming {out} after epoch {len(saved['history'])}")
+    return saved["history"], saved["best"]
+
+
+def step(forward: nn.Module, task: Task, optimizer, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One supervised step: `forward(inputs)` (B x C x S x S images, or B x F features for a linear probe) under
+    bf16 autocast on CUDA, the task's loss on `targets` (class indices, or the multilabel policy's targets),
+    backward, the update. Returns the loss, a detached 0-dim float32 device tensor, unread (a read waits for the
+    device)."""
+    device = inputs.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = forward(inputs)
+    loss = task.loss(logits, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def epoch_loss(losses: list[torch.Tensor], epoch: int) -> float:
+    """The mean of an epoch's step losses (0-dim tensors; read here, once per epoch), rounded to 6 places; 0.0 for
+    an epoch without a step. Raises FloatingPointError, naming the epoch (0-based `epoch`, said 1-based), for a
+    non-finite loss: checked before the epoch is scored or saved."""
+    step_losses = torch.stack(losses).float().cpu() if losses else torch.zeros(1)
+    if not torch.isfinite(step_losses).all():
+        bad = step_losses[~torch.isfinite(step_losses)][0].item()
+        raise FloatingPointError(f"epoch {epoch + 1}: the loss is {bad}; try a lower --lr")
+    return round(step_losses.mean().item(), 6)
+
+
+def _run(args: FinetuneConfig, loaders: contextlib.ExitStack, command: str) -> dict:
+    # ---- setup: what --out holds (a finished run is kept), the data, the model ----------------------------------
+    device, out = torch.device(args.device), Path(args.out)
+    data = open_dataset(args.data, CacheSettings.from_args(args))
+    record = {"config": args.to_dict(), "data_sha256": data.digest}
+    if (out / "results.json").is_file() and not args.force:
+        results = finished(out, record)
+        print(f"--out {out} already holds this finished run: {out / 'results.json'} (--force runs it again)")
+        return results
+    task = Task(data, args.labels, args.uncertain)
+    torch.manual_seed(args.seed)
+    model, frozen, init, optimizer = _build(args, data, task, device)
+    split_rows = data.indices("train")
+    rows = label_fraction(split_rows, data.labels(split_rows), args.fraction, args.seed)
+    feed = _feed(args, model, task, rows, loaders)
+
+    # ---- resume: after the last finished epoch, or --force's fresh start (train/resume.py) --------------------
     out.mkdir(parents=True, exist_ok=True)
-    if args.force:  # results.json first: without it, what is left is no longer a finished run
-        for name in OUTPUTS:
-            (out / name).unlink(missing_ok=True)
-        for old in out.glob(f"{checkpoint.PREFIX}*"):
-            shutil.rmtree(old)
-    config = record["config"]
-    history, best = [], None
-    notes = [loader.cache_note for loader in loaders_read_each_epoch if loader.cache_note]
-    saved = checkpoint.latest(out)
-    if saved is not None:  # a run killed part-way: go on after its last finished epoch
-        state = checkpoint.load(saved)
-        changed = differences(state, record, RESUME_MUST_MATCH)
-        if changed:
-            raise InputError(
-                f"--out {out} holds an unfinished run with other settings: {'; '.join(changed)}; use another --out, "
-                "or --force to start it over"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, best = state["history"], state["best"]
-        print(f"resuming {out} after epoch {len(history)}")
+    if args.force:
+        _discard(out)
+    saved = latest_checkpoint(out, args.force)
+    history, best = _resume(saved, record, out, model, optimizer) if saved is not None else ([], None)
     log = runlog.RunLog(out / "train.log")  # appended after a separator on a resume, else a new one
-    resumed = f"{saved.name}: after epoch {len(history)}" if saved is not None else None
-    log.start(command, str(device), {**config, "data_sha256": data.digest}, resumed)
+    resumed = f"{saved['name']}: after epoch {len(history)}" if saved is not None else None
+    log.start(command, str(device), {**record["config"], "data_sha256": data.digest}, resumed)
+
+    # ---- the loop: an epoch of steps, val, the best epoch so far, a checkpoint -------------------------------
+    notes = feed.notes
     for epoch in range(len(history), args.epochs):
         model.train()
         transfer.keep_frozen_in_eval(frozen)
         start, losses = time.perf_counter(), []
-        for inputs, targets in train_batches(epoch):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = forward(inputs)
-            loss = task.loss(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())  # read once per epoch: a per-step read would make each step wait
-        step_losses = torch.stack(losses).float().cpu() if losses else torch.zeros(1)
-        if not torch.isfinite(step_losses).all():  # checked before the epoch is scored or saved
-            bad = step_losses[~torch.isfinite(step_losses)][0].item()
-            raise FloatingPointError(f"epoch {epoch + 1}: the loss is {bad}; try a lower --lr")
-        val = task.metrics(*val_outputs())
-        row = {"epoch": epoch + 1, "train_loss": round(step_losses.mean().item(), 6),
-               "val_score": task.score(val), "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+        for inputs, targets in feed.batches(epoch):
+            losses.append(step(feed.forward, task, optimizer, inputs, targets))  # read once, at the epoch's end
+        train_loss = epoch_loss(losses, epoch)  # a non-finite loss stops the run here, before anything is saved
+        val = task.metrics(*feed.val())
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_score": task.score(val),
+               "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
         history.append(row)
         if best is None or row["val_score"] > best["score"]:  # selection reads val only
             state = copy.deepcopy(model.state_dict())
@@ -293,32 +356,11 @@ def _run(args: FinetuneConfig, loaders: contextlib.ExitStack, command: str) -> d
         print(said)
         log.line(said)
 
+    # ---- the end: the best epoch's weights, the test split read once, the outputs -----------------------------
     model.load_state_dict(best["state"])
-    test_loader = loaders.enter_context(_loader(args, "test"))
-    test = task.metrics(*predict(model, test_loader, task, device))  # read once, after selection
-    results = {
-        "config": config,
-        "data_sha256": data.digest,  # what identifies the data: the sha256 of its manifest.json
-        "init": init,
-        "task": "multilabel" if task.multilabel else "multiclass",
-        "classes": task.names,
-        "train_samples": len(rows),
-        "train_split_samples": len(split_rows),
-        "history": history,
-        "best_epoch": best["epoch"],
-        "val": best["val"],
-        "test": test,
-    }
-    checkpoint.save_weights(out / "model.safetensors", model)
-    model_info = {**init, "classes": task.names, "size": args.size, "task": results["task"],
-                  "dataset": data.manifest.get("dataset"), "data_digest": data.digest,
-                  "preprocessing": preprocessing.record(data.manifest, args.size, init["in_chans"])}  # fmt: skip
-    write_json(out / "model.json", model_info)
-    if not task.multilabel:
-        draw_confusion(test["confusion"], out / "confusion.png", title=f"test, {init['init']}")
-    write_json(out / "results.json", results)  # its presence means the run finished
-    for done in out.glob(f"{checkpoint.PREFIX}*"):  # finished: the checkpoint has served (and is large)
-        shutil.rmtree(done, ignore_errors=True)
+    test = task.metrics(*predict(model, loaders.enter_context(_loader(args, "test")), task, device))
+    results = _results(record, data, init, task, len(rows), len(split_rows), history, best, test)
+    _write_outputs(out, model, results, init, data, args.size)
     summary = (
         f"accuracy {test['accuracy']:.4f}  macro_f1 {test['macro_f1']:.4f}"
         if not task.multilabel
@@ -328,6 +370,39 @@ def _run(args: FinetuneConfig, loaders: contextlib.ExitStack, command: str) -> d
     print(said)
     log.line(said)
     return results
+
+
+def _results(record, data, init, task, train_samples, split_samples, history, best, test) -> dict:
+    """results.json's content: the config, the data's sha256, --init's record, the task and classes, the train
+    counts, each epoch's row, the best val epoch and its metrics, and the test metrics."""
+    return {
+        "config": record["config"],
+        "data_sha256": data.digest,  # what identifies the data: the sha256 of its manifest.json
+        "init": init,
+        "task": "multilabel" if task.multilabel else "multiclass",
+        "classes": task.names,
+        "train_samples": train_samples,
+        "train_split_samples": split_samples,
+        "history": history,
+        "best_epoch": best["epoch"],
+        "val": best["val"],
+        "test": test,
+    }
+
+
+def _write_outputs(out: Path, model: nn.Module, results: dict, init: dict, data: PackedDataset, size: int) -> None:
+    """model.safetensors, model.json, confusion.png (multiclass), then results.json, whose presence means the run
+    finished; then the checkpoint, which has served, is removed."""
+    checkpoint.save_weights(out / "model.safetensors", model)
+    model_info = {**init, "classes": results["classes"], "size": size, "task": results["task"],
+                  "dataset": data.manifest.get("dataset"), "data_digest": data.digest,
+                  "preprocessing": preprocessing.record(data.manifest, size, init["in_chans"])}  # fmt: skip
+    write_json(out / "model.json", model_info)
+    if results["task"] == "multiclass":
+        draw_confusion(results["test"]["confusion"], out / "confusion.png", title=f"test, {init['init']}")
+    write_json(out / "results.json", results)  # its presence means the run finished
+    for done in out.glob(f"{checkpoint.PREFIX}*"):  # finished: the checkpoint has served (and is large)
+        shutil.rmtree(done, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

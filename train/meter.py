@@ -5,10 +5,10 @@ after the next step is queued, so the device never idles while Python reads. Eve
 `settle()` first, which reads the held step now and raises `NonFiniteLoss` on a non-finite loss, so a checkpoint
 never holds the weights that follow a bad loss.
 
-Throughput: `batches(loader)` counts the time spent waiting for data, and `window()` returns images/s and that
-wait as a fraction of the window, then starts the next window. The first step of a meter (compilation, cuDNN
-autotuning and allocator growth all happen there) is settled at once and left out: the first window is marked
-`"warmup": true` and its images/s covers only the steps after that first one.
+Throughput: `batches(loader, bar)` counts the time spent waiting for data (and owns the pass's progress bar), and
+`window()` returns images/s and that wait as a fraction of the window, then starts the next window. The first step of
+a meter (compilation, cuDNN autotuning and allocator growth all happen there) is settled at once and left out: the
+first window is marked `"warmup": true` and its images/s covers only the steps after that first one.
 """
 
 from __future__ import annotations
@@ -38,11 +38,18 @@ class StepMeter:
         self._start = time.perf_counter()
         self._images = 0
         self._waited = 0.0
+        self._bar = None  # the progress bar of the pass `batches` runs now
 
     # --- data wait ---------------------------------------------------------------------------------------------
-    def batches(self, loader: Iterable) -> Iterator:
+    def batches(self, loader: Iterable, bar=None) -> Iterator:
         """Yields `loader`'s batches, adding the time spent waiting for each to the window's data wait. Closing this
-        generator (a loop left early) closes the loader's epoch iterator too, which stops its threads."""
+        generator (a loop left early) closes the loader's epoch iterator too, which stops its threads.
+
+        `bar`: this pass's progress bar (tqdm's interface: update, set_postfix, close; train/runlog.py `progress`),
+        or None. Each `push()` while the pass runs advances it by one step, and it is closed when the pass ends,
+        is left early or fails (the generator is closed as the loop is left, so an error line comes after the
+        bar's last line)."""
+        self._bar = bar
         it = iter(loader)
         try:
             while True:
@@ -54,21 +61,29 @@ class StepMeter:
                 self._waited += time.perf_counter() - start
                 yield batch
         finally:
-            if hasattr(it, "close"):
-                it.close()
+            self._bar = None
+            try:
+                if hasattr(it, "close"):
+                    it.close()
+            finally:
+                if bar is not None:
+                    bar.close()
 
     # --- figures -----------------------------------------------------------------------------------------------
     def push(self, figures: dict[str, torch.Tensor], images: int, step: int = 0, epoch: int = 0) -> None:
-        """Holds this step's figures and reads the previous step's. `images` is what the step trained on (all
-        processes); `step` and `epoch` name it in a NonFiniteLoss."""
+        """Holds this step's figures and reads the previous step's, then advances the pass's progress bar, if any
+        (`batches(loader, bar)`). `images` is what the step trained on (all processes); `step` and `epoch` name it
+        in a NonFiniteLoss, which the read raises (the bar then stays where it was)."""
         self.settle()
         self._pending = (step, epoch, figures)
         if not self._warmed:  # the first step: read it now, and start the clock once it has finished
             self.settle()
             self._warmed = True
             self._start, self._images, self._waited = time.perf_counter(), 0, 0.0
-            return
-        self._images += images
+        else:
+            self._images += images
+        if self._bar is not None:
+            self._bar.update()
 
     def settle(self) -> None:
         """Reads the held step's figures (one device sync), checks the loss, adds them to the epoch's sums."""

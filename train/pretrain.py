@@ -11,10 +11,12 @@ that change what is learned are the checkpoint's; a larger --epochs extends a fi
 in one line before --out changes, unless --allow-change names it; --force starts over (docs/pretrain.md).
 `--batch-size` is the global batch, split evenly over the processes.
 
-Where things are: the step is train/step.py (`train_step`; each method's forward and loss, train/objectives.py;
-the model with its momentum encoder, queue or predictor, train/model.py `PretrainModel`); the run's state
-and what a checkpoint holds, train/state.py (`RunState`); reading the figures one step late, train/meter.py. Below,
-`train()` reads top to bottom: setup, resume, then the loop (step, metrics, checkpoint).
+Where things are: the step is train/step.py (`train_step`, with gradient accumulation and the lr schedule;
+each method's forward and loss, train/objectives.py; the model with its momentum encoder, queue or
+predictor, train/model.py `PretrainModel`); the run's state and what a checkpoint holds, train/state.py
+(`RunState`); reading the figures one step late, and the epoch's progress bar, train/meter.py; what a re-run shares
+with finetune's, train/resume.py. Below, `_train()` reads top to bottom: setup, resume, then the loop (step,
+metrics, checkpoint), each part a call to a helper defined above it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import shutil
 import signal
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,7 @@ from twinray.atomic import atomic, naming, write_json
 from twinray.cli import InputError, run_cli, say_error
 from twinray.lock import exclusive
 from twinray.pipelines import LoaderSettings, build_loader
-from twinray.pipelines.augment import EVAL_RECIPE, load_recipe
+from twinray.pipelines.augment import EVAL_RECIPE, Recipe, load_recipe
 from twinray.prep.format import PackedDataset
 from twinray.prep.open_dataset import open_dataset
 from twinray.prep.shard_cache import CacheSettings
@@ -54,6 +56,7 @@ from twinray.train.online_eval import (
     knn_scores,
     label_source,
 )
+from twinray.train.resume import latest_checkpoint
 from twinray.train.state import (
     Position,
     RunState,
@@ -307,15 +310,14 @@ def plan(cfg: PretrainConfig, now: dict, allow, force: bool) -> tuple[dict | Non
     ConfigError, one line, for a checkpoint with other settings (train/state.py resume_changes), or for a backbone
     with no checkpoint to resume (a finished run is not replaced without --force)."""
     out = Path(cfg.out)
-    latest = None if force else checkpoint.latest(out)
-    if latest is None:
+    saved = latest_checkpoint(out, force)  # as finetune reads its own (train/resume.py)
+    if saved is None:
         if not force and (out / "backbone.safetensors").exists():
             raise ConfigError(
                 f"{out} holds a finished backbone but no checkpoint to resume from: --force to discard it and start "
                 "over, or use another --out"
             )
         return None, [now], {}
-    saved = checkpoint.load(latest)
     pos = Position(**saved["position"])
     parts = saved_parts(saved)
     changes = resume_changes(out, parts[-1], now, pos, allow)
@@ -323,7 +325,7 @@ def plan(cfg: PretrainConfig, now: dict, allow, force: bool) -> tuple[dict | Non
         now["steps"] = [parts.pop()["steps"][0], pos.step]
     else:
         now["steps"] = [pos.step, pos.step]
-    return {**saved, "name": latest.name}, [*parts, now], changes
+    return saved, [*parts, now], changes
 
 
 def resume(run: RunState, cfg: PretrainConfig, saved: dict, changes: dict, accelerator, steps_per_epoch: int) -> None:
@@ -377,17 +379,32 @@ def train(cfg: PretrainConfig, allow_change=(), force: bool = False, command: st
         return _train(cfg, accelerator, precision, allow_change, force, command)
 
 
-def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force: bool, command: str) -> dict:
-    # ---- setup: processes, data ---------------------------------------------------------------------------------
-    out = Path(cfg.out)
+@dataclass
+class Inputs:
+    """What setup read and checked before --out is looked at: the node count, the data's digest (by content), the
+    labels of the kNN and the probe (None: unlabeled data and no --eval-data), --eval-data's digest, --init's
+    backbone tensors and record (`init`, `sha256`; both None for random weights), the recipe as it runs, and this
+    launch's part of the run (train/state.py `part`, with `recipe_effective`)."""
+
+    nodes: int
+    digest: str
+    labels: LabelSource | None
+    eval_digest: str | None
+    start: dict | None
+    started: dict | None
+    recipe: Recipe
+    part: dict
+
+
+def _inputs(cfg: PretrainConfig, accelerator, precision: str) -> Inputs:
+    """Seeds the run and reads its inputs, on every process. Raises ConfigError (a batch too small for the
+    processes) or InputError/ValueError (unreadable data, --eval-data or --init), before anything is written."""
     world = accelerator.num_processes
     check_batch_size(cfg.batch_size, world)  # at least 2 images per process and step, before anything is written
     nodes = count_nodes()  # a collective: every rank
     set_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    device = accelerator.device
-    cuda = device.type == "cuda"
     cache = CacheSettings.from_args(cfg)  # for a --data URL
     training_data = open_dataset(cfg.data, cache)
     digest = training_data.digest  # the data, by content
@@ -399,32 +416,39 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
     if cfg.init not in (None, "random"):
         start, started = transfer.backbone_weights(cfg.init, cfg.backbone, cfg.channels)
     init_digest = started["sha256"] if started else None
-
     # the augmentation as it runs at this size (Recipe.at_size), read once: the loader and every part's record use it
     recipe = load_recipe(cfg.recipe)
     now = part(0, cfg.data, world, nodes, settings(cfg, digest, precision, eval_digest, init_digest))
     now["recipe_effective"] = recipe.at_size(cfg.size).effective()
+    return Inputs(nodes, digest, labels, eval_digest, start, started, recipe, now)
 
-    # ---- what --out holds: resume only the same data and settings; nothing there has changed yet --------------
-    saved, parts, changes = plan(cfg, now, allow_change, force)
-    if saved is not None:
-        pos = Position(**saved["position"])
-        if pos.epoch >= cfg.epochs and (out / "backbone.safetensors").is_file():
-            accelerator.print(
-                f"{out} is already done: {pos.epoch} epochs, {pos.step} steps; nothing changed "
-                "(a larger --epochs continues it, --force starts over)"
-            )
-            return {"done": True, "step": pos.step}
-        if cfg.max_steps and pos.step >= cfg.max_steps:
-            accelerator.print(f"{out} stopped at step {pos.step} (--max-steps {cfg.max_steps}); nothing changed")
-            return {"stopped": "max_steps", "step": pos.step}
 
+def _nothing_to_do(cfg: PretrainConfig, saved: dict) -> tuple[str, dict] | None:
+    """A checkpoint that needs no more training, as (the line that says so, train()'s return): the run finished
+    (--epochs reached, the backbone written) or stopped at --max-steps. None: training goes on."""
+    out, pos = Path(cfg.out), Position(**saved["position"])
+    if pos.epoch >= cfg.epochs and (out / "backbone.safetensors").is_file():
+        said = (
+            f"{out} is already done: {pos.epoch} epochs, {pos.step} steps; nothing changed "
+            "(a larger --epochs continues it, --force starts over)"
+        )
+        return said, {"done": True, "step": pos.step}
+    if cfg.max_steps and pos.step >= cfg.max_steps:
+        said = f"{out} stopped at step {pos.step} (--max-steps {cfg.max_steps}); nothing changed"
+        return said, {"stopped": "max_steps", "step": pos.step}
+    return None
+
+
+def _train_loader(cfg: PretrainConfig, accelerator, recipe: Recipe):
+    """The two-view loader over this process' shard of --data's train split. Raises ConfigError when an epoch
+    would have no step (--batch-size larger than the split)."""
+    world = accelerator.num_processes
     loader = build_loader(
         cfg.data,
         LoaderSettings(
             split="train",
             batch_size=cfg.batch_size // world,
-            device=device,
+            device=accelerator.device,
             recipe=recipe,
             size=cfg.size,
             views=2,
@@ -433,78 +457,103 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
             world_size=world,
             drop_last=True,
             workers=cfg.workers,
-            shard_cache=cache,
+            shard_cache=CacheSettings.from_args(cfg),  # for a --data URL
         ),
         backend=cfg.backend,
         cache=cfg.cache,
     )
-    data = loader.data
-    classes = len(labels.classes) if labels is not None else 0  # 0: no probe
-    multilabel = labels is not None and labels.multilabel
-    bank = knn_bank_rows(data, cfg.knn_bank, cfg.seed)  # the health figures' (and the kNN's, on --data's labels)
-    knn_bank = knn_bank_rows(labels.data, cfg.knn_bank, cfg.seed) if labels is not None and labels.external else None
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
+    if len(loader) == 0:
         raise ConfigError(
             f"--batch-size {cfg.batch_size} is larger than the train split ({len(loader.rows)} images): "
             "an epoch would have no step"
         )
+    return loader
+
+
+def _banks(cfg: PretrainConfig, data: PackedDataset, labels: LabelSource | None) -> tuple:
+    """The rows `evaluate` reads: the health figures' bank in --data's train split (also kNN's on --data's
+    labels), and --eval-data's kNN bank in its train split (None without --eval-data); int64 row arrays."""
+    bank = knn_bank_rows(data, cfg.knn_bank, cfg.seed)
+    knn_bank = knn_bank_rows(labels.data, cfg.knn_bank, cfg.seed) if labels is not None and labels.external else None
+    return bank, knn_bank
+
+
+def _new_run(cfg: PretrainConfig, accelerator, inputs: Inputs, steps_per_epoch: int, fresh: bool) -> RunState:
+    """A fresh `RunState` (train/state.py build_run) with the probe for the labels' classes, fp16's loss scale
+    from Accelerate, and --init's backbone; says which --init it starts from on a `fresh` run."""
+    labels = inputs.labels
+    classes = len(labels.classes) if labels is not None else 0  # 0: no probe
+    multilabel = labels is not None and labels.multilabel
     # SyncBatchNorm runs on GPUs only; CPU processes keep per-process BN statistics.
-    run = build_run(cfg, device, steps_per_epoch, classes, multilabel, world > 1 and cuda, backbone=start)
+    sync_bn = accelerator.num_processes > 1 and accelerator.device.type == "cuda"
+    run = build_run(cfg, accelerator.device, steps_per_epoch, classes, multilabel, sync_bn, backbone=inputs.start)
     run.scaler = accelerator.scaler  # fp16's loss scale, None otherwise
-    if started is not None and saved is None:
-        accelerator.print(f"backbone from --init {started['init']} (weights sha256 {started['sha256'][:12]})")
-
-    # ---- resume: everything, including where in the epoch the data stopped; or --force's fresh start ----------
-    if force and accelerator.is_main_process and out.is_dir():
-        gone = discard(out)
-        if gone:
-            accelerator.print(f"--force: discarded {', '.join(gone)} from {out}; starting over")
-    if saved is not None:
-        resume(run, cfg, saved, changes, accelerator, steps_per_epoch)
-    pos = run.position
-
-    model = compile_model(run.model, cuda if cfg.compile is None else cfg.compile, cfg.compile_mode)
-    model, optimizer = accelerator.prepare(model, run.optimizer)
-    side = None  # --eval-data: the probe trains on its train split, a side stream with its own small loader
-    if labels is not None and labels.external:
-        per_process = max(MIN_PROBE_BATCH, min(cfg.probe_batch // world, len(labels.data.indices("train")) // world))
-        probe_loader = build_loader(
-            labels.location,
-            LoaderSettings(
-                split="train",
-                batch_size=per_process,
-                device=device,
-                recipe=EVAL_RECIPE,
-                size=cfg.size,
-                views=1,
-                seed=cfg.seed,
-                rank=accelerator.process_index,
-                world_size=world,
-                drop_last=True,
-                workers=1,
-                shard_cache=cache,
-            ),
-            backend="native",
-            cache=cfg.cache,
+    if inputs.started is not None and fresh:
+        accelerator.print(
+            f"backbone from --init {inputs.started['init']} (weights sha256 {inputs.started['sha256'][:12]})"
         )
-        side = ProbeStream(probe_loader, run.probe, run.model, accelerator.autocast)
-        side.start(pos.step)
+    return run
+
+
+def _prepared(cfg: PretrainConfig, accelerator, run: RunState, labels: LabelSource | None):
+    """The model compiled (--compile, --compile-mode) and prepared by Accelerate with its optimizer, and
+    --eval-data's probe stream (None without it): (model, optimizer, side)."""
+    compiled = accelerator.device.type == "cuda" if cfg.compile is None else cfg.compile  # by default on CUDA
+    model = compile_model(run.model, compiled, cfg.compile_mode)
+    model, optimizer = accelerator.prepare(model, run.optimizer)
+    return model, optimizer, _probe_stream(cfg, labels, run, accelerator)
+
+
+def _probe_stream(cfg: PretrainConfig, labels: LabelSource | None, run: RunState, accelerator) -> ProbeStream | None:
+    """--eval-data: the probe trains on its train split, a side stream with its own small loader, positioned at
+    the run's step. None without --eval-data (the probe, if any, learns from --data's labels in the step)."""
+    if labels is None or not labels.external:
+        return None
+    world = accelerator.num_processes
+    per_process = max(MIN_PROBE_BATCH, min(cfg.probe_batch // world, len(labels.data.indices("train")) // world))
+    probe_loader = build_loader(
+        labels.location,
+        LoaderSettings(
+            split="train",
+            batch_size=per_process,
+            device=accelerator.device,
+            recipe=EVAL_RECIPE,
+            size=cfg.size,
+            views=1,
+            seed=cfg.seed,
+            rank=accelerator.process_index,
+            world_size=world,
+            drop_last=True,
+            workers=1,
+            shard_cache=CacheSettings.from_args(cfg),
+        ),
+        backend="native",
+        cache=cfg.cache,
+    )
+    side = ProbeStream(probe_loader, run.probe, run.model, accelerator.autocast)
+    side.start(run.position.step)
+    return side
+
+
+def _open_outputs(cfg, accelerator, inputs: Inputs, precision: str, parts: list[dict], resumed_at: int | None) -> dict:
+    """Readies --out on the main process: metrics.jsonl emptied (a fresh run) or cut at `resumed_at`, the
+    checkpoint's step; config.json; the trackers. Returns the resolved settings the trackers and train.log record."""
+    out = Path(cfg.out)
     resolved = {
         **cfg.to_dict(),
         "mixed_precision": precision,
-        "world_size": world,
-        "nodes": nodes,
-        "data_digest": digest,
-        "eval_data_digest": eval_digest,
+        "world_size": accelerator.num_processes,
+        "nodes": inputs.nodes,
+        "data_digest": inputs.digest,
+        "eval_data_digest": inputs.eval_digest,
     }
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         metrics = out / "metrics.jsonl"
-        if saved is None:
+        if resumed_at is None:
             metrics.unlink(missing_ok=True)  # the lines of a run killed before its first checkpoint: none holds them
         else:
-            trim_metrics(metrics, pos.step)
+            trim_metrics(metrics, resumed_at)
         write_config(cfg, parts)
         if accelerator.log_with:
             accelerator.init_trackers(
@@ -512,114 +561,152 @@ def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force
                 config=resolved,
                 init_kwargs={"wandb": {"dir": str(out)}, "mlflow": {"logging_dir": str(out / "mlruns")}},
             )
-    log_file = runlog.RunLog(out / "train.log" if accelerator.is_main_process else None)
-    where = f"{saved['name']}: epoch {pos.epoch}, step {pos.in_epoch} of {steps_per_epoch}" if saved else None
-    log_file.start(command, _device_line(device, world, nodes, precision), resolved, where)
+    return resolved
+
+
+def _start_log(cfg, accelerator, inputs: Inputs, precision: str, resolved: dict, where: str | None, changes: dict,
+               command: str) -> runlog.RunLog:  # fmt: skip
+    """train.log (train/runlog.py RunLog; the main process' only): the command, the device, the resolved settings,
+    `where` a resumed run goes on from (None: a fresh run), and each setting changed since the checkpoint."""
+    log_file = runlog.RunLog(Path(cfg.out) / "train.log" if accelerator.is_main_process else None)
+    device = _device_line(accelerator.device, accelerator.num_processes, inputs.nodes, precision)
+    log_file.start(command, device, resolved, where)
     for name, (old, new) in changes.items():
         log_file.line(f"changed since the checkpoint: {name} {old!r} -> {new!r}")
-    stop = _stop_on_signals()
-    vote = StopVote()  # every rank stops after the same step (train/distributed.py)
-    meter = StepMeter()
-    summary: dict = {}
+    return log_file
+
+
+def step_row(meter: StepMeter, pos: Position, scheduler, cuda: bool) -> dict:
+    """metrics.jsonl's line for a logged step: its step and epoch, the last step's figures (floats: loss, the
+    method's terms, the probe's), the lr, the window's throughput (`StepMeter.window`, which starts the next
+    window) and the peak memory in MiB. Settles the meter first: a NonFiniteLoss raised there stops the run before
+    anything is logged or saved."""
+    meter.settle()
+    return {
+        "step": pos.step,
+        "epoch": pos.epoch,
+        **meter.last,
+        "lr": scheduler.get_last_lr()[0],
+        **meter.window(),
+        "peak_memory_mb": _peak_memory_mb(cuda),
+    }
+
+
+def epoch_line(row: dict, cfg: PretrainConfig, epoch: int) -> str:
+    """The epoch's line on stdout and in train.log: its mean loss and the probe, kNN and health figures of `row`."""
+    score = " ".join(
+        f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("probe_acc", "knn", "rankme", "emb_std", "corr_"))
+    )
+    return f"epoch {epoch}/{cfg.epochs}  mean loss {row.get('loss', float('nan')):.2f}  {score}"
+
+
+def _notes(loader, labels: LabelSource | None, log_file: runlog.RunLog) -> list[tuple[str, runlog.RunLog | None]]:
+    """The lines said once, with a launch's first epoch line, as (text, the RunLog that also gets it, or None):
+    where the loader's cache went (stdout only), and where the labels come from (unlabeled data or --eval-data)."""
+    labels_note = NO_LABELS if labels is None else labels.describe() if labels.external else None
+    return [(note, to) for note, to in ((loader.cache_note, None), (labels_note, log_file)) if note]
+
+
+def _say(text: str, accelerator, log_file: runlog.RunLog | None) -> None:
+    """A line on the main process' stdout, and in train.log unless `log_file` is None."""
+    accelerator.print(text)
+    if log_file is not None:
+        log_file.line(text)
+
+
+def _train(cfg: PretrainConfig, accelerator, precision: str, allow_change, force: bool, command: str) -> dict:
+    # ---- setup: processes, data ---------------------------------------------------------------------------------
+    out, world, cuda = Path(cfg.out), accelerator.num_processes, accelerator.device.type == "cuda"
+    inputs = _inputs(cfg, accelerator, precision)  # the data, its labels, --init, the recipe; this launch's part
+    labels = inputs.labels
+
+    # ---- what --out holds: resume only the same data and settings; nothing there has changed yet --------------
+    saved, parts, changes = plan(cfg, inputs.part, allow_change, force)
+    ended = _nothing_to_do(cfg, saved) if saved is not None else None
+    if ended:
+        accelerator.print(ended[0])
+        return ended[1]
+    loader = _train_loader(cfg, accelerator, inputs.recipe)
+    steps_per_epoch = len(loader)
+    bank, knn_bank = _banks(cfg, loader.data, labels)
+    run = _new_run(cfg, accelerator, inputs, steps_per_epoch, fresh=saved is None)
+
+    # ---- resume: everything, including where in the epoch the data stopped; or --force's fresh start ----------
+    if force and accelerator.is_main_process and out.is_dir() and (gone := discard(out)):
+        accelerator.print(f"--force: discarded {', '.join(gone)} from {out}; starting over")
+    if saved is not None:
+        resume(run, cfg, saved, changes, accelerator, steps_per_epoch)
+    pos = run.position
+    model, optimizer, side = _prepared(cfg, accelerator, run, labels)  # compiled, prepared; --eval-data's stream
+    probe = run.probe if side is None else None  # on --data's labels, if any; else the side stream's
+    each_step = dict(accelerator=accelerator, scheduler=run.scheduler, probe=probe, side=side)  # the same every step
+    resolved = _open_outputs(cfg, accelerator, inputs, precision, parts, pos.step if saved else None)
+    where = f"{saved['name']}: epoch {pos.epoch}, step {pos.in_epoch} of {steps_per_epoch}" if saved else None
+    log_file = _start_log(cfg, accelerator, inputs, precision, resolved, where, changes, command)
+    stop, vote, meter, summary = _stop_on_signals(), StopVote(), StepMeter(), {}  # vote: all ranks stop together
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     model.train()
     stopped = None  # why the run stops early: a signal's name or "max_steps"
-    cache_note = loader.cache_note
-    labels_note = NO_LABELS if labels is None else labels.describe() if labels.external else None
+    notes = _notes(loader, labels, log_file)  # said once, with this launch's first epoch line
     while pos.epoch < cfg.epochs and not stopped:
         loader.set_epoch(pos.epoch, start_step=pos.in_epoch)
         meter.new_epoch()
-        bar = runlog.progress(  # tqdm on a terminal, whole lines in a log file
-            total=steps_per_epoch,
-            initial=pos.in_epoch,
-            desc=f"epoch {pos.epoch + 1}/{cfg.epochs}",
-            disable=not accelerator.is_main_process,
-            leave=False,
-        )
-        with bar:  # closed on errors too, so the error line comes last
-            for batch in meter.batches(loader):
-                # -- the step: the method's loss, backward, update, then the online probe
-                with accelerator.accumulate(model):
-                    figures = train_step(
-                        model,
-                        run.method,
-                        batch.views,
-                        optimizer,
-                        backward=accelerator.backward,
-                        probe=run.probe if side is None else None,  # on --data's labels, if any
-                        labels=batch.labels,
-                    )
-                    if side is not None:  # --eval-data's probe, on its side stream's next batch
-                        figures.update(side.step())
-                    if accelerator.sync_gradients:
-                        run.scheduler.step()
-                # -- the loss: this step's figures are held and the previous step's read, while the device works
-                meter.push(figures, images=batch.views[0].shape[0] * world, step=pos.step, epoch=pos.epoch)
-                pos.step += 1
-                pos.in_epoch += 1
-                bar.update()
-                # -- metrics.jsonl every log_every steps and at the epoch's end
-                if pos.step % cfg.log_every == 0 or pos.in_epoch == steps_per_epoch:
-                    meter.settle()  # a non-finite loss stops the run here, before anything is saved
-                    row = {
-                        "step": pos.step,
-                        "epoch": pos.epoch,
-                        **meter.last,
-                        "lr": run.scheduler.get_last_lr()[0],
-                        **meter.window(),
-                        "peak_memory_mb": _peak_memory_mb(cuda),
-                    }
-                    log(row, accelerator, out / "metrics.jsonl")
-                    bar.set_postfix(loss=f"{row['loss']:.2f}", img_s=f"{row.get('images_per_s', 0):.0f}")
-                # -- an early stop: SIGTERM/SIGINT, or --max-steps
-                at_max = "max_steps" if cfg.max_steps and pos.step >= cfg.max_steps else None
-                stopped = vote(stop.get("stop")) or at_max
-                if stopped:
-                    break
-            meter.settle()
+        desc = f"epoch {pos.epoch + 1}/{cfg.epochs}"  # tqdm on a terminal, whole lines in a log file
+        bar = runlog.progress(steps_per_epoch, pos.in_epoch, desc, disable=not accelerator.is_main_process)
+        for batch in meter.batches(loader, bar):  # push() moves the bar; it closes with the epoch, on errors too
+            # -- the step: the method's loss, backward, update (accumulated), the lr schedule, the online probe
+            figures = train_step(model, run.method, batch.views, optimizer, labels=batch.labels, **each_step)
+            # -- the loss: this step's figures are held and the previous step's read, while the device works
+            meter.push(figures, images=batch.views[0].shape[0] * world, step=pos.step, epoch=pos.epoch)
+            pos.step, pos.in_epoch = pos.step + 1, pos.in_epoch + 1
+            # -- metrics.jsonl every log_every steps and at the epoch's end
+            if pos.step % cfg.log_every == 0 or pos.in_epoch == steps_per_epoch:
+                row = step_row(meter, pos, run.scheduler, cuda)  # a non-finite loss stops the run here
+                log(row, accelerator, out / "metrics.jsonl")
+                bar.set_postfix(loss=f"{row['loss']:.2f}", img_s=f"{row.get('images_per_s', 0):.0f}")
+            # -- an early stop: SIGTERM/SIGINT, or --max-steps
+            at_max = "max_steps" if cfg.max_steps and pos.step >= cfg.max_steps else None
+            stopped = vote(stop.get("stop")) or at_max
+            if stopped:
+                break
+        meter.settle()
         if stopped:
             break
 
         # ---- the epoch's end: means, kNN, checkpoint, then the epoch line ---------------------------------------
         pos.epoch, pos.in_epoch = pos.epoch + 1, 0
-        row = {"step": pos.step, "epoch": pos.epoch - 1, "epoch_end": True, **meter.epoch_means()}
+        summary = {"step": pos.step, "epoch": pos.epoch - 1, "epoch_end": True, **meter.epoch_means()}
         if pos.epoch % cfg.eval_every == 0 or pos.epoch == cfg.epochs:
-            row.update(evaluate(model, cfg, accelerator, bank, labels, knn_bank))
-        log(row, accelerator, out / "metrics.jsonl")
-        summary = row
+            summary.update(evaluate(model, cfg, accelerator, bank, labels, knn_bank))
+        log(summary, accelerator, out / "metrics.jsonl")
         save(run, cfg, accelerator, parts)  # before the epoch line: a reader that has left (`| head`) costs no work
-        if cache_note:  # where the cache went, and where the labels come from: with the run's first epoch line
-            accelerator.print(cache_note)
-            cache_note = None
-        if labels_note:
-            accelerator.print(labels_note)
-            log_file.line(labels_note)
-            labels_note = None
-        score = " ".join(
-            f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("probe_acc", "knn", "rankme", "emb_std", "corr_"))
-        )
-        said = f"epoch {pos.epoch}/{cfg.epochs}  mean loss {row.get('loss', float('nan')):.2f}  {score}"
-        accelerator.print(said)
-        log_file.line(said)
+        for note, logged_in in notes:  # where the cache went, where the labels come from
+            _say(note, accelerator, logged_in)
+        notes = []
+        _say(epoch_line(summary, cfg, pos.epoch), accelerator, log_file)
 
     # ---- the run's end: a checkpoint to continue from, or the backbone ----------------------------------------
-    loader.close()  # its decode pool and any epoch left open end now (pipelines/loader.py)
-    if side is not None:
-        side.close()
-    vote.close()
+    for held in (loader, side, vote):  # the loader's decode pool and open epoch, the side stream, the vote end now
+        if held is not None:
+            held.close()
+    return _finish(run, cfg, accelerator, parts, stopped, log_file, loader.data.manifest) or summary
+
+
+def _finish(run, cfg, accelerator, parts, stopped: str | None, log_file, manifest: dict) -> dict | None:
+    """The run's end: a checkpoint to continue from and {"stopped", "step"} after an early stop; otherwise the
+    backbone (`export_backbone`) and None. Then curves.png and the trackers' end."""
+    out, pos = Path(cfg.out), run.position
+    summary = None
     if stopped:
         save(run, cfg, accelerator, parts)
         again = "re-run with a larger --max-steps, or without it," if stopped == "max_steps" else "re-run"
-        said = f"stopped ({stopped}) at step {pos.step}; checkpoint saved, {again} to continue"
-        accelerator.print(said)
-        log_file.line(said)
+        _say(f"stopped ({stopped}) at step {pos.step}; checkpoint saved, {again} to continue", accelerator, log_file)
         summary = {"stopped": stopped, "step": pos.step}
     elif accelerator.is_main_process:
-        export_backbone(run.model, cfg, out, parts, data.manifest)
+        export_backbone(run.model, cfg, out, parts, manifest)
         said = f"done: {pos.epoch} epochs, {pos.step} steps; backbone written to {out / 'backbone.safetensors'}"
-        accelerator.print(said)
-        log_file.line(said)
+        _say(said, accelerator, log_file)
     if accelerator.is_main_process:
         runlog.draw_curves(out / "metrics.jsonl", out / "curves.png")  # with or without a tracker
     accelerator.end_training()

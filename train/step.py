@@ -1,9 +1,10 @@
 """The training step, written once: pretrain, lr_find and both training benchmarks run this very code.
 
-A step is: the method's loss on the batch's views, backward, the optimizer update, then (optionally) the online
-probe on the first view's detached features. The method supplies the forward and the loss (`Method`), so the loop
-never branches on a method's name. Barlow Twins (`BarlowTwinsMethod`) is here; the other methods are in
-train/objectives.py.
+A step is: the method's loss on the batch's views, backward, the optimizer update, then (optionally) the online probe
+on the first view's detached features (`train_step`); for pretrain, under Accelerate's gradient accumulation, with
+--eval-data's probe stream and the lr schedule once per update. The method supplies the forward and the
+loss (`Method`), so the loop never branches on a method's name. Barlow Twins (`BarlowTwinsMethod`) is here; the other
+methods are in train/objectives.py.
 
 Nothing here waits for the device: the figures come back as detached 0-dim device tensors, which the trainer reads
 one step later (train/meter.py).
@@ -11,6 +12,7 @@ one step later (train/meter.py).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -91,33 +93,50 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     probe=None,
     labels: torch.Tensor | None = None,
+    accelerator=None,
+    scheduler=None,
+    side=None,
 ) -> dict[str, torch.Tensor]:
     """One training step on one batch of views (each B x C x S x S on the model's device).
 
-    backward: how the loss is backpropagated; `loss.backward()` by default. pretrain passes Accelerate's
-        `accelerator.backward`, which scales fp16 losses and divides by the gradient-accumulation steps (its
-        prepared optimizer then skips the update on accumulation steps).
+    backward: how the loss is backpropagated; `loss.backward()` by default.
     scaler: a GradScaler for fp16 without Accelerate (bench/resources.py); None otherwise.
     probe, labels: the online linear probe (train/online_eval.py) and the batch's labels; the probe learns from
         the first view's detached features after the update.
+    accelerator: pretrain's Accelerator, built with `gradient_accumulation_steps`: the step runs inside
+        `accelerator.accumulate(model)` and backpropagates with `accelerator.backward` (in place of `backward`),
+        which scales fp16 losses and divides by the accumulation steps; DDP syncs gradients only on the last of
+        them, and the prepared optimizer skips the update on the others. None: every step is an update.
+    scheduler: the lr schedule (train/optim.py), stepped after each optimizer update: with an accelerator only
+        where `accelerator.sync_gradients` (not on accumulation steps). None: the caller steps it.
+    side: --eval-data's probe stream (train/online_eval.py ProbeStream: `step() -> figures`), one update on its
+        own next batch after the step's, inside the same `accumulate` block; None without --eval-data.
 
     Returns the step's figures, detached 0-dim device tensors, unread: "loss", the method's terms, and
-    "probe_loss"/"probe_acc" with a probe. Reading them is a device sync, which the caller does one step later.
+    "probe_loss"/"probe_acc" with a probe or a side stream. Reading them is a device sync, which the caller does
+    one step later.
     """
-    new_iteration()
-    out = method(model, views)
-    if scaler is not None:
-        scaler.scale(out.loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        (backward or torch.Tensor.backward)(out.loss)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    method.after_update(model)
-    figures = {"loss": out.loss.detach(), **out.terms}
-    if probe is not None:
-        figures.update(probe.step(out.features, labels))
+    if accelerator is not None:
+        backward = accelerator.backward
+    with accelerator.accumulate(model) if accelerator is not None else contextlib.nullcontext():
+        new_iteration()
+        out = method(model, views)
+        if scaler is not None:
+            scaler.scale(out.loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            (backward or torch.Tensor.backward)(out.loss)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_update(model)
+        figures = {"loss": out.loss.detach(), **out.terms}
+        if probe is not None:
+            figures.update(probe.step(out.features, labels))
+        if side is not None:  # --eval-data's probe, on its side stream's next batch
+            figures.update(side.step())
+        if scheduler is not None and (accelerator is None or accelerator.sync_gradients):
+            scheduler.step()  # an update happened: the schedule moves on
     return figures
 
 
