@@ -61,9 +61,10 @@ def run_cell(cell: dict) -> dict:
     import torch
 
     from twinray.bench.report import Stopwatch
+    from twinray.train.methods.barlow import BarlowTwinsMethod
     from twinray.train.model import BarlowTwins
     from twinray.train.optim import build_optimizer
-    from twinray.train.step import Autocast, BarlowTwinsMethod, compile_model, train_step
+    from twinray.train.step import Autocast, compile_model, train_step
 
     device = torch.device(cell["device"])
     if device.type == "cuda" and device.index is None:  # set_per_process_memory_fraction wants an index

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from twinray.train.loss import barlow_twins_loss
+from twinray.train.losses.barlow import barlow_twins_loss
 
 N, D, D_IN = 16, 8, 6
 

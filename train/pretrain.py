@@ -11,7 +11,7 @@ that change what is learned are the checkpoint's; a larger --epochs extends a fi
 in one line before --out changes, unless --allow-change names it; --force starts over (docs/pretrain.md).
 `--batch-size` is the global batch, split evenly over the processes.
 
-Where things are: the step is train/step.py (`train_step`; each method's forward and loss, train/objectives.py;
+Where things are: the step is train/step.py (`train_step`; each method's forward and loss, train/methods/<name>.py;
 the model with its momentum encoder, queue or predictor, train/model.py `PretrainModel`); the run's state
 and what a checkpoint holds, train/state.py (`RunState`); reading the figures one step late, train/meter.py. Below,
 `train()` reads top to bottom: setup, resume, then the loop (step, metrics, checkpoint).
