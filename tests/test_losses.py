@@ -15,7 +15,7 @@ from twinray.train.losses.moco import info_nce_loss
 from twinray.train.losses.simclr import nt_xent_loss
 from twinray.train.losses.vicreg import vicreg_loss
 from twinray.train.methods import METHODS
-from twinray.train.methods.table import defaults_table, methods_table
+from twinray.train.methods.table import defaults_table, methods_table, sources_text
 
 N, D, K = 6, 5, 9
 
@@ -259,6 +259,7 @@ def test_rejects_bad_input(call, match):
 def test_docs_table_matches_the_defaults():
     assert defaults_table() in (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
     assert methods_table() in (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+    assert sources_text() in (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
     for key, method in METHODS.items():
         assert method.sources, key  # every method says where its values come from
     assert METHODS["moco"].lr(128) == pytest.approx(0.015)  # the official README's batch-128 value

@@ -1,9 +1,10 @@
-"""docs/methods.md's tables, written from the registry (train/methods/__init__.py METHODS): a test keeps the page
-equal to them, so the page cannot drift from the code."""
+"""docs/methods.md's tables and its "Sources" section, written from the registry (train/methods/__init__.py
+METHODS): a test keeps the page equal to them, so the page cannot drift from the code."""
 
 from __future__ import annotations
 
 import inspect
+import textwrap
 from pathlib import Path
 
 from twinray.train.methods import METHODS, SETTINGS, STUDY_BATCH
@@ -37,6 +38,20 @@ def defaults_table(batch: int = STUDY_BATCH) -> str:
     lines = ["| | " + " | ".join(f"`{k}` ({METHODS[k].name})" for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(fn(METHODS[k]) for k in keys) + " |" for label, fn in rows]
     return "\n".join(lines) + "\n"
+
+
+def sources_text() -> str:
+    """docs/methods.md's "Sources" section: each method's heading and paper, then a bullet per field of
+    MethodSpec.sources ('*': all fields), wrapped at 118 characters."""
+    out = []
+    for key, m in METHODS.items():
+        out.append(f"### `{key}`: {m.name} ({m.paper})\n")
+        for name, text in m.sources.items():
+            bullet = f"- **{'all fields' if name == '*' else name}**: {text}."
+            wrapped = textwrap.fill(bullet, 118, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)
+            out.append(wrapped)
+        out.append("")
+    return "\n".join(out)
 
 
 def _setting(m: MethodSpec, name: str) -> str:
