@@ -1,5 +1,5 @@
 """SimCLR, MoCo v2, BYOL and VICReg losses (train/losses/) against float64 references written from the papers; the
-defaults table of train/methods.py against docs/methods.md."""
+registry (train/methods/) against docs/methods.md."""
 
 from __future__ import annotations
 
