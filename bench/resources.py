@@ -63,9 +63,10 @@ def run_cell(cell: dict) -> dict:
     # its own, under its memory cap).
     import torch
 
+    from twinray.train.methods.barlow import BarlowTwinsMethod  # lazy: torch, only in a cell's process
     from twinray.train.model import BarlowTwins  # lazy: torch, only in a cell's process
     from twinray.train.optim import build_optimizer  # lazy: torch, only in a cell's process
-    from twinray.train.step import Autocast, BarlowTwinsMethod, compile_model, train_step  # lazy: torch, as above
+    from twinray.train.step import Autocast, compile_model, train_step  # lazy: torch, as above
 
     device = torch.device(cell["device"])
     if device.type == "cuda" and device.index is None:  # set_per_process_memory_fraction wants an index

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from twinray.train.loss import barlow_twins_loss
+from twinray.train.losses.barlow import barlow_twins_loss
 
 N, D, D_IN = 16, 8, 6
 

@@ -1,5 +1,5 @@
 """SimCLR, MoCo v2, BYOL and VICReg losses (train/losses/) against float64 references written from the papers; the
-defaults table of train/methods.py against docs/methods.md."""
+registry (train/methods/) against docs/methods.md."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from twinray.train.losses import byol_loss, byol_momentum, info_nce_loss, nt_xent_loss, vicreg_loss
-from twinray.train.methods import METHODS, defaults_table
+from twinray.train.losses.byol import byol_loss, byol_momentum
+from twinray.train.losses.moco import info_nce_loss
+from twinray.train.losses.simclr import nt_xent_loss
+from twinray.train.losses.vicreg import vicreg_loss
+from twinray.train.methods import METHODS
+from twinray.train.methods.table import defaults_table, methods_table, sources_text
 
 N, D, K = 6, 5, 9
 
@@ -254,8 +258,30 @@ def test_rejects_bad_input(call, match):
 
 def test_docs_table_matches_the_defaults():
     assert defaults_table() in (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+    assert methods_table() in (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+    assert sources_text() in (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
     for key, method in METHODS.items():
         assert method.sources, key  # every method says where its values come from
     assert METHODS["moco"].lr(128) == pytest.approx(0.015)  # the official README's batch-128 value
     assert METHODS["byol"].lr(4096) == pytest.approx(3.2)  # BYOL's 0.2 x 4096 / 256
     assert METHODS["barlow"].lr(512) == METHODS["barlow"].lr(128)  # no rule: not scaled
+
+
+def test_the_registry_is_where_a_method_lives():
+    """Each --method is one module's SPEC: the config's method fields, the --method choices and the method a run
+    trains come from it (docs/methods.md, "Adding a method")."""
+    from dataclasses import fields
+
+    from twinray.train.config import CHOICES, METHOD_FIELDS, PretrainConfig
+    from twinray.train.methods import METHOD_ONLY, NAMES, SETTINGS, build_method, model_pieces
+
+    assert tuple(METHODS) == NAMES == CHOICES["method"]
+    assert set(SETTINGS) <= {f.name for f in fields(PretrainConfig)}
+    assert set(METHOD_ONLY) == set(SETTINGS) <= set(METHOD_FIELDS)
+    for key, spec in METHODS.items():
+        assert spec.method.__module__ == f"twinray.train.methods.{key}", key
+        cfg = PretrainConfig(method=key).validate()
+        assert type(build_method(cfg, None, 10)) is spec.method
+        assert model_pieces(cfg)["projector_batch_norm"] is spec.projector_batch_norm
+        for s in spec.settings:
+            assert getattr(cfg, s.name) == s.default, (key, s.name)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from twinray.train.losses import byol_loss, info_nce_loss, nt_xent_loss, vicreg_loss
+from twinray.train.losses.byol import byol_loss
+from twinray.train.losses.moco import info_nce_loss
+from twinray.train.losses.simclr import nt_xent_loss
+from twinray.train.losses.vicreg import vicreg_loss
 from twinray.train.momentum import KeyQueue
 
 WORLD, N, D, D_IN, QUEUE = 2, 8, 5, 4, 12  # N: the global batch; each rank holds N / WORLD rows
@@ -87,7 +90,8 @@ def test_loss_and_gradients_match_one_process(ranks, method):
         ours = res[method]
         torch.testing.assert_close(ours["loss"], single["loss"], rtol=1e-6, atol=1e-6)
         for g in ("g1", "g2") if method != "moco" else ("g1",):
-            # train/loss.py's convention: each rank's backward sums all ranks' terms, world_size * dL/dz.
+            # train/losses/collectives.py's convention: each rank's backward sums all ranks' terms,
+            # world_size * dL/dz.
             torch.testing.assert_close(ours[g], WORLD * single[g][rows], rtol=1e-5, atol=1e-6)
             assert single[g][rows].abs().max() > 1e-3  # a gradient that could be wrong
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from tests.conftest import REPO, assert_one_line_error, run_torchrun
 from twinray.train import checkpoint
 from twinray.train.config import PretrainConfig
-from twinray.train.objectives import unwrap
+from twinray.train.methods.base import unwrap
 from twinray.train.scan import plan
 from twinray.train.state import build_run
 from twinray.train.step import Autocast, train_step

@@ -27,15 +27,16 @@ from twinray.train import checkpoint
 from twinray.train.config import ConfigError, PretrainConfig, from_args
 from twinray.train.heads import build_projector
 from twinray.train.health import effective_rank
-from twinray.train.loss import barlow_twins_loss
+from twinray.train.losses.barlow import barlow_twins_loss
 from twinray.train.meter import NonFiniteLoss, StepMeter
+from twinray.train.methods.barlow import BarlowTwinsMethod
 from twinray.train.model import BarlowTwins
 from twinray.train.online_eval import LinearProbe
 from twinray.train.optim import build_optimizer, lr_factor
 from twinray.train.pretrain import knn_bank_rows
 from twinray.train.state import Position, build_run, resume_changes, settings
 from twinray.train.state import part as run_part
-from twinray.train.step import BarlowTwinsMethod, train_step
+from twinray.train.step import train_step
 
 TINY = ["--size", "32", "--batch-size", "16", "--projector", "64", "--wandb", "disabled", "--workers", "1"]
 
@@ -300,7 +301,7 @@ def test_the_barlow_twins_step_is_written_once():
     step a run takes: no other library file computes the loss itself."""
     library = [p for folder in ("prep", "pipelines", "train", "bench") for p in (REPO / folder).rglob("*.py")]
     callers = [str(p.relative_to(REPO)) for p in library if "barlow_twins_loss(" in p.read_text()]
-    assert sorted(callers) == ["train/loss.py", "train/step.py"]
+    assert sorted(callers) == ["train/losses/barlow.py", "train/methods/barlow.py"]
     for path in ("train/pretrain.py", "train/lr_find.py", "bench/train_speed.py", "bench/resources.py"):
         assert "train_step(" in (REPO / path).read_text(), path
 

@@ -27,7 +27,7 @@ from twinray.pipelines.loader import BACKENDS
 from twinray.storage import location
 from twinray.train.label_fractions import check_fraction
 from twinray.train.labels import UNCERTAIN_POLICIES
-from twinray.train.methods import METHODS, STUDY_BATCH
+from twinray.train.methods import METHOD_ONLY, METHODS, SETTINGS, STUDY_BATCH
 from twinray.train.model import BACKBONES, parse_projector
 from twinray.train.runlog import parse_report_to
 from twinray.train.step import COMPILE_MODES
@@ -85,40 +85,44 @@ def check_batch_size(batch_size: int, processes: int = 1) -> int:
     return per_process
 
 
-# The fields that only some methods have, and the methods that have them. A value set for another method is a
-# ConfigError naming the flag and the method (PretrainConfig.validate), not silently ignored.
-METHOD_ONLY = {
-    "lambd": ("barlow",),
-    "temperature": ("simclr", "moco"),
-    "momentum": ("moco", "byol"),
-    "queue_size": ("moco",),
-    "key_bn_chunk": ("moco",),
-    "predictor": ("byol",),
-    "sim_coeff": ("vicreg",),
-    "std_coeff": ("vicreg",),
-    "cov_coeff": ("vicreg",),
-}
-
-
 def method_default(method: str, name: str, batch_size: int):
-    """The default of a method-dependent field for `method` (train/methods.py METHODS), at `batch_size` images per
+    """The default of a method-dependent field for `method` (train/methods/ METHODS), at `batch_size` images per
     step for the learning rate; None where the field does not apply to the method."""
     m = METHODS[method]
-    if name in METHOD_ONLY and method not in METHOD_ONLY[name]:
-        return None
+    if name in METHOD_ONLY:
+        return m.setting(name).default if method in METHOD_ONLY[name] else None
     if name == "lr":
         return m.lr(batch_size)
-    if name in m.coefficients:
-        return m.coefficients[name]
     return getattr(m, name)
 
 
+def method_settings(after: str):
+    """A class decorator, before @dataclass: one field per method setting (train/methods/ SETTINGS, in registry
+    order), `kind | None = None` with its help, inserted after the field `after`. So a method's own fields are
+    declared in its module only."""
+
+    def insert(cls):
+        annotations = {}
+        for name, hint in cls.__dict__["__annotations__"].items():
+            annotations[name] = hint
+            if name == after:
+                for s in SETTINGS.values():
+                    annotations[s.name] = f"{s.kind.__name__} | None"
+                    setattr(cls, s.name, setting(None, s.help))
+        cls.__annotations__ = annotations
+        return cls
+
+    return insert
+
+
 @dataclass
+@method_settings(after="warmup_epochs")
 class PretrainConfig:
-    """A pretraining run. The fields left None here default per `method` (train/methods.py METHODS, from the
+    """A pretraining run. The fields left None here default per `method` (train/methods/ METHODS, from the
     papers; barlow's are the study's settings): projector, optimizer, lr (at the run's --batch-size), weight_decay,
-    schedule, warmup_epochs, and the method's own fields (METHOD_ONLY). They are filled when the object is made,
-    so a YAML file or a flag overrides any of them."""
+    schedule, warmup_epochs, and the methods' own fields (train/methods/ SETTINGS, added after warmup_epochs by
+    `method_settings`; METHOD_ONLY says which method has which). They are filled when the object is made, so a
+    YAML file or a flag overrides any of them."""
 
     COMMAND: ClassVar[str] = "pretrain"  # the usage line's program: twinray pretrain (twinray/usage.py)
     MODULE: ClassVar[str] = "twinray.train.pretrain"
@@ -143,7 +147,6 @@ class PretrainConfig:
         shown="random weights",
     )
     projector: str | None = setting(None, "the projector's layer sizes, e.g. 512 or 2048-128")
-    lambd: float | None = setting(None, "Barlow Twins' weight of the off-diagonal terms")
     lr: float | None = setting(None, "the peak learning rate")
     weight_decay: float | None = setting(None, "the optimizer's weight decay")
     optimizer: str | None = setting(None, "the optimizer")
@@ -152,16 +155,6 @@ class PretrainConfig:
     )
     schedule: str | None = setting(None, "the learning-rate schedule after warm-up")
     warmup_epochs: float | None = setting(None, "epochs of linear warm-up from 0 to --lr")
-    temperature: float | None = setting(None, "the InfoNCE temperature")
-    momentum: float | None = setting(
-        None, "the key/target encoder's EMA momentum (moco constant; byol the base of its cosine schedule)"
-    )
-    queue_size: int | None = setting(None, "MoCo's queue of negative keys, at least one --batch-size")
-    key_bn_chunk: int | None = setting(None, "MoCo: images per BatchNorm batch of the key encoder (shuffled BN)")
-    predictor: str | None = setting(None, "BYOL's predictor layer sizes; it ends with the projector's size")
-    sim_coeff: float | None = setting(None, "VICReg's invariance weight")
-    std_coeff: float | None = setting(None, "VICReg's variance weight")
-    cov_coeff: float | None = setting(None, "VICReg's covariance weight")
     recipe: str = setting(
         "seed-final",
         f"the augmentation recipe: a named one ({', '.join(RECIPES)}), base+OP+... (OP: {', '.join(TOKENS)}) or a "
@@ -250,24 +243,15 @@ class PretrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "lambd", "temperature", "queue_size", "key_bn_chunk"):
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.warmup_epochs < 0:
             raise ConfigError("weight_decay and warmup_epochs must not be negative")
-        for name in ("sim_coeff", "std_coeff", "cov_coeff"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
-        if self.momentum is not None and not 0 <= self.momentum <= 1:
-            raise ConfigError(f"momentum must be in [0, 1], got {self.momentum}")
-        if self.queue_size is not None and self.queue_size < self.batch_size:
-            raise ConfigError(
-                f"queue_size {self.queue_size} must hold at least one global batch (--batch-size {self.batch_size})"
-            )
         try:
-            dims = parse_projector(self.projector)
-            if self.predictor is not None and parse_projector(self.predictor)[-1] != dims[-1]:
-                raise ValueError(f"predictor {self.predictor!r} must end with the projector's size {dims[-1]}")
+            parse_projector(self.projector)
+            for s in SETTINGS.values():  # the method's own fields (the others are None here): their checks
+                if s.check is not None and getattr(self, s.name) is not None:
+                    s.check(getattr(self, s.name), self)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         return self
@@ -300,10 +284,9 @@ PRETRAIN_FIXED = (  # the checkpoint's tensors fit only these as they were: no f
     "backbone",
     "channels",
     "projector",
-    "predictor",
     "optimizer",
     "exclude_bias_norm",
-    "queue_size",
+    *(name for name, s in SETTINGS.items() if s.fixed),  # a queue's size, a predictor's layers
 )
 PRETRAIN_LEARNED = (
     *PRETRAIN_FIXED,
@@ -318,13 +301,7 @@ PRETRAIN_LEARNED = (
     "grad_accum",
     "seed",
     "mixed_precision",
-    "lambd",
-    "temperature",
-    "momentum",
-    "key_bn_chunk",
-    "sim_coeff",
-    "std_coeff",
-    "cov_coeff",
+    *(name for name, s in SETTINGS.items() if not s.fixed),  # the methods' own, but for PRETRAIN_FIXED's
     "knn_k",
     "knn_bank",
     "eval_data",
@@ -373,7 +350,8 @@ def parse_allow_change(text: str | None) -> tuple[str, ...]:
 def _method_help(name: str) -> str:
     values = [(m, method_default(m, name, STUDY_BATCH)) for m in METHODS]
     shown = ", ".join(f"{m} {v:g}" if isinstance(v, float) else f"{m} {v}" for m, v in values if v is not None)
-    lr = f" at --batch-size {STUDY_BATCH} (linear in it but for barlow)" if name == "lr" else ""
+    fixed = ", ".join(m for m, spec in METHODS.items() if spec.lr_scaling != "linear")
+    lr = f" at --batch-size {STUDY_BATCH} (linear in it{' but for ' + fixed if fixed else ''})" if name == "lr" else ""
     return f"per method{lr}: {shown}"
 
 
@@ -579,8 +557,10 @@ def parser(cls=PretrainConfig, description: str | None = None) -> argparse.Argum
     be told from the YAML's fields. The usage line and the examples name the tool as it was started
     (twinray/usage.py). Raises TypeError for a field without help metadata."""
     hints = typing.get_type_hints(cls)
+    *others, last = METHODS
+    first = METHODS[PretrainConfig.method].name
     default = (
-        "Self-supervised pretraining (--method barlow, simclr, moco, byol or vicreg; Barlow Twins by default) on a "
+        f"Self-supervised pretraining (--method {', '.join(others)} or {last}; {first} by default) on a "
         "packed chest X-ray dataset. The fields without a default shown take their method's (docs/methods.md)."
     )
     prog = program(cls.COMMAND, cls.MODULE)

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-BN_EPS = 1e-5  # the standardisation of the Barlow Twins loss (train/loss.py)
+BN_EPS = 1e-5  # the standardisation of the Barlow Twins loss (train/losses/barlow.py)
 
 
 @torch.no_grad()

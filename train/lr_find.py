@@ -25,8 +25,9 @@ from twinray.prep.shard_cache import CacheSettings
 from twinray.storage import location
 from twinray.train.config import ConfigError, check_batch_size
 from twinray.train.labels import certain_bce
+from twinray.train.methods.barlow import BarlowTwinsMethod
 from twinray.train.model import BarlowTwins
-from twinray.train.step import BarlowTwinsMethod, train_step
+from twinray.train.step import train_step
 from twinray.usage import examples, program
 
 

@@ -3,7 +3,7 @@ network), MoCo's queue of keys, and MoCo's shuffled BatchNorm.
 
 They are modules, so a model that holds them puts their weights and buffers (the EMA weights, the queue and its
 pointer) in its state_dict, and so in every checkpoint. The heads and BYOL's predictor are in train/heads.py, the
-losses in train/losses/, each method's defaults in train/methods.py.
+losses in train/losses/, each method (its defaults, its Method) in train/methods/<name>.py.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ in one line before --out changes, unless --allow-change names it; --force starts
 `--batch-size` is the global batch, split evenly over the processes.
 
 Where things are: the step is train/step.py (`train_step`, with gradient accumulation and the lr schedule;
-each method's forward and loss, train/objectives.py; the model with its momentum encoder, queue or
+each method's forward and loss, train/methods/<name>.py; the model with its momentum encoder, queue or
 predictor, train/model.py `PretrainModel`); the run's state and what a checkpoint holds, train/state.py
 (`RunState`); reading the figures one step late, and the epoch's progress bar, train/meter.py; what a re-run shares
 with finetune's, train/resume.py. Below, `_train()` reads top to bottom: setup, resume, then the loop (step,

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from twinray.train.config import PRETRAIN_BY_DIGEST, PRETRAIN_FIXED, PRETRAIN_LEARNED, ConfigError
+from twinray.train.methods import build_method, model_pieces
 from twinray.train.model import PretrainModel
 from twinray.train.momentum import MomentumEncoder
-from twinray.train.objectives import build_method, model_pieces
 from twinray.train.online_eval import LinearProbe
 from twinray.train.optim import build_optimizer, build_scheduler
 from twinray.train.step import Method
@@ -173,7 +173,7 @@ def build_run(
     memory_format: torch.memory_format = torch.channels_last,
     backbone: dict[str, torch.Tensor] | None = None,
 ) -> RunState:
-    """A fresh run for a PretrainConfig: its method (train/objectives.py), the model with the pieces the method
+    """A fresh run for a PretrainConfig: its method (train/methods/), the model with the pieces the method
     needs (train/model.py PretrainModel: predictor, momentum encoder, queue) on `device` (channels_last unless told
     otherwise; the study's NCHW is `torch.contiguous_format`), its optimizer, the lr schedule over `cfg.epochs`
     epochs of optimizer steps (so a larger --epochs stretches a resumed run), and the online probe for `classes`

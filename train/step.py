@@ -3,8 +3,8 @@
 A step is: the method's loss on the batch's views, backward, the optimizer update, then (optionally) the online probe
 on the first view's detached features (`train_step`); for pretrain, under Accelerate's gradient accumulation, with
 --eval-data's probe stream and the lr schedule once per update. The method supplies the forward and the
-loss (`Method`), so the loop never branches on a method's name. Barlow Twins (`BarlowTwinsMethod`) is here; the other
-methods are in train/objectives.py.
+loss (`Method`), so the loop never branches on a method's name.
+The methods themselves are in train/methods/, one module each.
 
 Nothing here waits for the device: the figures come back as detached 0-dim device tensors, which the trainer reads
 one step later (train/meter.py).
@@ -20,8 +20,6 @@ from typing import Protocol
 
 import torch
 from torch import nn
-
-from twinray.train.loss import barlow_twins_loss
 
 # torch.compile's modes that the trainer accepts (`--compile-mode`). `reduce-overhead` records CUDA graphs, which
 # need fixed shapes: the trainer's drop_last loaders give them. `max-autotune` also records CUDA graphs.
@@ -50,37 +48,6 @@ class Method(Protocol):
     def __call__(self, model: nn.Module, views: Sequence[torch.Tensor]) -> StepOutput: ...
 
     def after_update(self, model: nn.Module) -> None: ...
-
-
-class TwoViewMethod:
-    """A method without a momentum encoder: both views through the same model (backbone, then projector), then
-    `loss(z1, z2) -> (loss, terms)` of the two embeddings. Barlow Twins, SimCLR (train/objectives.py) and VICReg
-    are this; each supplies its loss."""
-
-    def loss(self, z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
-
-    def __call__(self, model: nn.Module, views: Sequence[torch.Tensor]) -> StepOutput:
-        features, z1 = model(views[0])
-        _, z2 = model(views[1])
-        loss, terms = self.loss(z1, z2)
-        return StepOutput(loss, features, terms)
-
-    def after_update(self, model: nn.Module) -> None:
-        """Nothing: no momentum encoder."""
-
-
-class BarlowTwinsMethod(TwoViewMethod):
-    """Barlow Twins (Zbontar et al. 2021): the cross-correlation loss of train/loss.py between the two views'
-    embeddings. `lambd` weighs the off-diagonal term (5e-3, the paper's and the study's value)."""
-
-    name = "barlow_twins"
-
-    def __init__(self, lambd: float = 5e-3):
-        self.lambd = lambd
-
-    def loss(self, z1: torch.Tensor, z2: torch.Tensor):
-        return barlow_twins_loss(z1, z2, self.lambd)
 
 
 def train_step(

@@ -22,7 +22,8 @@ def byol_loss(
     p1, p2, t1, t2: N_local x D, any float dtype. t1, t2 are detached here (BYOL's stop-gradient on the target).
     Computed in float32 (float64 stays float64), autocast off. Returns (loss, stats): loss a 0-dim tensor in
     [0, 8], the same global value on every rank; stats = {"cosine"}: the detached global mean of the two cosines.
-    Gradients follow train/loss.py's convention. Raises ValueError for mismatched or non-2-D shapes.
+    Gradients follow train/losses/collectives.py's convention. Raises ValueError for mismatched or non-2-D
+    shapes.
     """
     for name, x in (("p2", p2), ("t1", t1), ("t2", t2)):
         if x.shape != p1.shape:

@@ -25,8 +25,9 @@ def info_nce_loss(
 
     Computed in float32 (float64 stays float64), autocast off. Returns (loss, stats): loss a 0-dim tensor with the
     same global value on every rank; stats = {"positive_similarity"}: the detached global mean cosine q.k+.
-    Gradients follow train/loss.py's convention. The queue is read, not updated: enqueue the keys after the loss
-    (KeyQueue.enqueue), as the paper's Algorithm 1 does. Raises ValueError for mismatched shapes or t <= 0.
+    Gradients follow train/losses/collectives.py's convention. The queue is read, not updated: enqueue the keys
+    after the loss (KeyQueue.enqueue), as the paper's Algorithm 1 does. Raises ValueError for mismatched shapes or
+    t <= 0.
     """
     if q.dim() != 2 or q.shape != k.shape:
         raise ValueError(f"q and k must be 2-D with equal shapes, got {tuple(q.shape)} and {tuple(k.shape)}.")

@@ -32,8 +32,9 @@ def nt_xent_loss(
 
     Returns (loss, stats): loss a 0-dim tensor, the same global value on every rank (each rank computes the rows of
     its own views against all 2N and one sum joins them); stats = {"positive_similarity"}: the detached global mean
-    cosine of positive pairs. Gradients follow train/loss.py's convention (DDP's average gives the single-process
-    gradient). Raises ValueError for unequal or non-2-D shapes, a global batch under 2 images, or t <= 0.
+    cosine of positive pairs. Gradients follow train/losses/collectives.py's convention (DDP's average gives the
+    single-process gradient). Raises ValueError for unequal or non-2-D shapes, a global batch under 2 images, or
+    t <= 0.
     """
     _check_pair(z1, z2, "z1 and z2")
     if temperature <= 0:

@@ -44,8 +44,8 @@ def vicreg_loss(
     Defaults: sim_coeff = std_coeff = 25, cov_coeff = 1, gamma = 1, eps = 1e-4 (the paper's section 4.1).
     Computed in float32 (float64 stays float64), autocast off. Returns (loss, stats): loss a 0-dim tensor, the same
     on every rank; stats = {"invariance", "variance", "covariance"}: detached, before the coefficients (variance
-    and covariance summed over both branches). Gradients follow train/loss.py's convention. Raises ValueError for
-    unequal or non-2-D shapes or a global batch under 2 (the unbiased variance needs 2 rows).
+    and covariance summed over both branches). Gradients follow train/losses/collectives.py's convention. Raises
+    ValueError for unequal or non-2-D shapes or a global batch under 2 (the unbiased variance needs 2 rows).
     """
     if z1.dim() != 2 or z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must be 2-D with equal shapes, got {tuple(z1.shape)} and {tuple(z2.shape)}.")

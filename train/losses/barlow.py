@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+
+from twinray.train.losses.collectives import sum_over_ranks, world_size
 
 BN_EPS = 1e-5  # BatchNorm1d's default, so the standardisation is exactly BatchNorm1d(affine=False) in training mode
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Sum over all processes with a backward: a plain dist.all_reduce drops the other ranks' gradient terms."""
-    if _world_size() == 1:
-        return x
-    with warnings.catch_warnings():
-        # Deprecated in favour of _functional_collectives, whose all_reduce only gained autograd in recent torch.
-        warnings.filterwarnings("ignore", message=r".*all_reduce is deprecated", category=FutureWarning)
-        return dist_nn.all_reduce(x)
 
 
 def barlow_twins_loss(
@@ -34,12 +18,17 @@ def barlow_twins_loss(
     the same value on every rank) and stats = {"on_diag", "off_diag"} (detached 0-dim tensors, off_diag before
     lambd; `float()` them to log). Nothing here waits for the GPU, so a trainer can queue the next step at once.
 
+    z1, z2: N_local x D, any float dtype (bf16/fp16 are computed in float32, float64 stays float64; autocast off).
+    Each feature is standardised over the global batch as BatchNorm1d(affine=False) in training mode (biased
+    variance, eps BN_EPS), and c = z1_std^T z2_std / N (the paper's eq. 1 and Algorithm 1).
+
     Under torch.distributed every rank returns the same global loss L, and the backward of each all_reduce sums
     every rank's gradient, so autograd differentiates world_size * L: the gradient reaching a rank's own rows is
     world_size * dL/dz_local. DDP averages parameter gradients over ranks, which cancels that factor exactly: with
     DDP (or Accelerate), call backward on this loss as it is, and the gradient equals the single-process gradient
-    on the whole global batch. Do not multiply (or divide) the loss by world_size; only a trainer that sums
-    gradients over ranks itself must divide by world_size.
+    on the whole global batch (train/losses/collectives.py). Do not multiply (or divide) the loss by world_size.
+
+    Raises ValueError for unequal or non-2-D shapes, or a global batch under 2 samples.
     """
     if z1.dim() != 2 or z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must be 2-D with equal shapes, got {tuple(z1.shape)} and {tuple(z2.shape)}.")
@@ -50,15 +39,15 @@ def barlow_twins_loss(
         z = torch.cat([z1, z2], dim=1).to(dtype)  # both views side by side: one collective per statistic
         # The batch size is known on the host, so checking it never waits for the GPU. Across processes every
         # rank must hold a sample (drop_last shards always do), which makes the global batch at least 2.
-        world = _world_size()
+        world = world_size()
         if z.shape[0] < (1 if world > 1 else 2):
             raise ValueError(f"the global batch must have at least 2 samples, got {z.shape[0]} on this rank.")
-        n = z.shape[0] if world == 1 else _sum_over_ranks(torch.full((), z.shape[0], dtype=dtype, device=z.device))
+        n = z.shape[0] if world == 1 else sum_over_ranks(torch.full((), z.shape[0], dtype=dtype, device=z.device))
         # Two passes (mean, then centred squares) stay accurate for embeddings far from zero.
-        mean = _sum_over_ranks(z.sum(dim=0)) / n
-        var = _sum_over_ranks((z - mean).square().sum(dim=0)) / n  # biased, as BatchNorm normalises
+        mean = sum_over_ranks(z.sum(dim=0)) / n
+        var = sum_over_ranks((z - mean).square().sum(dim=0)) / n  # biased, as BatchNorm normalises
         z = (z - mean) / torch.sqrt(var + BN_EPS)
-        c = _sum_over_ranks(z[:, :d].T @ z[:, d:]) / n  # D x D cross-correlation of the global batch
+        c = sum_over_ranks(z[:, :d].T @ z[:, d:]) / n  # D x D cross-correlation of the global batch
         on_diag = (1 - c.diagonal()).square().sum()
         off_diag = c.square().masked_fill(torch.eye(d, dtype=torch.bool, device=c.device), 0).sum()
         loss = on_diag + lambd * off_diag
