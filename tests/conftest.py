@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from twinray.prep import sample
 from twinray.prep.cli import main as prep_main
@@ -224,3 +225,13 @@ def gloo(tmp_path_factory):
         return run_gloo(tmp_path_factory.mktemp("gloo"), fn, *args, world=world, timeout_s=timeout_s)
 
     return run
+
+
+def correlated_views(n, d, seed=0, dtype=torch.float32, scale=(0.5, 3.0), offset=(-2.0, 5.0), mix=0.7):
+    """Two correlated n x d views with per-feature offsets and scales, as a projector's outputs look: z1 scaled
+    linearly over the features from scale[0] to scale[1] and shifted from offset[0] to offset[1], z2 = mix * z1 plus
+    unit noise; seeded, so each test's inputs are fixed. The loss tests' shared input."""
+    g = torch.Generator().manual_seed(seed)
+    z1 = torch.randn(n, d, generator=g) * torch.linspace(*scale, d) + torch.linspace(*offset, d)
+    z2 = mix * z1 + torch.randn(n, d, generator=g)
+    return z1.to(dtype), z2.to(dtype)

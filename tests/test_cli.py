@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import REPO, assert_one_line_error, run_prep
+from twinray.cli import int_list, pixel_count, positive_float, positive_int
 from twinray.prep.format import PackedDataset
 
 
@@ -155,3 +159,21 @@ def test_max_pixels_must_be_a_whole_positive_count(tmp_path):
     assert_one_line_error(run_prep("folder", "--src", src, "--out", out, "--max-pixels", "0"), "--max-pixels", "'0'")
     assert_one_line_error(run_prep("folder", "--src", src, "--out", out, "--max-pixels", "1.5"), "--max-pixels")
     assert_one_line_error(run_prep("folder", "--src", src, "--out", out, "--max-pixels", "lots"), "--max-pixels")
+
+
+@pytest.mark.parametrize(
+    "parse, good, bad",
+    [
+        (positive_int, {"1": 1, "224": 224}, ["0", "-3", "1.5", "x", ""]),
+        (positive_float, {"0.5": 0.5, "3e-4": 3e-4}, ["0", "-1", "inf", "nan", "x"]),
+        (pixel_count, {"1": 1, "2e8": 200_000_000}, ["0", "1.5", "inf", "-inf", "nan", "x"]),
+        (int_list, {"128,224": [128, 224], "7": [7]}, ["0,1", "1,x", "", "1.5"]),
+    ],
+)
+def test_the_number_types_take_what_they_say_and_name_the_rest(parse, good, bad):
+    """The argparse types every command shares (twinray/cli.py): each bad text is an ArgumentTypeError naming it,
+    never an OverflowError or a value let through (inf is no pixel count and no learning rate)."""
+    assert {text: parse(text) for text in good} == good
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(repr(text))):
+            parse(text)

@@ -7,17 +7,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.conftest import correlated_views
 from twinray.train.losses.barlow import barlow_twins_loss
 
 N, D, D_IN = 16, 8, 6
 
 
 def _embeddings(n=N, d=D, seed=0, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two correlated views with per-feature offsets and scales, as a projector's outputs look."""
-    g = torch.Generator().manual_seed(seed)
-    z1 = torch.randn(n, d, generator=g) * torch.linspace(0.5, 3, d) + torch.linspace(-2, 5, d)
-    z2 = 0.7 * z1 + torch.randn(n, d, generator=g)
-    return z1.to(dtype), z2.to(dtype)
+    return correlated_views(n, d, seed, dtype, scale=(0.5, 3), offset=(-2, 5), mix=0.7)
 
 
 def _reference(z1: torch.Tensor, z2: torch.Tensor, lambd: float) -> tuple[float, float, float]:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import correlated_views
 from twinray.train.losses.byol import byol_loss, byol_momentum
 from twinray.train.losses.moco import info_nce_loss
 from twinray.train.losses.simclr import nt_xent_loss
@@ -21,10 +22,7 @@ N, D, K = 6, 5, 9
 
 
 def _views(n=N, d=D, seed=0, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    z1 = torch.randn(n, d, generator=g) * torch.linspace(0.5, 2, d) + torch.linspace(-1, 1, d)
-    z2 = 0.6 * z1 + torch.randn(n, d, generator=g)
-    return z1.to(dtype), z2.to(dtype)
+    return correlated_views(n, d, seed, dtype, scale=(0.5, 2), offset=(-1, 1), mix=0.6)
 
 
 def _cos(a, b) -> float:

@@ -141,24 +141,35 @@ def knn_bank_rows(data: PackedDataset, limit: int, seed: int) -> np.ndarray:
 HEALTH_PAIRS = 512  # bank images whose two augmented views give the cross-correlation figures (docs/health.md)
 
 
+def shard_settings(cfg: PretrainConfig, accelerator, **fields) -> LoaderSettings:
+    """LoaderSettings (pipelines/base.py) for this process' shard of a split: the run's view size, seed, device,
+    rank and world size, and --data's URL cache; `fields` give the rest (split, batch_size, recipe, views,
+    drop_last, workers, rows)."""
+    return LoaderSettings(
+        device=accelerator.device,
+        size=cfg.size,
+        seed=cfg.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        shard_cache=CacheSettings.from_args(cfg),
+        **fields,
+    )
+
+
 def evaluate(model, cfg, accelerator, bank: np.ndarray, labels: LabelSource | None, knn_bank=None) -> dict:
     """The evaluation row's figures: the representation-health figures of `bank`, rows of --data's train split
     (train/health.py: rankme, emb_std; corr_diag and corr_off for Barlow Twins, on two views of HEALTH_PAIRS bank
     images under the run's recipe; they need no labels), with health_s, what they cost; then, with `labels`, kNN on
     its val split against `knn_bank`, rows of its train split (train/online_eval.py; --data's own labels reuse the
     health bank's features), named by `eval_data` and `eval_data_digest`. None: no kNN (unlabeled data)."""
-    eval_settings = LoaderSettings(
+    eval_settings = shard_settings(
+        cfg,
+        accelerator,
         batch_size=max(1, cfg.batch_size // accelerator.num_processes),
-        device=accelerator.device,
         recipe=EVAL_RECIPE,
-        size=cfg.size,
         views=1,
-        seed=cfg.seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
         drop_last=False,
         workers=cfg.workers,
-        shard_cache=CacheSettings.from_args(cfg),
     )
     model.eval()
     with build_loader(
@@ -445,19 +456,15 @@ def _train_loader(cfg: PretrainConfig, accelerator, recipe: Recipe):
     world = accelerator.num_processes
     loader = build_loader(
         cfg.data,
-        LoaderSettings(
+        shard_settings(
+            cfg,
+            accelerator,
             split="train",
             batch_size=cfg.batch_size // world,
-            device=accelerator.device,
             recipe=recipe,
-            size=cfg.size,
             views=2,
-            seed=cfg.seed,
-            rank=accelerator.process_index,
-            world_size=world,
             drop_last=True,
             workers=cfg.workers,
-            shard_cache=CacheSettings.from_args(cfg),  # for a --data URL
         ),
         backend=cfg.backend,
         cache=cfg.cache,
@@ -513,19 +520,15 @@ def _probe_stream(cfg: PretrainConfig, labels: LabelSource | None, run: RunState
     per_process = max(MIN_PROBE_BATCH, min(cfg.probe_batch // world, len(labels.data.indices("train")) // world))
     probe_loader = build_loader(
         labels.location,
-        LoaderSettings(
+        shard_settings(
+            cfg,
+            accelerator,
             split="train",
             batch_size=per_process,
-            device=accelerator.device,
             recipe=EVAL_RECIPE,
-            size=cfg.size,
             views=1,
-            seed=cfg.seed,
-            rank=accelerator.process_index,
-            world_size=world,
             drop_last=True,
             workers=1,
-            shard_cache=CacheSettings.from_args(cfg),
         ),
         backend="native",
         cache=cfg.cache,

@@ -3,6 +3,7 @@ a full disk, and the quiet exit for a reader that left (`... | head`)."""
 
 import argparse
 import errno
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -34,37 +35,38 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def _number(text: str, convert, noun: str, ok, rule: str):
+    """`convert(text)` when it parses and passes `ok`; else an argparse error naming the text: "'x' is not
+    NOUN" or "'x' RULE"."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{text!r} {rule}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number of at least 1; else a one-line error naming the text."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+    return _number(text, int, "an integer", lambda v: v >= 1, "must be at least 1")
 
 
 def positive_float(text: str) -> float:
-    """argparse type: a number above 0; else a one-line error naming the text."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
-    return value
+    """argparse type: a finite number above 0; else a one-line error naming the text."""
+    return _number(text, float, "a number", lambda v: math.isfinite(v) and v > 0, "must be a finite number above 0")
 
 
 def pixel_count(text: str) -> int:
     """A pixel count: an integer, in scientific notation too (`2e8`)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value >= 1 and value == int(value)):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of pixels, at least 1")
-    return int(value)
+    whole = _number(
+        text,
+        float,
+        "a number",
+        lambda v: math.isfinite(v) and v >= 1 and v == int(v),
+        "must be a whole number of pixels, at least 1",
+    )
+    return int(whole)
 
 
 def say_error(prog: str, message: str) -> None:
