@@ -283,3 +283,27 @@ def test_the_registry_is_where_a_method_lives():
         assert model_pieces(cfg)["projector_batch_norm"] is spec.projector_batch_norm
         for s in spec.settings:
             assert getattr(cfg, s.name) == s.default, (key, s.name)
+
+
+def test_the_registry_refuses_a_setting_it_cannot_hold():
+    """A setting listed twice by one method, one without its default (Setting.at), or one named like a config
+    field (which would replace that field for every method) is a TypeError at import, naming the method."""
+    import dataclasses
+
+    from twinray.train.config import method_settings
+    from twinray.train.methods import _settings
+    from twinray.train.methods.spec import TEMPERATURE
+
+    simclr = METHODS["simclr"]
+    twice = dataclasses.replace(simclr, settings=(TEMPERATURE.at(0.1), TEMPERATURE.at(0.2)))
+    with pytest.raises(TypeError, match="^simclr lists the setting temperature twice$"):
+        _settings({"simclr": twice})
+    with pytest.raises(TypeError, match=r"^simclr's setting temperature has no default: give it one with \.at"):
+        _settings({"simclr": dataclasses.replace(simclr, settings=(TEMPERATURE,))})
+
+    class Clash:
+        warmup_epochs: float = 0.0
+        lambd: float = 1.0  # Barlow Twins' setting
+
+    with pytest.raises(TypeError, match="^the setting lambd of barlow is named like Clash's field lambd"):
+        method_settings(after="warmup_epochs")(Clash)

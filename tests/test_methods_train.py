@@ -61,6 +61,33 @@ def test_the_defaults_come_from_the_methods_table_and_flags_override_them():
     assert (vicreg.sim_coeff, vicreg.std_coeff, vicreg.cov_coeff, vicreg.projector) == (25, 25, 2.0, "8192-8192-8192")
 
 
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize(
+    "fields, name",
+    [
+        ({"method": "barlow", "lambd": None}, "lambd"),
+        ({"method": "simclr", "temperature": None}, "temperature"),
+        ({"method": "vicreg", "sim_coeff": None}, "sim_coeff"),
+        ({"method": "vicreg", "cov_coeff": None}, "cov_coeff"),
+        ({"lr": None}, "lr"),
+        ({"weight_decay": None}, "weight_decay"),
+        ({"warmup_epochs": None}, "warmup_epochs"),
+    ],
+)
+def test_a_number_that_is_not_finite_is_refused_before_the_run(fields, name, value):
+    """inf and NaN (from a flag or YAML's .inf/.nan) are a one-line ConfigError naming the field, not a run that
+    dies at its first step with the loss inf or NaN (the `positive`/`non_negative` checks let them through)."""
+    from twinray.train.config import ConfigError, FinetuneConfig
+
+    cfg = PretrainConfig(**{**fields, name: value})
+    with pytest.raises(ConfigError, match=rf"^{name} must be a finite number"):
+        cfg.validate()
+    if name in ("lr", "weight_decay"):
+        finetune = FinetuneConfig(data="d", init="random", out="o", **{name: value})
+        with pytest.raises(ConfigError, match="must be a finite number above 0 and --weight-decay"):
+            finetune.validate()
+
+
 @pytest.mark.parametrize("method", OTHERS)
 def test_a_fixed_batch_lowers_each_methods_loss(method, covid_packed):
     """The trainer's step with the method's defaults (optimizer, lr at batch 16, temperature, momentum, ...; no

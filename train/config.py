@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import textwrap
 import types
@@ -99,9 +100,16 @@ def method_default(method: str, name: str, batch_size: int):
 def method_settings(after: str):
     """A class decorator, before @dataclass: one field per method setting (train/methods/ SETTINGS, in registry
     order), `kind | None = None` with its help, inserted after the field `after`. So a method's own fields are
-    declared in its module only."""
+    declared in its module only. Raises TypeError for a setting named like one of the class's own fields (it
+    would replace that field for every method)."""
 
     def insert(cls):
+        for name in SETTINGS:
+            if name in cls.__dict__["__annotations__"]:
+                raise TypeError(
+                    f"the setting {name} of {', '.join(METHOD_ONLY[name])} is named like {cls.__name__}'s field "
+                    f"{name}: give it another name"
+                )
         annotations = {}
         for name, hint in cls.__dict__["__annotations__"].items():
             annotations[name] = hint
@@ -243,10 +251,11 @@ class PretrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
-        if self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise ConfigError("weight_decay and warmup_epochs must not be negative")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a finite number above 0, got {self.lr}")
+        for name in ("weight_decay", "warmup_epochs"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"{name} must be a finite number of at least 0, got {getattr(self, name)}")
         try:
             parse_projector(self.projector)
             for s in SETTINGS.values():  # the method's own fields (the others are None here): their checks
@@ -421,8 +430,11 @@ class FinetuneConfig:
         for name in ("epochs", "size", "workers"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{flag(name)} {getattr(self, name)} must be at least 1")
-        if not self.lr > 0 or self.weight_decay < 0:
-            raise ConfigError(f"--lr {self.lr} must be positive and --weight-decay {self.weight_decay} not negative")
+        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(
+                f"--lr {self.lr} must be a finite number above 0 and --weight-decay {self.weight_decay} finite and "
+                "not negative"
+            )
         check_batch_size(self.batch_size)  # the head's BatchNorm trains on whole batches, in every mode
         try:
             check_fraction(self.fraction)

@@ -38,11 +38,17 @@ def _register(names: tuple[str, ...]) -> dict[str, MethodSpec]:
 
 def _settings(specs: dict[str, MethodSpec]) -> tuple[dict[str, Setting], dict[str, tuple[str, ...]]]:
     """Every method's own settings by name (without a method's default), in registry order, and the methods that
-    have each. Raises TypeError where two methods declare one name differently (its type, help or check)."""
+    have each. Raises TypeError where two methods declare one name differently (its type, help or check), where a
+    method lists one name twice, or where a setting has no default (Setting.at)."""
     settings: dict[str, Setting] = {}
     owners: dict[str, tuple[str, ...]] = {}
     for key, spec in specs.items():
+        names = [s.name for s in spec.settings]
+        if len(set(names)) < len(names):
+            raise TypeError(f"{key} lists the setting {next(n for n in names if names.count(n) > 1)} twice")
         for s in spec.settings:
+            if s.default is None:
+                raise TypeError(f"{key}'s setting {s.name} has no default: give it one with .at(value)")
             declared = settings.setdefault(s.name, s.declaration())
             if declared != s.declaration():
                 raise TypeError(f"{key} declares the setting {s.name} unlike {owners[s.name][0]} does")

@@ -8,6 +8,7 @@ the rule the paper (or its official code) states.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,21 +50,21 @@ class Setting:
 
 
 def positive(name: str) -> Callable[[Any, Any], None]:
-    """A check: the value must be > 0 (NaN is refused too)."""
+    """A check: the value must be finite and > 0 (NaN and inf are refused: the loss would be NaN or inf)."""
 
     def check(value, config) -> None:
-        if not value > 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number above 0, got {value}")
 
     return check
 
 
 def non_negative(name: str) -> Callable[[Any, Any], None]:
-    """A check: the value must be >= 0."""
+    """A check: the value must be finite and >= 0 (NaN and inf are refused)."""
 
     def check(value, config) -> None:
-        if value < 0:
-            raise ValueError(f"{name} must not be negative, got {value}")
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number of at least 0, got {value}")
 
     return check
 
