@@ -18,7 +18,7 @@ from twinray.train.config import (
     method_default,
     parser,
 )
-from twinray.train.methods import METHODS, STUDY_BATCH
+from twinray.train.methods import METHODS, NAMES, STUDY_BATCH
 
 
 def run_help(capsys, *argv) -> str:
@@ -61,7 +61,8 @@ def test_choices_named_in_help(capsys):
     shown = entries(run_help(capsys, "pretrain"))
     assert "choices: native, dali, ffcv)" in shown["--backend"]
     assert "choices: none, host, device, auto)" in shown["--cache"]
-    assert "choices: barlow, simclr, moco, byol, vicreg)" in shown["--method"]
+    assert f"choices: {', '.join(NAMES)})" in shown["--method"]  # the registry's names, in its order
+    assert NAMES[0] == "barlow" and {"simclr", "moco", "byol", "vicreg"} <= set(NAMES)  # a new one may join
     assert "seed-final), base+OP+..." in shown["--recipe"]
     assert "default per method: moco 0.999, byol 0.996)" in shown["--momentum"]
 

@@ -3,7 +3,10 @@ registry (train/methods/) against docs/methods.md."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -255,9 +258,10 @@ def test_rejects_bad_input(call, match):
 
 
 def test_docs_table_matches_the_defaults():
-    assert defaults_table() in (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
-    assert methods_table() in (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
-    assert sources_text() in (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+    page = (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+    fix = "docs/methods.md differs from the registry: paste what `python -m twinray.train.methods.table` prints"
+    for block in (defaults_table, methods_table, sources_text):
+        assert block() in page, f"{block.__name__}: {fix}"
     for key, method in METHODS.items():
         assert method.sources, key  # every method says where its values come from
     assert METHODS["moco"].lr(128) == pytest.approx(0.015)  # the official README's batch-128 value
@@ -288,8 +292,6 @@ def test_the_registry_is_where_a_method_lives():
 def test_the_registry_refuses_a_setting_it_cannot_hold():
     """A setting listed twice by one method, one without its default (Setting.at), or one named like a config
     field (which would replace that field for every method) is a TypeError at import, naming the method."""
-    import dataclasses
-
     from twinray.train.config import method_settings
     from twinray.train.methods import _settings
     from twinray.train.methods.spec import TEMPERATURE
@@ -307,3 +309,39 @@ def test_the_registry_refuses_a_setting_it_cannot_hold():
 
     with pytest.raises(TypeError, match="^the setting lambd of barlow is named like Clash's field lambd"):
         method_settings(after="warmup_epochs")(Clash)
+
+
+def test_the_registry_names_a_module_whose_spec_it_cannot_use(monkeypatch):
+    """A module without SPEC, with another key, or whose SPEC holds an instance instead of the Method class is a
+    TypeError naming the file, not an error from deep inside issubclass."""
+    import sys
+    import types
+
+    from twinray.train.methods import _register
+
+    simclr = METHODS["simclr"]
+    cases = {
+        "nospec": (None, "must define SPEC = MethodSpec"),
+        "wrongkey": (simclr, "must define SPEC = MethodSpec"),
+        "instance": (dataclasses.replace(simclr, key="instance", method=simclr.method(0.1)), "MethodBase subclass"),
+    }
+    for name, (spec, needle) in cases.items():
+        module = types.ModuleType(f"twinray.train.methods.{name}")
+        if spec is not None:
+            module.SPEC = spec
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        with pytest.raises(TypeError, match=f"^train/methods/{name}.py.*{needle}"):
+            _register((name,))
+    assert list(_register(("simclr",))) == ["simclr"]  # the real module still registers
+
+
+def test_the_tables_command_prints_what_the_page_holds():
+    """`python -m twinray.train.methods.table`, the command that "Adding a method" says to run, prints the three
+    blocks the docs test compares."""
+    from twinray.train.methods import table
+
+    out = subprocess.run(
+        [sys.executable, "-m", "twinray.train.methods.table"], capture_output=True, text=True, check=True
+    ).stdout
+    for block in (table.methods_table(), table.defaults_table(), table.sources_text()):
+        assert block in out

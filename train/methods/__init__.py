@@ -30,8 +30,8 @@ def _register(names: tuple[str, ...]) -> dict[str, MethodSpec]:
         spec = getattr(importlib.import_module(f"{__name__}.{name}"), "SPEC", None)
         if not isinstance(spec, MethodSpec) or spec.key != name:
             raise TypeError(f"train/methods/{name}.py must define SPEC = MethodSpec(key={name!r}, ...)")
-        if not issubclass(spec.method, MethodBase):
-            raise TypeError(f"train/methods/{name}.py: {spec.method.__name__} must subclass MethodBase")
+        if not (isinstance(spec.method, type) and issubclass(spec.method, MethodBase)):
+            raise TypeError(f"train/methods/{name}.py: SPEC.method must be a MethodBase subclass: {spec.method!r}")
         specs[name] = spec
     return specs
 

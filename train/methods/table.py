@@ -7,6 +7,7 @@ import inspect
 import textwrap
 from pathlib import Path
 
+from twinray.cli import run_cli
 from twinray.train.methods import METHODS, SETTINGS, STUDY_BATCH
 from twinray.train.methods.spec import MethodSpec
 
@@ -69,3 +70,16 @@ def _rule(m: MethodSpec) -> str:
 def _file(obj) -> str:
     """Where `obj` is defined, as the repository path (train/...)."""
     return "train/" + Path(inspect.getfile(obj)).resolve().relative_to(ROOT).as_posix()
+
+
+def main() -> int:
+    """`python -m twinray.train.methods.table`: the three blocks of docs/methods.md that come from the registry,
+    each under a line that says where it goes."""
+    print("<!-- docs/methods.md, the table at the top -->\n" + methods_table())
+    print("\n<!-- docs/methods.md, under '## Defaults' -->\n" + defaults_table())
+    print("\n<!-- docs/methods.md, under '## Sources' -->\n" + sources_text())
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
