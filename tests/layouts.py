@@ -24,6 +24,7 @@ def _shared() -> Path:
 
 SHARED = _shared()
 REAL_CXR = SHARED / "data" / "real-cxr"
+KERMANY_CXR = SHARED / "data" / "kermany-cxr"
 CHEXPERT_META = SHARED / "data" / "chexpert-meta" / "chexpert_train.csv.gz"
 
 

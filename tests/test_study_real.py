@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from tests.conftest import REPO
-from tests.layouts import REAL_CXR, read_grey
+from tests.layouts import KERMANY_CXR, REAL_CXR, read_grey
 from twinray.prep import real_cxr
 from twinray.prep.datasets import folder
 from twinray.prep.format import PackedDataset, PackWriter, encode_image
@@ -184,7 +184,6 @@ def test_a_missing_data_folder_is_one_line(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-KERMANY = REPO.parent / "shared" / "data" / "kermany-cxr"
 
 
 def test_shrunk_one_hospital_study_reports_the_thumbnail_floor_per_fraction(tmp_path, capsys):
@@ -198,11 +197,11 @@ def test_shrunk_one_hospital_study_reports_the_thumbnail_floor_per_fraction(tmp_
                                "pretrain": {**tiny, "eval_every": 1}, "finetune": tiny}  # fmt: skip
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    assert study_main([str(config), "--raw", str(KERMANY), "--profile", "tiny"]) == 0, capsys.readouterr().err[-3000:]
+    assert study_main([str(config), "--raw", str(KERMANY_CXR), "--profile", "tiny"]) == 0, capsys.readouterr().err[-3000:]
     out = tmp_path / "results" / "tiny"
 
     labels = list(csv.DictReader(open(tmp_path / "work" / "labels.csv")))
-    every = list(csv.DictReader(open(KERMANY / "labels.csv")))
+    every = list(csv.DictReader(open(KERMANY_CXR / "labels.csv")))
     kept = {r["patient"] for r in labels}
     per_class = {k: len({r["patient"] for r in labels if r["label"] == k}) for k in ("NORMAL", "BACTERIA", "VIRUS")}
     assert min(per_class.values()) >= 6  # 6 kept per class; one child's images can hold both pneumonia kinds
