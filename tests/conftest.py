@@ -48,13 +48,33 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(autouse=True)
-def keep_signals():
-    """Every test: train() installs its SIGTERM/SIGINT handlers (pretrain and lr_find run in process); pytest's
-    come back afterwards."""
+def keep_process_state():
+    """Every test: what a tool's main() run in this process (`twinray_here`) may change comes back afterwards:
+    train()'s SIGTERM/SIGINT handlers (pytest's return), `--deterministic`'s torch.use_deterministic_algorithms,
+    and the environment (`--wandb offline` sets WANDB_MODE)."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    environ = dict(os.environ)
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
+    torch.use_deterministic_algorithms(deterministic)
+    if dict(os.environ) != environ:
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def twinray_here(capsys, command: str, *args) -> subprocess.CompletedProcess:
+    """`twinray COMMAND ARGS` in this process: twinray.command.main, which runs the tool's main() as its
+    `__main__` block does (the same one-line errors and exit codes), with stdout and stderr captured. What a
+    subprocess would give, without its 5 to 10 s of imports; for tests that check nothing of the process itself
+    (signals, pipes, start-up). The usage line names `twinray COMMAND`."""
+    from twinray.command import main
+
+    argv = [str(a) for a in args]
+    code = main([command, *argv])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess([command, *argv], code, captured.out, captured.err)
 
 
 @pytest.fixture(scope="session")

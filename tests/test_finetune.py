@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import REPO, assert_one_line_error
+from tests.conftest import REPO, assert_one_line_error, twinray_here
 from twinray.prep.format import SPLITS
 from twinray.train import transfer
 from twinray.train.label_fractions import label_fraction
@@ -26,14 +25,10 @@ from twinray.train.model import build_backbone
 SMALL = ["--epochs", "2", "--size", "32", "--batch-size", "16", "--workers", "1"]
 
 
-def finetune(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "train/finetune.py", *map(str, args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
+def finetune(capsys, *args) -> subprocess.CompletedProcess:
+    """`twinray finetune ARGS` in this process (tests/conftest.py twinray_here); the tests of the process itself
+    (a kill, a closed pipe) start train/finetune.py."""
+    return twinray_here(capsys, "finetune", *args)
 
 
 def test_fractions_are_nested_stratified_and_hold_every_class():
@@ -115,9 +110,9 @@ def test_inits_load_run_dirs_and_files(tmp_path):
     assert not torch.equal(random_a.conv1.weight, source.conv1.weight)
 
 
-def test_full_finetune_writes_results_model_and_confusion(covid_packed, tmp_path):
+def test_full_finetune_writes_results_model_and_confusion(covid_packed, tmp_path, capsys):
     out = tmp_path / "ft"
-    result = finetune("--data", covid_packed, "--init", "random", "--mode", "freeze:1", "--out", out, *SMALL)
+    result = finetune(capsys, "--data", covid_packed, "--init", "random", "--mode", "freeze:1", "--out", out, *SMALL)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     test = results["test"]
@@ -132,7 +127,7 @@ def test_full_finetune_writes_results_model_and_confusion(covid_packed, tmp_path
     assert "head.1.weight" in weights and weights["head.1.weight"].shape[0] == 4
 
 
-def test_the_test_split_is_never_used_for_selection(covid_packed, tmp_path):
+def test_the_test_split_is_never_used_for_selection(covid_packed, tmp_path, capsys):
     """Scrambling the test labels changes the test metrics and nothing else."""
     scrambled = tmp_path / "scrambled"
     shutil.copytree(covid_packed, scrambled)
@@ -143,7 +138,9 @@ def test_the_test_split_is_never_used_for_selection(covid_packed, tmp_path):
     runs = []
     for data in (covid_packed, scrambled):
         out = tmp_path / data.name / "ft"
-        result = finetune("--data", data, "--init", "random", "--mode", "linear", "--out", out, *SMALL, "--epochs", "3")
+        result = finetune(
+            capsys, "--data", data, "--init", "random", "--mode", "linear", "--out", out, *SMALL, "--epochs", "3"
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         runs.append(json.loads((out / "results.json").read_text()))
     a, b = runs
@@ -182,31 +179,44 @@ def test_a_yaml_config_sets_fields_and_flags_win(tmp_path):
         (["--init", "random", "--epochs", "0"], ["--epochs 0"]),
     ],
 )
-def test_bad_arguments_are_one_line(args, needles, covid_packed, tmp_path):
-    assert_one_line_error(finetune("--data", covid_packed, "--out", tmp_path / "o", *args), *needles)
+def test_bad_arguments_are_one_line(args, needles, covid_packed, tmp_path, capsys):
+    assert_one_line_error(finetune(capsys, "--data", covid_packed, "--out", tmp_path / "o", *args), *needles)
 
 
-def test_missing_data_and_a_diverging_loss_are_one_line(covid_packed, tmp_path):
+def test_missing_data_and_a_diverging_loss_are_one_line(covid_packed, tmp_path, capsys):
     missing = tmp_path / "nowhere"
-    assert_one_line_error(finetune("--data", missing, "--init", "random", "--out", tmp_path / "o"), str(missing))
-    result = finetune("--data", covid_packed, "--init", "random", "--out", tmp_path / "nan", *SMALL, "--lr", "1e12")
+    assert_one_line_error(
+        finetune(capsys, "--data", missing, "--init", "random", "--out", tmp_path / "o"), str(missing)
+    )
+    result = finetune(
+        capsys, "--data", covid_packed, "--init", "random", "--out", tmp_path / "nan", *SMALL, "--lr", "1e12"
+    )
     assert_one_line_error(result, "epoch 1", "the loss is nan", "--lr")
     assert not (tmp_path / "nan" / "results.json").exists()
 
 
-def test_a_run_without_a_backbone_and_offline_imagenet_are_one_line(covid_packed, tmp_path):
+def test_a_run_without_a_backbone_and_offline_imagenet_are_one_line(covid_packed, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
     assert_one_line_error(
-        finetune("--data", covid_packed, "--out", tmp_path / "o", "--init", run), "no backbone.safetensors"
+        finetune(capsys, "--data", covid_packed, "--out", tmp_path / "o", "--init", run), "no backbone.safetensors"
     )
-    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
-    result = finetune("--data", covid_packed, "--out", tmp_path / "o", "--init", "imagenet", *SMALL, env=offline)
+    from huggingface_hub import constants
+
+    for name, value in {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "TORCH_HOME": str(tmp_path / "t"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read when huggingface_hub was imported, before this
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    result = finetune(capsys, "--data", covid_packed, "--out", tmp_path / "o", "--init", "imagenet", *SMALL)
     assert_one_line_error(result, "--init imagenet", "local cache")
 
 
-def test_multilabel_chexpert_reports_per_label_auroc(tmp_path):
+def test_multilabel_chexpert_reports_per_label_auroc(tmp_path, capsys):
     from tests.layouts import build_chexpert
     from twinray.prep.cli import main as prep_main
 
@@ -214,7 +224,7 @@ def test_multilabel_chexpert_reports_per_label_auroc(tmp_path):
     packed = tmp_path / "packed"
     assert prep_main(["chexpert", "--src", str(root), "--out", str(packed), "--workers", "1"]) == 0
     out = tmp_path / "ft"
-    result = finetune("--data", packed, "--init", "random", "--out", out, *SMALL, "--uncertain", "ignore")
+    result = finetune(capsys, "--data", packed, "--init", "random", "--out", out, *SMALL, "--uncertain", "ignore")
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "multilabel"
@@ -224,7 +234,7 @@ def test_multilabel_chexpert_reports_per_label_auroc(tmp_path):
 
 
 @pytest.mark.slow
-def test_gradcam_on_real_radiographs_side_by_side(tmp_path):
+def test_gradcam_on_real_radiographs_side_by_side(tmp_path, capsys):
     """Real NIH images (RGBA files included), two fine-tuned models, one grid."""
     from tests.layouts import REAL_CXR
     from twinray.prep.cli import main as prep_main
@@ -235,32 +245,24 @@ def test_gradcam_on_real_radiographs_side_by_side(tmp_path):
     runs = []
     for init in ("random", "random"):
         out = tmp_path / f"ft{len(runs)}"
-        result = finetune("--data", packed, "--init", init, "--out", out, *SMALL, "--epochs", "1", "--seed", len(runs))
+        result = finetune(
+            capsys, "--data", packed, "--init", init, "--out", out, *SMALL, "--epochs", "1", "--seed", len(runs)
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         runs.append(out)
     png = tmp_path / "cam.png"
-    result = subprocess.run(
-        [sys.executable, "train/gradcam.py", "--data", packed, "--models", *runs, "--per-class", "2", "--out", png],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    result = twinray_here(capsys, "gradcam", "--data", packed, "--models", *runs, "--per-class", "2", "--out", png)
     assert result.returncode == 0, result.stderr[-2000:]
     assert png.stat().st_size > 10_000
     model, info = load_model(runs[0])
     maps = cams(model, torch.rand(3, 1, 32, 32), [0, 1, 1])
     assert maps.shape == (3, 32, 32) and np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
-    bad = subprocess.run(
-        [sys.executable, "train/gradcam.py", "--data", packed, "--models", tmp_path, "--out", png],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    bad = twinray_here(capsys, "gradcam", "--data", packed, "--models", tmp_path, "--out", png)
     assert_one_line_error(bad, "not a finetune run")
 
 
 @pytest.mark.slow
-def test_a_barlow_initialised_linear_probe_beats_a_random_init_probe(tmp_path):
+def test_a_barlow_initialised_linear_probe_beats_a_random_init_probe(tmp_path, capsys):
     """What pretraining is for, end to end on the CPU: generate, pack, pretrain, probe both inits, compare.
 
     960 generated train images with findings at strength 3: at the demo's subtle strength 1, a few CPU minutes of
@@ -279,11 +281,26 @@ def test_a_barlow_initialised_linear_probe_beats_a_random_init_probe(tmp_path):
     packed = tmp_path / "packed"
     assert prep_main(["covid", "--src", str(raw), "--out", str(packed), "--workers", "2"]) == 0
     run = tmp_path / "pretrain"
-    pretrain = subprocess.run(
-        [sys.executable, "train/pretrain.py", "--data", packed, "--out", run, "--epochs", "8", "--size", "32",
-         "--batch-size", "64", "--recipe", "base", "--wandb", "disabled", "--eval-every", "8"],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
+    pretrain = twinray_here(
+        capsys,
+        "pretrain",
+        "--data",
+        packed,
+        "--out",
+        run,
+        "--epochs",
+        "8",
+        "--size",
+        "32",
+        "--batch-size",
+        "64",
+        "--recipe",
+        "base",
+        "--wandb",
+        "disabled",
+        "--eval-every",
+        "8",
+    )
     assert pretrain.returncode == 0, pretrain.stderr[-2000:]
     # Issue 4's "the online probe beats chance": chance is 1/4 for balanced accuracy and for a uniform guess.
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "epoch_end" in line][-1]
@@ -293,7 +310,7 @@ def test_a_barlow_initialised_linear_probe_beats_a_random_init_probe(tmp_path):
     for init in (run, "random"):
         out = tmp_path / f"probe-{Path(init).name}"
         probe = ["--mode", "linear", "--epochs", "30", "--batch-size", "64", "--lr", "0.01", "--size", "32"]
-        result = finetune("--data", packed, "--init", init, "--out", out, *probe)
+        result = finetune(capsys, "--data", packed, "--init", init, "--out", out, *probe)
         assert result.returncode == 0, result.stderr[-2000:]
         results = json.loads((out / "results.json").read_text())
         scores[init == "random"] = (results["val"]["auroc"], results["test"]["auroc"])
@@ -303,13 +320,13 @@ def test_a_barlow_initialised_linear_probe_beats_a_random_init_probe(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["dali", "ffcv"])
-def test_finetune_runs_on_the_other_backends(covid_packed, backend, tmp_path):
+def test_finetune_runs_on_the_other_backends(covid_packed, backend, tmp_path, capsys):
     """The pretraining loaders serve fine-tuning too, label fraction included (FFCV reads the subset's positions)."""
     data = tmp_path / "data"
     shutil.copytree(covid_packed, data)  # FFCV writes its betons beside the data
     out = tmp_path / "ft"
     result = finetune(
-        "--data", data, "--init", "random", "--backend", backend, "--fraction", "0.5", "--out", out, *SMALL
+        capsys, "--data", data, "--init", "random", "--backend", backend, "--fraction", "0.5", "--out", out, *SMALL
     )
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
@@ -319,14 +336,14 @@ def test_finetune_runs_on_the_other_backends(covid_packed, backend, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["freeze:1", "linear"])
-def test_finetune_on_cuda(covid_packed, mode, tmp_path):
+def test_finetune_on_cuda(covid_packed, mode, tmp_path, capsys):
     """The CUDA path (nvJPEG decode, bf16 autocast, channels_last), through both the loader and the cached-feature
     branches."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     out = tmp_path / "ft"
     args = ["--init", "random", "--mode", mode, "--device", "cuda", "--out", out, *SMALL]
-    result = finetune("--data", covid_packed, *args)
+    result = finetune(capsys, "--data", covid_packed, *args)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["device"] == "cuda" and 0 <= results["test"]["accuracy"] <= 1
@@ -354,15 +371,15 @@ def _start_and_kill(args: list, out) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_after_its_last_epoch_and_ends_as_an_uninterrupted_one(covid_packed, tmp_path):
+def test_a_killed_run_resumes_after_its_last_epoch_and_ends_as_an_uninterrupted_one(covid_packed, tmp_path, capsys):
     args = ["--data", covid_packed, "--init", "random", *SMALL, "--epochs", "4", "--batch-size", "8"]
     whole = tmp_path / "whole"
-    assert finetune(*args, "--out", whole).returncode == 0
+    assert finetune(capsys, *args, "--out", whole).returncode == 0
     killed = tmp_path / "killed"
     _start_and_kill(args, killed)
     # Another setting cannot continue the killed run, and trying leaves it as it was.
-    assert_one_line_error(finetune(*args, "--out", killed, "--fraction", "0.5"), "fraction was 1.0, now 0.5")
-    resumed = finetune(*args, "--out", killed)
+    assert_one_line_error(finetune(capsys, *args, "--out", killed, "--fraction", "0.5"), "fraction was 1.0, now 0.5")
+    resumed = finetune(capsys, *args, "--out", killed)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout and not list(killed.glob("ckpt-*"))  # the finished run drops its checkpoint
     a, b = (json.loads((run / "results.json").read_text()) for run in (whole, killed))

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import REPO, assert_one_line_error
+from tests.conftest import assert_one_line_error, twinray_here
 from twinray.train.lr_find import main, range_test, suggest
 
 
@@ -65,12 +65,9 @@ def test_cli_writes_plot_and_json(covid_packed, tmp_path, task, device):
     assert out.stat().st_size > 1000
 
 
-def test_bad_arguments_are_one_line(covid_packed, tmp_path):
-    import subprocess
-    import sys
-
+def test_bad_arguments_are_one_line(covid_packed, tmp_path, capsys):
     def run(*args):
-        return subprocess.run([sys.executable, "train/lr_find.py", *args], cwd=REPO, capture_output=True, text=True)
+        return twinray_here(capsys, "lr-find", *args)
 
     out = str(tmp_path / "x.png")
     assert_one_line_error(run("--data", str(covid_packed), "--out", out, "--task", "segment"), "--task", "segment")

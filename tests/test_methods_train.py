@@ -116,7 +116,7 @@ def test_a_fixed_batch_lowers_each_methods_loss(method, covid_packed):
 
 
 @pytest.mark.parametrize("method", OTHERS)
-def test_a_short_run_logs_evaluates_and_exports_a_timm_backbone(method, covid_packed, tmp_path, keep_signals):
+def test_a_short_run_logs_evaluates_and_exports_a_timm_backbone(method, covid_packed, tmp_path):
     """One epoch through the whole trainer: the method's terms are logged, kNN and the probe run, and the backbone
     (the online encoder) loads into timm and equals the model's own backbone in the checkpoint."""
     out = tmp_path / method
@@ -158,7 +158,7 @@ def sigterm_after_first_step(out) -> threading.Thread:
 
 @pytest.mark.parametrize("method", ["moco", "byol"])
 @pytest.mark.parametrize("stop", ["SIGTERM", "max_steps"])
-def test_a_stopped_momentum_run_resumes_to_the_same_weights(method, stop, covid_packed, tmp_path, keep_signals):
+def test_a_stopped_momentum_run_resumes_to_the_same_weights(method, stop, covid_packed, tmp_path):
     """Stopped mid-run (by SIGTERM after its first step, as Barlow Twins' test does in a subprocess, or by
     --max-steps in the middle of its second epoch), then resumed: every tensor of the model (online weights, the
     EMA weights, MoCo's queue and pointer, BatchNorm statistics) equals an uninterrupted run's, bit for bit."""

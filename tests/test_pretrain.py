@@ -18,7 +18,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, assert_one_line_error, run_torchrun
+from tests.conftest import REPO, assert_one_line_error, run_torchrun, twinray_here
 from twinray import atomic
 from twinray.pipelines import LoaderSettings, build_loader
 from twinray.pipelines.augment import EVAL_RECIPE
@@ -41,28 +41,22 @@ from twinray.train.step import train_step
 TINY = ["--size", "32", "--batch-size", "16", "--projector", "64", "--wandb", "disabled", "--workers", "1"]
 
 
-def pretrain(*args, env=None, **kw) -> subprocess.CompletedProcess:
+def pretrain_process(*args, env=None) -> subprocess.CompletedProcess:
+    """`python train/pretrain.py ARGS` in a fresh process, for what only a process shows: torch.compile's own
+    state, a missing wandb, a CUDA run."""
     return subprocess.run(
         [sys.executable, "train/pretrain.py", *map(str, args)],
         cwd=REPO,
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
-        **kw,
     )
 
 
-def pretrain_here(capsys, *args) -> subprocess.CompletedProcess:
-    """pretrain's main() in this process, for errors found before any training (flags, config values): the same
-    lines and exit code as a subprocess, without its seconds of start-up."""
-    from twinray.train.pretrain import main
-
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as e:  # argparse
-        code = e.code
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+def pretrain(capsys, *args) -> subprocess.CompletedProcess:
+    """`twinray pretrain ARGS` in this process (tests/conftest.py twinray_here): the same lines and exit code as a
+    subprocess, without its seconds of start-up."""
+    return twinray_here(capsys, "pretrain", *args)
 
 
 def test_defaults_are_the_studys_final_settings():
@@ -108,7 +102,7 @@ def test_yaml_then_flags(tmp_path):
     ],
 )
 def test_bad_values_are_one_line_with_choices(args, needles, tmp_path, capsys):
-    assert_one_line_error(pretrain_here(capsys, "--data", tmp_path, "--out", tmp_path / "run", *args), *needles)
+    assert_one_line_error(pretrain(capsys, "--data", tmp_path, "--out", tmp_path / "run", *args), *needles)
 
 
 def test_the_knn_bank_is_a_fixed_subset_of_large_train_splits(covid_packed):
@@ -124,8 +118,8 @@ def test_the_knn_bank_is_a_fixed_subset_of_large_train_splits(covid_packed):
     assert not np.array_equal(bank, knn_bank_rows(data, 25, seed=1))
 
 
-def test_missing_data_is_one_line(tmp_path):
-    assert_one_line_error(pretrain("--data", tmp_path / "nope", "--out", tmp_path / "run", *TINY), "nope")
+def test_missing_data_is_one_line(tmp_path, capsys):
+    assert_one_line_error(pretrain(capsys, "--data", tmp_path / "nope", "--out", tmp_path / "run", *TINY), "nope")
 
 
 def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_leftover(tmp_path):
@@ -173,21 +167,21 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(damage, tmp_path):
     assert "\n" not in str(caught.value)
 
 
-def test_a_run_whose_checkpoint_is_damaged_stops_with_one_line(covid_packed, tmp_path):
+def test_a_run_whose_checkpoint_is_damaged_stops_with_one_line(covid_packed, tmp_path, capsys):
     out = tmp_path / "run"
-    assert pretrain("--data", covid_packed, "--out", out, "--max-steps", "1", *TINY).returncode == 0
+    assert pretrain(capsys, "--data", covid_packed, "--out", out, "--max-steps", "1", *TINY).returncode == 0
     saved = checkpoint.latest(out)
     (saved / "tensors.safetensors").write_bytes(b"\0" * 10)
-    result = pretrain("--data", covid_packed, "--out", out, "--epochs", "2", *TINY)
+    result = pretrain(capsys, "--data", covid_packed, "--out", out, "--epochs", "2", *TINY)
     assert_one_line_error(result, f"{saved}: unreadable checkpoint", "delete it")
 
 
-def test_a_shard_cut_short_stops_the_run_with_one_line_naming_it(covid_packed, tmp_path):
+def test_a_shard_cut_short_stops_the_run_with_one_line_naming_it(covid_packed, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(covid_packed, data)
     shard = sorted(data.glob("train-*.tar"))[-1]
     shard.write_bytes(shard.read_bytes()[:1000])
-    result = pretrain("--data", data, "--out", tmp_path / "run", "--epochs", "1", *TINY)
+    result = pretrain(capsys, "--data", data, "--out", tmp_path / "run", "--epochs", "1", *TINY)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert re.fullmatch(
         rf"pretrain: error: {shard}: row \d+ ends at byte \d+, past the shard's 1000; .*",
@@ -344,10 +338,10 @@ def test_the_run_state_round_trips_through_a_checkpoint(tmp_path):
         resume_changes("run", saved, now(lr=1e-3, projector="32"), Position())
 
 
-def test_short_run_logs_checkpoints_and_exports_a_timm_backbone(covid_packed, tmp_path):
+def test_short_run_logs_checkpoints_and_exports_a_timm_backbone(covid_packed, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--epochs", "2", "--log-every", "1", "--eval-every", "1", "--knn-bank", "40", *TINY]
-    result = pretrain("--data", covid_packed, "--out", out, *args)
+    result = pretrain(capsys, "--data", covid_packed, "--out", out, *args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "epoch 2/2" in result.stdout and result.stdout.count("knn_acc") == 2  # every epoch, as asked
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -406,10 +400,10 @@ def _weights(run) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_killed_mid_epoch_resumes_to_the_same_weights(covid_packed, tmp_path):
+def test_killed_mid_epoch_resumes_to_the_same_weights(covid_packed, tmp_path, capsys):
     args = ["--data", covid_packed, "--epochs", "2", "--log-every", "1", "--deterministic", *TINY]
     straight = tmp_path / "straight"
-    assert pretrain(*args, "--out", straight).returncode == 0
+    assert pretrain(capsys, *args, "--out", straight).returncode == 0
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -432,7 +426,7 @@ def test_killed_mid_epoch_resumes_to_the_same_weights(covid_packed, tmp_path):
     position = checkpoint.load(checkpoint.latest(killed))["position"]
     assert position["in_epoch"] > 0 or position["epoch"] > 0
 
-    resumed = pretrain(*args, "--out", killed)
+    resumed = pretrain(capsys, *args, "--out", killed)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from ckpt-" in resumed.stdout
     steps = [
@@ -446,15 +440,15 @@ def test_killed_mid_epoch_resumes_to_the_same_weights(covid_packed, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(covid_packed, tmp_path):
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(covid_packed, tmp_path, capsys):
     out = tmp_path / "run"
     first = pretrain(
-        "--data", covid_packed, "--out", out, "--epochs", "3", "--max-steps", "1", "--optimizer", "sgd", *TINY
+        capsys, "--data", covid_packed, "--out", out, "--epochs", "3", "--max-steps", "1", "--optimizer", "sgd", *TINY
     )
     assert first.returncode == 0, first.stderr[-2000:]
     before = checkpoint.latest(out)
     result = pretrain(
-        "--data", covid_packed, "--out", out, "--epochs", "3", "--optimizer", "sgd", "--lr", "1e30", *TINY
+        capsys, "--data", covid_packed, "--out", out, "--epochs", "3", "--optimizer", "sgd", "--lr", "1e30", *TINY
     )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
@@ -464,7 +458,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(covid
 
 
 @pytest.mark.slow
-def test_two_processes_on_gloo_then_resume_on_one(covid_packed, tmp_path):
+def test_two_processes_on_gloo_then_resume_on_one(covid_packed, tmp_path, capsys):
     out = tmp_path / "run"
     result = run_torchrun(
         "train/pretrain.py",
@@ -473,18 +467,18 @@ def test_two_processes_on_gloo_then_resume_on_one(covid_packed, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["world_size"] == 2  # really two processes
-    resumed = pretrain("--data", covid_packed, "--out", out, "--epochs", "2", *TINY, "--projector", "64-64")
+    resumed = pretrain(capsys, "--data", covid_packed, "--out", out, "--epochs", "2", *TINY, "--projector", "64-64")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from ckpt-" in resumed.stdout
     assert json.loads((out / "config.json").read_text())["world_size"] == 1
 
 
-def test_resume_with_another_architecture_is_one_line(covid_packed, tmp_path):
+def test_resume_with_another_architecture_is_one_line(covid_packed, tmp_path, capsys):
     out = tmp_path / "run"
-    assert pretrain("--data", covid_packed, "--out", out, "--max-steps", "1", *TINY).returncode == 0
+    assert pretrain(capsys, "--data", covid_packed, "--out", out, "--max-steps", "1", *TINY).returncode == 0
     changed = [a if a != "64" else "32" for a in TINY]  # another projector
     assert_one_line_error(
-        pretrain("--data", covid_packed, "--out", out, "--epochs", "2", *changed), "projector '64'", "'32'"
+        pretrain(capsys, "--data", covid_packed, "--out", out, "--epochs", "2", *changed), "projector '64'", "'32'"
     )
 
 
@@ -492,7 +486,7 @@ def test_wandb_offline_run_and_disabled_without_wandb(covid_packed, tmp_path):
     out = tmp_path / "run"
     tiny = [a for a in TINY if a not in ("--wandb", "disabled")]
     args = ["--data", covid_packed, "--out", out, "--max-steps", "1", *tiny]
-    result = pretrain(*args, "--wandb", "offline", env={"WANDB_API_KEY": "", "WANDB_SILENT": "true"})
+    result = pretrain_process(*args, "--wandb", "offline", env={"WANDB_API_KEY": "", "WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert list((out / "wandb").glob("offline-run-*")), "no offline wandb run was written"
 
@@ -510,18 +504,18 @@ def test_wandb_offline_run_and_disabled_without_wandb(covid_packed, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_short_run_lowers_the_loss(demo_packed, tmp_path):
+def test_a_short_run_lowers_the_loss(demo_packed, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--data", demo_packed, "--out", out, "--epochs", "4", "--size", "32", "--batch-size", "32"]
-    result = pretrain(*args, "--recipe", "base", "--wandb", "disabled")
+    result = pretrain(capsys, *args, "--recipe", "base", "--wandb", "disabled")
     assert result.returncode == 0, result.stderr[-2000:]
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "epoch_end" in line]
     assert len(epochs) == 4
     # Epoch means at 32 px (64 px until 2026-12-07, 104 s of CI): measured 459 -> 390 (435 -> 341 at 64 px).
     assert epochs[-1]["loss"] < 0.9 * epochs[0]["loss"]
-    # The online probe starts from nothing and learns as the run goes (measured 0.27 -> 0.31 at 32 px, 0.25 -> 0.34 at
-    # 64 px; the majority class is 48% of train, so it is still short of the class prior). At the default --eval-every (10), kNN runs at the last
-    # epoch only.
+    # The online probe starts from nothing and learns as the run goes (measured 0.27 -> 0.31 at 32 px, 0.25 -> 0.34
+    # at 64 px; the majority class is 48% of train, so it is still short of the class prior). At the default
+    # --eval-every (10), kNN runs at the last epoch only.
     assert epochs[-1]["probe_acc"] > epochs[0]["probe_acc"]
     assert ["knn_acc" in e for e in epochs] == [False, False, False, True]
 
@@ -529,7 +523,7 @@ def test_a_short_run_lowers_the_loss(demo_packed, tmp_path):
 def test_bf16_accumulation_lars_and_compile_run_on_the_cpu(covid_packed, tmp_path):
     out = tmp_path / "run"
     flags = ["--mixed-precision", "bf16", "--grad-accum", "2", "--optimizer", "lars", "--compile", "--max-steps", "3"]
-    result = pretrain("--data", covid_packed, "--out", out, "--epochs", "2", "--log-every", "1", *TINY, *flags)
+    result = pretrain_process("--data", covid_packed, "--out", out, "--epochs", "2", "--log-every", "1", *TINY, *flags)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "stopped (max_steps) at step 3" in result.stdout
     saved = json.loads((out / "config.json").read_text())
@@ -551,7 +545,7 @@ def test_cuda_run_compiles_in_bf16_and_resumes(demo_packed, tmp_path):
         pytest.skip("no CUDA device")
     small = ["--data", demo_packed, "--size", "64", "--batch-size", "32", "--wandb", "disabled", "--log-every", "1"]
     out = tmp_path / "compiled"
-    result = pretrain(*small, "--out", out, "--epochs", "2")
+    result = pretrain_process(*small, "--out", out, "--epochs", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.loads((out / "config.json").read_text())
     assert saved["compile"] in (None, True) and saved["mixed_precision"] in ("auto", "bf16")
@@ -561,16 +555,16 @@ def test_cuda_run_compiles_in_bf16_and_resumes(demo_packed, tmp_path):
     assert (out / "backbone.safetensors").exists()
 
     out = tmp_path / "resumed"
-    first = pretrain(*small, "--out", out, "--epochs", "2", "--no-compile", "--max-steps", "3")
+    first = pretrain_process(*small, "--out", out, "--epochs", "2", "--no-compile", "--max-steps", "3")
     assert first.returncode == 0 and "stopped (max_steps) at step 3" in first.stdout, first.stderr[-2000:]
-    second = pretrain(*small, "--out", out, "--epochs", "2", "--no-compile")
+    second = pretrain_process(*small, "--out", out, "--epochs", "2", "--no-compile")
     assert second.returncode == 0, second.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     numbers = [r["step"] for r in rows if not r.get("epoch_end")]
     assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) == 20  # 320 train / 32, two epochs
 
 
-def test_a_reader_that_leaves_stops_the_run_quietly_after_saving_its_epoch(covid_packed, tmp_path):
+def test_a_reader_that_leaves_stops_the_run_quietly_after_saving_its_epoch(covid_packed, tmp_path, capsys):
     """`pretrain.py ... | head -0`: the first epoch line finds no reader. The epoch is saved before that line, the
     run exits as a shell expects for SIGPIPE (141) without a traceback, and a re-run finishes from there."""
     out = tmp_path / "run"
@@ -584,7 +578,7 @@ def test_a_reader_that_leaves_stops_the_run_quietly_after_saving_its_epoch(covid
     assert "Traceback" not in stderr and "Error" not in stderr
     position = checkpoint.load(checkpoint.latest(out))["position"]
     assert (position["epoch"], position["in_epoch"]) == (1, 0)
-    resumed = pretrain(*args)
+    resumed = pretrain(capsys, *args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from ckpt-" in resumed.stdout and "epoch 1/2" not in resumed.stdout
     assert (out / "backbone.safetensors").exists()

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import csv
 import subprocess
-import sys
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, assert_one_line_error
+from tests.conftest import assert_one_line_error, twinray_here
 from twinray.train.config import FinetuneConfig, PretrainConfig, to_flags
 from twinray.train.scan import plan, t_interval
 
 FINETUNE = {"epochs": 1, "size": 32, "batch_size": 16, "workers": 1}
 
 
-def scan(config) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train/scan.py", str(config)], cwd=REPO, capture_output=True, text=True)
+def scan(capsys, config) -> subprocess.CompletedProcess:
+    """`twinray scan CONFIG` in this process (tests/conftest.py twinray_here); each run in it is still a process."""
+    return twinray_here(capsys, "scan", config)
 
 
 def test_flags_and_interval():
@@ -44,14 +44,14 @@ def test_a_sweep_pretrains_once_per_pretraining_cell_and_varies_finetune_keys_af
 
 
 @pytest.mark.slow
-def test_pretrain_sweep_then_fraction_grid_resumes(covid_packed, tmp_path):
+def test_pretrain_sweep_then_fraction_grid_resumes(covid_packed, tmp_path, capsys):
     sweep = tmp_path / "sweep.yaml"
     pretrain = {"epochs": 1, "size": 32, "batch_size": 16, "workers": 1}
     sweep.write_text(yaml.safe_dump({
         "data": str(covid_packed), "out": str(tmp_path / "sweep"), "seeds": [0],
         "pretrain": pretrain, "finetune": FINETUNE, "grid": {"projector": ["64"]}, "then": ["linear", "freeze:2"],
     }, sort_keys=False))  # fmt: skip
-    result = scan(sweep)
+    result = scan(capsys, sweep)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "runs.csv")))
     assert sorted(r["mode"] for r in rows) == ["freeze:2", "linear"] and all(r["projector"] == "64" for r in rows)
@@ -63,7 +63,7 @@ def test_pretrain_sweep_then_fraction_grid_resumes(covid_packed, tmp_path):
         "data": str(covid_packed), "out": str(tmp_path / "grid"), "seeds": [0, 1], "finetune": FINETUNE,
         "grid": {"init": [str(backbone), "random"], "fraction": [0.5]},
     }, sort_keys=False))  # fmt: skip
-    result = scan(grid)
+    result = scan(capsys, grid)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "grid" / "runs.csv")))
     assert len(rows) == 4 and {r["seed"] for r in rows} == {"0", "1"}
@@ -72,17 +72,17 @@ def test_pretrain_sweep_then_fraction_grid_resumes(covid_packed, tmp_path):
     assert (tmp_path / "grid" / "scan.png").stat().st_size > 5000
 
     (tmp_path / "grid" / "init-random_fraction-0.5" / "seed-1" / "results.json").unlink()  # as if interrupted
-    result = scan(grid)
+    result = scan(capsys, grid)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "4 runs, 3 already finished" in result.stdout and result.stdout.count(" skip ") == 3
     assert len(list(csv.DictReader(open(tmp_path / "grid" / "runs.csv")))) == 4
 
 
-def test_bad_scans_are_one_line(tmp_path):
+def test_bad_scans_are_one_line(tmp_path, capsys):
     path = tmp_path / "s.yaml"
     path.write_text("data: x\nout: y\ngrid: {fraction: [0.1]}\nseed: [1]\n")
-    assert_one_line_error(scan(path), "unknown key 'seed'")
+    assert_one_line_error(scan(capsys, path), "unknown key 'seed'")
     path.write_text("data: x\nout: y\ngrid: {fraction: 0.1}\n")
-    assert_one_line_error(scan(path), "non-empty list")
+    assert_one_line_error(scan(capsys, path), "non-empty list")
     path.write_text(f"data: {tmp_path}\nout: {tmp_path / 'o'}\ngrid: {{fraction: [2]}}\nfinetune: {{init: random}}\n")
-    assert_one_line_error(scan(path), "finetune in", "fraction 2")
+    assert_one_line_error(scan(capsys, path), "finetune in", "fraction 2")

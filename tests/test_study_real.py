@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -14,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, twinray_here
 from tests.layouts import KERMANY_CXR, REAL_CXR, read_grey
 from twinray.prep import real_cxr
 from twinray.prep.datasets import folder
@@ -176,14 +174,11 @@ def test_shrunk_study_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert len(json.loads((out / "timings.json").read_text())["invocations"]) == 2  # the first one's figures kept
 
 
-def test_a_missing_data_folder_is_one_line(tmp_path):
-    command = [sys.executable, "train/study_real.py", "configs/study-real.yaml", "--raw", str(tmp_path / "nowhere"),
-               "--profile", "cpu"]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+def test_a_missing_data_folder_is_one_line(tmp_path, capsys):
+    config = REPO / "configs" / "study-real.yaml"
+    result = twinray_here(capsys, "study-real", config, "--raw", tmp_path / "nowhere", "--profile", "cpu")
     assert result.returncode == 2 and "nowhere: no such folder" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-
-
 
 
 def test_shrunk_one_hospital_study_reports_the_thumbnail_floor_per_fraction(tmp_path, capsys):
@@ -197,7 +192,8 @@ def test_shrunk_one_hospital_study_reports_the_thumbnail_floor_per_fraction(tmp_
                                "pretrain": {**tiny, "eval_every": 1}, "finetune": tiny}  # fmt: skip
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    assert study_main([str(config), "--raw", str(KERMANY_CXR), "--profile", "tiny"]) == 0, capsys.readouterr().err[-3000:]
+    argv = [str(config), "--raw", str(KERMANY_CXR), "--profile", "tiny"]
+    assert study_main(argv) == 0, capsys.readouterr().err[-3000:]
     out = tmp_path / "results" / "tiny"
 
     labels = list(csv.DictReader(open(tmp_path / "work" / "labels.csv")))
