@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, assert_one_line_error
+from tests.conftest import REPO, assert_one_line_error, twinray_here
 from twinray.cli import InputError
 from twinray.pipelines import LoaderSettings, build_loader
 from twinray.prep import shard_cache
@@ -254,41 +254,35 @@ def test_the_cache_evicts_the_least_recently_used_and_refuses_a_split_too_large(
     assert "split 'train' is" in too_small.stderr and "more than the shard cache limit" in too_small.stderr
 
 
-def test_a_url_split_too_large_for_the_cache_is_one_line_in_pretrain(s3, s3_covid, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable, "train/pretrain.py", "--data", s3_covid, "--out", tmp_path / "run",
-            "--shard-cache", tmp_path / "c", "--shard-cache-limit", "100kB",
-            "--storage-options", s3.storage_options_json, "--wandb", "disabled", "--size", "32",
-        ],
-        cwd=REPO, capture_output=True, text=True, env=s3.env(),
+def test_a_url_split_too_large_for_the_cache_is_one_line_in_pretrain(s3, s3_covid, tmp_path, capsys):
+    result = twinray_here(
+        capsys, "pretrain", "--data", s3_covid, "--out", tmp_path / "run",
+        "--shard-cache", tmp_path / "c", "--shard-cache-limit", "100kB",
+        "--storage-options", s3.storage_options_json, "--wandb", "disabled", "--size", "32",
     )  # fmt: skip
     assert_one_line_error(result, "split 'train' is", "shard cache limit", "--shard-cache-limit")
 
 
 @pytest.mark.slow
-def test_finetune_gradcam_and_lr_find_read_a_url(s3, s3_covid, covid_packed, tmp_path):
+def test_finetune_gradcam_and_lr_find_read_a_url(s3, s3_covid, covid_packed, tmp_path, capsys):
+    """In this process (twinray_here), where the s3 fixture has put the server's credentials in the environment."""
     storage = ["--shard-cache", tmp_path / "cache", "--storage-options", s3.storage_options_json]
 
-    def tool(script, *args):
-        return subprocess.run(
-            [sys.executable, script, *map(str, args)], cwd=REPO, capture_output=True, text=True, env=s3.env()
-        )
+    def tool(command, *args):
+        return twinray_here(capsys, command, *args)
 
     small = ["--init", "random", "--mode", "linear", "--epochs", "1", "--size", "32", "--batch-size", "16"]
-    remote = tool("train/finetune.py", "--data", s3_covid, *storage, *small, "--workers", "1", "--out", tmp_path / "ft")
+    remote = tool("finetune", "--data", s3_covid, *storage, *small, "--workers", "1", "--out", tmp_path / "ft")
     assert remote.returncode == 0, remote.stderr[-2000:]
-    local = tool("train/finetune.py", "--data", covid_packed, *small, "--workers", "1", "--out", tmp_path / "ft-local")
+    local = tool("finetune", "--data", covid_packed, *small, "--workers", "1", "--out", tmp_path / "ft-local")
     assert local.returncode == 0, local.stderr[-2000:]
     a, b = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("ft", "ft-local"))
     assert a["test"] == b["test"]  # the same data, so the same model and scores
     png = tmp_path / "cam.png"
-    cam = tool(
-        "train/gradcam.py", "--data", s3_covid, *storage, "--models", tmp_path / "ft", "--per-class", "1", "--out", png
-    )
+    cam = tool("gradcam", "--data", s3_covid, *storage, "--models", tmp_path / "ft", "--per-class", "1", "--out", png)
     assert cam.returncode == 0, cam.stderr[-2000:]
     assert png.stat().st_size > 1000
-    lr = tool("train/lr_find.py", "--data", s3_covid, *storage, "--steps", "4", "--batch-size", "8", "--size", "32",
+    lr = tool("lr-find", "--data", s3_covid, *storage, "--steps", "4", "--batch-size", "8", "--size", "32",
               "--device", "cpu", "--out", tmp_path / "lr.png")  # fmt: skip
     assert lr.returncode == 0, lr.stderr[-2000:]
     assert json.loads((tmp_path / "lr.json").read_text())["data"] == s3_covid

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, assert_one_line_error
+from tests.conftest import REPO, assert_one_line_error, twinray_here
 from twinray import lock
 from twinray.cli import InputError
 from twinray.prep.format import PackedDataset, PackWriter, encode_image
@@ -71,10 +71,7 @@ def test_a_finished_run_is_kept_and_only_force_replaces_it(named, tmp_path, caps
     assert line == f"--out {out} already holds this finished run: {out / 'results.json'} (--force runs it again)"
     assert snapshot(out) == before
     # Other settings: one line naming each, with both values, exit 2, and the files as they were.
-    other = subprocess.run(
-        [sys.executable, "train/finetune.py", "--data", named["B"], *TINY, "--mode", "full", "--out", out],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
+    other = twinray_here(capsys, "finetune", "--data", named["B"], *TINY, "--mode", "full", "--out", out)
     sha = {name: PackedDataset(named[name]).digest[:12] for name in ("AB", "B")}
     assert_one_line_error(
         other,
@@ -135,7 +132,7 @@ def test_all_differing_settings_are_named():
     assert finetune.differences(old, now, ("data",)) == ["data was '/a', now '/b'"]
 
 
-def test_gradcam_matches_classes_by_name(named, tmp_path):
+def test_gradcam_matches_classes_by_name(named, tmp_path, capsys):
     """A model of [A, B] drawn on data holding only B: each image is "true: B" with the map of the model's B."""
     png = tmp_path / "cam.png"
     assert (
@@ -152,10 +149,9 @@ def test_gradcam_matches_classes_by_name(named, tmp_path):
     args = argparse.Namespace(data=named["BA"], models=[named["run"]], size=None, per_class=1, out=tmp_path / "ba.png")
     record = gradcam.run(args)
     assert record["true"] == ["A", "B"] and record["models"][0]["targets"] == [0, 1]
-    unknown = subprocess.run(
-        [sys.executable, "train/gradcam.py", "--data", named["ABC"], "--models", named["run"],
-         "--out", tmp_path / "c.png"], cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
+    unknown = twinray_here(
+        capsys, "gradcam", "--data", named["ABC"], "--models", named["run"], "--out", tmp_path / "c.png"
+    )
     assert_one_line_error(
         unknown, f"--models {named['run']}: the data's class 'C' is not among the model's classes (A, B)"
     )
