@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import GLOO_ENV, REPO, free_port, torchrun_path
+from tests.conftest import GLOO_ENV, REPO, free_port, torchrun_path, twinray_here
 from twinray.prep import shard_cache
 from twinray.train import checkpoint
 
@@ -80,7 +80,7 @@ def steps_logged(out) -> list[int]:
 
 
 @pytest.mark.slow
-def test_two_nodes_from_s3_stop_mid_epoch_resume_then_resume_on_one_process(s3, s3_covid, tmp_path):
+def test_two_nodes_from_s3_stop_mid_epoch_resume_then_resume_on_one_process(s3, s3_covid, tmp_path, capsys):
     out = tmp_path / "run"
     caches = [tmp_path / "node0-cache", tmp_path / "node1-cache"]
     args = ["--epochs", "2", "--log-every", "1"]  # 48 train images, global batch 4: 12 steps per epoch
@@ -121,12 +121,9 @@ def test_two_nodes_from_s3_stop_mid_epoch_resume_then_resume_on_one_process(s3, 
 
     # Another world size: one process continues from the 2-process checkpoint (the step carries over; the epoch's
     # sample order is dealt to 1 rank instead of 2, so it is not the same sample set an unchanged run would see).
-    one = subprocess.run(
-        [
-            sys.executable, "train/pretrain.py", "--data", s3_covid, "--out", str(out), "--shard-cache", str(caches[0]),
-            "--storage-options", s3.storage_options_json, *TINY, "--epochs", "3", "--log-every", "1",
-        ],
-        cwd=REPO, capture_output=True, text=True, env=s3.env(),
+    one = twinray_here(
+        capsys, "pretrain", "--data", s3_covid, "--out", out, "--shard-cache", caches[0],
+        "--storage-options", s3.storage_options_json, *TINY, "--epochs", "3", "--log-every", "1",
     )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     assert "resuming from ckpt-" in one.stdout

@@ -10,7 +10,7 @@ import sys
 import cv2
 import pytest
 
-from tests.conftest import REPO, assert_one_line_error
+from tests.conftest import REPO, assert_one_line_error, twinray_here
 from twinray.bench.resources import hours_for_epochs
 
 
@@ -118,7 +118,8 @@ def test_a_cell_over_its_time_limit_is_recorded_not_raised():
         ("bench/pipeline.py", ["--data", "/no/such/folder"], "/no/such/folder: no such directory"),
     ],
 )
-def test_benchmark_scripts_report_bad_input_in_one_line(script, args, needle):
-    """A benchmark's bad argument or missing data folder is one line naming it, exit code 2, never a traceback."""
-    result = subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+def test_benchmark_scripts_report_bad_input_in_one_line(script, args, needle, capsys):
+    """A benchmark's bad argument or missing data folder is one line naming it, exit code 2, never a traceback
+    (`twinray bench NAME`, in this process)."""
+    result = twinray_here(capsys, "bench", script.removeprefix("bench/").removesuffix(".py"), *args)
     assert_one_line_error(result, needle)
