@@ -205,7 +205,7 @@ def test_cuda_auto_puts_a_small_split_on_the_device(mixed_sizes):
     assert "cache auto -> device: the decoded images take" in loader.cache_note
 
 
-def test_finetune_with_the_default_cache_trains_exactly_as_without(covid_packed, tmp_path):
+def test_finetune_with_the_default_cache_trains_exactly_as_without(covid_packed, tmp_path, capsys):
     """`--cache` defaults to auto, which is host on the CPU: the same views give the same losses and scores."""
     import json
 
@@ -215,7 +215,7 @@ def test_finetune_with_the_default_cache_trains_exactly_as_without(covid_packed,
     for cache in ("none", None):
         out = tmp_path / str(cache)
         args = ["--data", covid_packed, "--init", "random", "--out", out, *SMALL, "--epochs", "1"]
-        result = finetune(*args, *(["--cache", cache] if cache else []))
+        result = finetune(capsys, *args, *(["--cache", cache] if cache else []))
         assert result.returncode == 0, result.stderr[-2000:]
         runs[cache] = json.loads((out / "results.json").read_text()), result.stdout
     (plain, plain_out), (cached, cached_out) = runs["none"], runs[None]
