@@ -47,34 +47,63 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped without the gpu marker, which CI does not allow: {report.longrepr}"
 
 
+# What the process starts with, to put back after every test: a module- or session-scoped fixture that runs a tool
+# in process (tests/test_rerun_pretrain.py's `stopped`) would otherwise become the "before" of each test after it.
+SIGNALS = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+DETERMINISTIC = torch.are_deterministic_algorithms_enabled()
+
+
 @pytest.fixture(autouse=True)
 def keep_process_state():
     """Every test: what a tool's main() run in this process (`twinray_here`) may change comes back afterwards:
-    train()'s SIGTERM/SIGINT handlers (pytest's return), `--deterministic`'s torch.use_deterministic_algorithms,
-    and the environment (`--wandb offline` sets WANDB_MODE)."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    train()'s SIGTERM/SIGINT handlers and `--deterministic`'s torch.use_deterministic_algorithms, as the process
+    started with them; the environment (`--wandb offline` sets WANDB_MODE) as the test found it, since the `s3`
+    fixture sets the server's credentials for the session. Only changed variables are written back (threads that
+    outlive a test may read the environment). Not restored: torch's and numpy's global random state (each tool seeds
+    its own) and accelerate's process-wide state, which fixes the first Accelerator's mixed precision for the rest of
+    the process (a bf16 run in process after an fp32 one raises ValueError): tests/test_pretrain.py runs bf16 in a
+    process of its own."""
     environ = dict(os.environ)
     yield
-    for s, handler in saved.items():
+    for s, handler in SIGNALS.items():
         signal.signal(s, handler)
-    torch.use_deterministic_algorithms(deterministic)
-    if dict(os.environ) != environ:
-        os.environ.clear()
-        os.environ.update(environ)
+    torch.use_deterministic_algorithms(DETERMINISTIC)
+    for name in os.environ.keys() - environ.keys():
+        del os.environ[name]
+    for name, value in environ.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 def twinray_here(capsys, command: str, *args) -> subprocess.CompletedProcess:
     """`twinray COMMAND ARGS` in this process: twinray.command.main, which runs the tool's main() as its
     `__main__` block does (the same one-line errors and exit codes), with stdout and stderr captured. What a
     subprocess would give, without its 5 to 10 s of imports; for tests that check nothing of the process itself
-    (signals, pipes, start-up). The usage line names `twinray COMMAND`."""
+    (signals, pipes, start-up). The usage line names `twinray COMMAND`.
+
+    stderr holds what a process would print there beyond sys.stderr: warnings (but DeprecationWarning, which Python
+    hides outside __main__) and log records of WARNING and above (Python's last-resort handler), which pytest would
+    otherwise keep for itself, so a one-line check still sees them. Not seen: writes to file descriptor 2 from C code
+    or from child processes."""
+    import logging
+    import warnings
+
     from twinray.command import main
 
     argv = [str(a) for a in args]
-    code = main([command, *argv])
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code = main([command, *argv])
+    finally:
+        logging.getLogger().removeHandler(handler)
     captured = capsys.readouterr()
-    return subprocess.CompletedProcess([command, *argv], code, captured.out, captured.err)
+    shown = [w for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    err = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in shown) + captured.err
+    return subprocess.CompletedProcess([command, *argv], code, captured.out, err)
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from tests.conftest import assert_one_line_error, run_torchrun, twinray_here
@@ -11,11 +9,6 @@ from twinray.train.config import ConfigError, check_batch_size
 
 PRETRAIN_TINY = ["--size", "32", "--projector", "64", "--wandb", "disabled", "--workers", "1", "--epochs", "1"]
 FINETUNE_TINY = ["--init", "random", "--size", "32", "--epochs", "1", "--workers", "1"]
-
-
-def cli(capsys, command: str, *args) -> subprocess.CompletedProcess:
-    """`twinray COMMAND ARGS` in this process (tests/conftest.py twinray_here)."""
-    return twinray_here(capsys, command, *args)
 
 
 def test_the_per_process_batch_of_a_step_needs_two_images():
@@ -33,14 +26,18 @@ def test_the_per_process_batch_of_a_step_needs_two_images():
 @pytest.mark.parametrize("batch", ["1", "0"])
 def test_pretrain_refuses_a_batch_of_one_before_writing(covid_packed, batch, tmp_path, capsys):
     out = tmp_path / "run"
-    result = cli(capsys, "pretrain", "--data", covid_packed, "--out", out, *PRETRAIN_TINY, "--batch-size", batch)
+    result = twinray_here(
+        capsys, "pretrain", "--data", covid_packed, "--out", out, *PRETRAIN_TINY, "--batch-size", batch
+    )
     assert_one_line_error(result, f"--batch-size {batch}", "at least 2 images per process")
     assert not out.exists()  # no config.json left behind
 
 
 def test_pretrain_refuses_a_batch_larger_than_the_train_split_before_writing(covid_packed, tmp_path, capsys):
     out = tmp_path / "run"
-    result = cli(capsys, "pretrain", "--data", covid_packed, "--out", out, *PRETRAIN_TINY, "--batch-size", "64")
+    result = twinray_here(
+        capsys, "pretrain", "--data", covid_packed, "--out", out, *PRETRAIN_TINY, "--batch-size", "64"
+    )
     assert_one_line_error(result, "--batch-size 64 is larger than the train split (48 images)")
     assert not out.exists()
 
@@ -64,7 +61,7 @@ def test_finetune_refuses_a_batch_of_one_before_writing(covid_packed, mode, tmp_
     # A batch of one failed in BatchNorm in full mode; in linear mode every step was skipped and the run wrote a
     # results.json of an untrained head.
     out = tmp_path / "run"
-    result = cli(
+    result = twinray_here(
         capsys, "finetune", "--data", covid_packed, "--out", out, *FINETUNE_TINY, "--mode", mode, "--batch-size", "1"
     )
     assert_one_line_error(result, "--batch-size 1", "at least 2 images")
@@ -75,6 +72,8 @@ def test_finetune_refuses_a_batch_of_one_before_writing(covid_packed, mode, tmp_
 def test_lr_find_refuses_a_batch_that_cannot_train_before_writing(covid_packed, batch, needle, tmp_path, capsys):
     # 64 > 48 train images: every epoch was empty, and cycling a million of them looked like a hang.
     out = tmp_path / "plots" / "lr.png"
-    result = cli(capsys, "lr-find", "--data", covid_packed, "--out", out, "--size", "32", "--batch-size", batch)
+    result = twinray_here(
+        capsys, "lr-find", "--data", covid_packed, "--out", out, "--size", "32", "--batch-size", batch
+    )
     assert_one_line_error(result, f"--batch-size {batch}", needle)
     assert not out.parent.exists()

@@ -173,3 +173,31 @@ def test_every_package_is_listed():
     data = {name for name, globs in setuptools["package-data"].items() if "*.yaml" in globs}
     assert data == {"twinray.configs"}
     assert sorted(setuptools["packages"]) == sorted(found | data)
+
+
+def test_the_tests_in_process_runner_keeps_what_a_process_prints_on_stderr(capsys, monkeypatch):
+    """tests/conftest.py twinray_here, which most tool tests use instead of a subprocess: a warning and a log record
+    reach its stderr, as a process prints them, so a one-line check still fails on them; a DeprecationWarning, which
+    a process hides, does not."""
+    import logging
+    import types
+    import warnings
+
+    from tests.conftest import twinray_here
+    from twinray.command import Tool
+
+    def probe(argv):
+        warnings.warn("a user warning", stacklevel=1)
+        warnings.warn("a deprecation", DeprecationWarning, stacklevel=1)
+        logging.getLogger("probe").warning("a log record")
+        sys.stderr.write(f"probe: error: {argv[0]}\n")
+        return 2
+
+    monkeypatch.setitem(sys.modules, "probe_tool", types.SimpleNamespace(main=probe))
+    monkeypatch.setitem(TOOLS, "probe", Tool("probe_tool", "a tool that warns", "probe"))
+    result = twinray_here(capsys, "probe", "bad")
+    assert result.returncode == 2 and result.stderr.splitlines()[-1] == "probe: error: bad"
+    assert "UserWarning: a user warning" in result.stderr and "a log record" in result.stderr
+    assert "a deprecation" not in result.stderr
+    monkeypatch.setitem(sys.modules, "probe_tool", types.SimpleNamespace(main=lambda argv: 0))
+    assert twinray_here(capsys, "probe").stderr == ""

@@ -9,7 +9,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -18,7 +17,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, assert_one_line_error, run_torchrun
+from tests.conftest import REPO, assert_one_line_error, run_torchrun, twinray_here
 from twinray.train import checkpoint
 from twinray.train.config import PretrainConfig
 from twinray.train.methods.base import unwrap
@@ -232,25 +231,13 @@ def test_two_processes_on_gloo_train_a_momentum_method(method, covid_packed, tmp
 
 
 def pretrain_here(capsys, *args) -> subprocess.CompletedProcess:
-    """pretrain's main() in this process, for errors found before any training (as tests/test_pretrain.py)."""
-    from twinray.train.pretrain import main
-
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    """`twinray pretrain ARGS` in this process (tests/conftest.py twinray_here)."""
+    return twinray_here(capsys, "pretrain", *args)
 
 
-def test_a_bad_method_is_one_line_listing_the_choices(tmp_path):
+def test_a_bad_method_is_one_line_listing_the_choices(tmp_path, capsys):
     args = ["--data", str(tmp_path), "--out", str(tmp_path / "r"), "--method", "dino"]
-    result = subprocess.run(
-        [sys.executable, "train/pretrain.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    result = twinray_here(capsys, "pretrain", *args)
     assert_one_line_error(result, "method 'dino'", "barlow, simclr, moco, byol, vicreg")
 
 

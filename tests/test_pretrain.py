@@ -43,7 +43,8 @@ TINY = ["--size", "32", "--batch-size", "16", "--projector", "64", "--wandb", "d
 
 def pretrain_process(*args, env=None) -> subprocess.CompletedProcess:
     """`python train/pretrain.py ARGS` in a fresh process, for what only a process shows: torch.compile's own
-    state, a missing wandb, a CUDA run."""
+    state, bf16 (accelerate fixes the first Accelerator's mixed precision for the whole process), a missing wandb, a
+    CUDA run."""
     return subprocess.run(
         [sys.executable, "train/pretrain.py", *map(str, args)],
         cwd=REPO,

@@ -1,11 +1,8 @@
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import cv2
 
-from tests.conftest import REPO, assert_one_line_error
+from tests.conftest import assert_one_line_error, twinray_here
 from twinray.pipelines.preview import HEADER, main
 
 
@@ -19,9 +16,7 @@ def test_preview_writes_originals_beside_views(covid_packed, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-def test_preview_bad_recipe_is_one_line(covid_packed, tmp_path):
+def test_preview_bad_recipe_is_one_line(covid_packed, tmp_path, capsys):
     args = ["--data", str(covid_packed), "--recipe", "base+sharpen", "--out", str(tmp_path / "g.png")]
-    result = subprocess.run(
-        [sys.executable, "-m", "twinray.pipelines.preview", *args], cwd=REPO, capture_output=True, text=True
-    )
+    result = twinray_here(capsys, "preview", *args)
     assert_one_line_error(result, "preview: error:", "unknown recipe 'base+sharpen'")
