@@ -106,6 +106,18 @@ def twinray_here(capsys, command: str, *args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([command, *argv], code, captured.out, err)
 
 
+def hub_offline(monkeypatch, cache: Path) -> None:
+    """huggingface_hub offline, with `cache` as its empty cache, for this test: the environment variables, and the
+    module constants it read from them when it was imported (earlier, in this process). With the variables alone it
+    tried the network, and its retries took 47 s of CI before the same line came back."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+
 @pytest.fixture(scope="session")
 def covid_sample(tmp_path_factory) -> Path:
     """A small generated COVID-19_Radiography_Dataset (read-only: copy it before changing it).

@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import run_torchrun
+from tests.conftest import run_torchrun, twinray_here
 from twinray.pipelines import LoaderSettings, build_loader
 from twinray.pipelines.augment import EVAL_RECIPE
 from twinray.prep.format import LABEL_NONE, PackedDataset, PackWriter, encode_image
@@ -54,11 +54,8 @@ def unlabeled(tmp_path_factory):
 
 
 def pretrain(capsys, *argv) -> subprocess.CompletedProcess:
-    from twinray.train.pretrain import main
-
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
+    """`twinray pretrain ARGV` in this process (tests/conftest.py twinray_here)."""
+    return twinray_here(capsys, "pretrain", *argv)
 
 
 def rows(out) -> list[dict]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import REPO, assert_one_line_error, twinray_here
+from tests.conftest import REPO, assert_one_line_error, hub_offline, twinray_here
 from twinray.prep.format import SPLITS
 from twinray.train import transfer
 from twinray.train.label_fractions import label_fraction
@@ -202,16 +202,9 @@ def test_a_run_without_a_backbone_and_offline_imagenet_are_one_line(covid_packed
     assert_one_line_error(
         finetune(capsys, "--data", covid_packed, "--out", tmp_path / "o", "--init", run), "no backbone.safetensors"
     )
-    from huggingface_hub import constants
-
-    for name, value in {
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf"),
-        "TORCH_HOME": str(tmp_path / "t"),
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read when huggingface_hub was imported, before this
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    hub_offline(monkeypatch, tmp_path / "hf" / "hub")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     result = finetune(capsys, "--data", covid_packed, "--out", tmp_path / "o", "--init", "imagenet", *SMALL)
     assert_one_line_error(result, "--init imagenet", "local cache")
 
@@ -282,25 +275,9 @@ def test_a_barlow_initialised_linear_probe_beats_a_random_init_probe(tmp_path, c
     assert prep_main(["covid", "--src", str(raw), "--out", str(packed), "--workers", "2"]) == 0
     run = tmp_path / "pretrain"
     pretrain = twinray_here(
-        capsys,
-        "pretrain",
-        "--data",
-        packed,
-        "--out",
-        run,
-        "--epochs",
-        "8",
-        "--size",
-        "32",
-        "--batch-size",
-        "64",
-        "--recipe",
-        "base",
-        "--wandb",
-        "disabled",
-        "--eval-every",
-        "8",
-    )
+        capsys, "pretrain", "--data", packed, "--out", run, "--epochs", "8", "--size", "32", "--batch-size", "64",
+        "--recipe", "base", "--wandb", "disabled", "--eval-every", "8",
+    )  # fmt: skip
     assert pretrain.returncode == 0, pretrain.stderr[-2000:]
     # Issue 4's "the online probe beats chance": chance is 1/4 for balanced accuracy and for a uniform guess.
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "epoch_end" in line][-1]

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import threading
 import time
 
@@ -230,11 +229,6 @@ def test_two_processes_on_gloo_train_a_momentum_method(method, covid_packed, tmp
     assert (out / "backbone.safetensors").exists()
 
 
-def pretrain_here(capsys, *args) -> subprocess.CompletedProcess:
-    """`twinray pretrain ARGS` in this process (tests/conftest.py twinray_here)."""
-    return twinray_here(capsys, "pretrain", *args)
-
-
 def test_a_bad_method_is_one_line_listing_the_choices(tmp_path, capsys):
     args = ["--data", str(tmp_path), "--out", str(tmp_path / "r"), "--method", "dino"]
     result = twinray_here(capsys, "pretrain", *args)
@@ -253,14 +247,14 @@ def test_a_bad_method_is_one_line_listing_the_choices(tmp_path, capsys):
     ],
 )
 def test_a_flag_that_does_not_apply_is_one_line(args, needles, tmp_path, capsys):
-    result = pretrain_here(capsys, "--data", tmp_path, "--out", tmp_path / "run", *args)
+    result = twinray_here(capsys, "pretrain", "--data", tmp_path, "--out", tmp_path / "run", *args)
     assert_one_line_error(result, *needles)
 
 
 def test_a_yaml_field_that_does_not_apply_is_one_line(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("method: simclr\ntemperature: 0.5\nmomentum: 0.99\n")
-    result = pretrain_here(capsys, "--config", config, "--data", tmp_path, "--out", tmp_path / "run")
+    result = twinray_here(capsys, "pretrain", "--config", config, "--data", tmp_path, "--out", tmp_path / "run")
     assert_one_line_error(result, "--momentum does not apply to --method simclr")
 
 

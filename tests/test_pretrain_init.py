@@ -11,6 +11,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.conftest import hub_offline
 from tests.test_rerun_pretrain import args, make_data, pretrain, refused, tree
 from twinray.train.config import PretrainConfig
 from twinray.train.state import build_run
@@ -124,14 +125,7 @@ def test_weights_of_another_channel_count_are_one_line(finished, data, tmp_path,
 
 
 def test_imagenet_without_the_cache_says_where_to_put_the_weights(data, tmp_path, capsys, monkeypatch):
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing is downloaded in tests
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    # huggingface_hub read both when it was imported (earlier, in this process): without these it tried the network,
-    # and its retries took 47 s of CI before the same line came back
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    hub_offline(monkeypatch, tmp_path / "empty-cache")  # nothing is downloaded in tests
     out = tmp_path / "run"
     result = pretrain(capsys, *args(data, out, init="imagenet"))
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr

@@ -13,6 +13,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from tests.conftest import twinray_here
 from twinray.lock import exclusive, lock_path
 from twinray.prep.format import PackedDataset, PackWriter, encode_image
 from twinray.train.config import PRETRAIN_FIXED, PRETRAIN_LEARNED, PRETRAIN_RUNS, PretrainConfig
@@ -42,12 +43,8 @@ def args(data, out, **changes) -> list[str]:
 
 
 def pretrain(capsys, *argv) -> subprocess.CompletedProcess:
-    """pretrain's main() in this process: its exit code, stdout and stderr."""
-    from twinray.train.pretrain import main
-
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
+    """`twinray pretrain ARGV` in this process (tests/conftest.py twinray_here): its exit code, stdout and stderr."""
+    return twinray_here(capsys, "pretrain", *argv)
 
 
 def tree(path) -> dict[str, str] | None:
