@@ -29,7 +29,7 @@ from twinray.storage import location
 from twinray.train.label_fractions import check_fraction
 from twinray.train.labels import UNCERTAIN_POLICIES
 from twinray.train.methods import METHOD_ONLY, METHODS, SETTINGS, STUDY_BATCH
-from twinray.train.model import BACKBONES, parse_projector
+from twinray.train.model import BACKBONES, OUTPUT_STRIDES, parse_projector
 from twinray.train.runlog import parse_report_to
 from twinray.train.step import COMPILE_MODES
 from twinray.train.transfer import parse_mode
@@ -45,6 +45,7 @@ CHOICES = {
     "wandb": ("online", "offline", "disabled"),
     "backbone": BACKBONES,
     "channels": (1, 3),
+    "output_stride": OUTPUT_STRIDES,
     "compile_mode": COMPILE_MODES,
 }
 
@@ -147,6 +148,11 @@ class PretrainConfig:
     size: int = setting(224, "the side of the square views, in pixels")
     backbone: str = setting("resnet18", "the encoder whose weights the run exports (backbone.safetensors)")
     channels: int = setting(1, "input channels: 1 (grey) or 3 (the grey image repeated, for RGB backbones)")
+    output_stride: int = setting(
+        32,
+        "the input side over the last feature map's: 32 as published; 16 or 8 dilate the last stage or two "
+        "instead of striding (timm's output_stride), so a 64-px view keeps a 4 x 4 or 8 x 8 map, at more compute",
+    )
     init: str | None = setting(
         None,
         "the backbone's starting weights: a pretraining run, a backbone or timm .safetensors file, a fine-tuned "
@@ -292,6 +298,7 @@ PRETRAIN_FIXED = (  # the checkpoint's tensors fit only these as they were: no f
     "method",
     "backbone",
     "channels",
+    "output_stride",
     "projector",
     "optimizer",
     "exclude_bias_norm",
@@ -396,6 +403,9 @@ class FinetuneConfig:
     weight_decay: float = setting(9.87e-6, "Adam's weight decay")
     backbone: str = setting("resnet18", "the encoder for imagenet and random (a run or file brings its own)")
     channels: int = setting(1, "input channels for imagenet and random")
+    output_stride: int = setting(
+        32, "the backbone's output stride for imagenet and random (a run or file brings its own)"
+    )
     backend: str = setting("native", "the data loader (dali and ffcv need their extras)")
     labels: str | None = setting(
         None, "multilabel: comma-separated label names", shown="the 5 CheXpert competition ones"
@@ -416,6 +426,7 @@ class FinetuneConfig:
     CHOICES: ClassVar[dict] = {
         "backbone": BACKBONES,
         "channels": (1, 3),
+        "output_stride": OUTPUT_STRIDES,
         "backend": BACKENDS,
         "uncertain": UNCERTAIN_POLICIES,
         "cache": CACHES,

@@ -56,8 +56,8 @@ HIDDEN_META = ("label", "labels", "class", "split", "source")  # columns of thei
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     """The backbone at `path` in eval mode (N x C x S x S float32 -> N x D) and what it is: {"timm_name",
-    "in_chans", "size", "preprocessing" (None if unrecorded), "model"}. Raises InputError in one line for a
-    missing path, an unfinished run, an ONNX export, or a model whose channels are not 1 or 3."""
+    "in_chans", "output_stride", "size", "preprocessing" (None if unrecorded), "model"}. Raises InputError in one
+    line for a missing path, an unfinished run, an ONNX export, or a model whose channels are not 1 or 3."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"--model {path}: no such file or directory")
@@ -80,7 +80,8 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     except transfer.TransferError as e:
         raise InputError(str(e).replace("--init ", "--model ", 1)) from None
     size = info.get("size") or _read(weights.parent / "config.json").get("size") or 224
-    found = {"timm_name": init["timm_name"], "in_chans": init["in_chans"], "size": int(size), "model": str(path)}
+    found = {"timm_name": init["timm_name"], "in_chans": init["in_chans"], "size": int(size), "model": str(path),
+             "output_stride": init["output_stride"]}  # fmt: skip
     return backbone.eval(), {**found, "preprocessing": info.get("preprocessing")}
 
 
@@ -91,12 +92,13 @@ def _timm_export(folder: Path) -> tuple[nn.Module, dict]:
 
     config = _read(folder / "config.json")
     cfg = config.get("pretrained_cfg", {})
-    in_chans = int(config.get("model_args", {}).get("in_chans", cfg.get("input_size", [3])[0]))
+    model_args = dict(config.get("model_args") or {})  # what timm's own loader passes on: in_chans, output_stride
+    in_chans = model_args["in_chans"] = int(model_args.get("in_chans", cfg.get("input_size", [3])[0]))
     _check_channels(folder, in_chans)
     if not (folder / "model.safetensors").is_file():
         raise InputError(f"--model {folder}: a timm folder without model.safetensors")
     try:
-        model = timm.create_model(config["architecture"], num_classes=0, in_chans=in_chans)
+        model = timm.create_model(config["architecture"], num_classes=0, **model_args)
         head = cfg.get("classifier") or model.pretrained_cfg.get("classifier") or "fc"
         tensors = {k: v for k, v in load_file(folder / "model.safetensors").items() if not k.startswith(head + ".")}
         model.load_state_dict(tensors)
@@ -104,7 +106,8 @@ def _timm_export(folder: Path) -> tuple[nn.Module, dict]:
         raise InputError(f"--model {folder}: not a timm export ({type(e).__name__}: {str(e)[:120]})") from None
     ours = config.get("twinray", {})
     size = int(ours.get("size") or cfg.get("input_size", [0, 224])[1])
-    found = {"timm_name": config["architecture"], "in_chans": in_chans, "size": size, "model": str(folder)}
+    found = {"timm_name": config["architecture"], "in_chans": in_chans, "size": size, "model": str(folder),
+             "output_stride": int(model_args.get("output_stride", 32))}  # fmt: skip
     return model.eval(), {**found, "preprocessing": ours.get("preprocessing")}
 
 
@@ -330,7 +333,8 @@ def run(args: argparse.Namespace) -> Path:
                  tmp / "map.png")  # fmt: skip
         write_json(tmp / "embed.json", {
             "model": str(args.model), "timm_name": info["timm_name"], "in_chans": info["in_chans"],
-            "size": args.size or info["size"], "data": recorded, "dataset": name, "data_digest": data.digest,
+            "output_stride": info["output_stride"], "size": args.size or info["size"], "data": recorded,
+            "dataset": name, "data_digest": data.digest,
             "splits": splits, "n": int(x.shape[0]), "dim": int(x.shape[1]), "map": how, "color_by": field,
             "device": device, "preprocessing": info["preprocessing"], "prep_warning": warning,
         })  # fmt: skip

@@ -7,11 +7,13 @@ own classifier (N x classes logits).
 
 timm   DIR is a Hugging Face Hub model repository, laid out as timm's `push_to_hub` writes one: `model.safetensors`
        (timm's names), `config.json` (`architecture`, `num_classes`, `num_features`, `global_pool`, `model_args`
-       {"in_chans"}, `label_names` for a classifier, and `pretrained_cfg`: `input_size` [C, S, S], `mean`, `std`,
-       `interpolation`, `crop_pct` 1, `num_classes`) and a model card, README.md. It loads without network with
-       `timm.create_model("local-dir:DIR", pretrained=True)` (a recent timm), or in any timm with
-       `timm.create_model(ARCH, pretrained=True, num_classes=0, in_chans=C,
-       pretrained_cfg_overlay=dict(file="DIR/model.safetensors"))`; uploaded as it is, with
+       {"in_chans", and "output_stride" where the run's is not 32}, `label_names` for a classifier, and
+       `pretrained_cfg`: `input_size` [C, S, S], `mean`, `std`, `interpolation`, `crop_pct` 1, `num_classes`) and a
+       model card, README.md. It loads without network with `timm.create_model("local-dir:DIR", pretrained=True)`
+       (a recent timm: it passes `model_args` on), or in any timm with `timm.create_model(ARCH, pretrained=True,
+       num_classes=0, in_chans=C[, output_stride=OS], pretrained_cfg_overlay=dict(file="DIR/model.safetensors"))`
+       (the same tensors load at any output stride, so leaving it out builds another network without an error);
+       uploaded as it is, with
        `timm.create_model("hf-hub:ORG/NAME", pretrained=True)`.
 onnx   DIR holds model.onnx (torch's exporter, opset ONNX_OPSET, input "input" float32 N x C x S x S with a dynamic
        batch axis N, output "features" or "logits"), model.json and the model card. After writing, the export is run
@@ -78,6 +80,10 @@ class Exportable:
         return int(self.info["in_chans"])
 
     @property
+    def output_stride(self) -> int:
+        return int(self.info.get("output_stride", 32))
+
+    @property
     def size(self) -> int:
         return int(self.info["size"])
 
@@ -121,7 +127,7 @@ def _pretrained(run: Path) -> Exportable:
         backbone, init = transfer.load_backbone(str(run))
     except transfer.TransferError as e:
         raise InputError(str(e).removeprefix("--init ")) from None
-    info = {**_read_json(run / "backbone.json"), "timm_name": init["timm_name"], "in_chans": init["in_chans"]}
+    info = {**_read_json(run / "backbone.json"), **{k: init[k] for k in ("timm_name", "in_chans", "output_stride")}}
     info.setdefault("size", _read_json(run / "config.json").get("size", 224))
     return Exportable(run, "backbone", backbone.eval(), info, _read_json(run / "config.json"), None)
 
@@ -140,7 +146,7 @@ def _finetuned(run: Path) -> Exportable:
     import timm
 
     tensors = load_file(run / "model.safetensors")
-    model = timm.create_model(init["timm_name"], num_classes=len(classes), in_chans=init["in_chans"])
+    model = timm.create_model(init["timm_name"], num_classes=len(classes), **model_args(init))
     missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
     head = model.get_classifier()
     if unexpected or {k.rsplit(".", 1)[0] for k in missing} != {_classifier_name(model)}:
@@ -149,8 +155,18 @@ def _finetuned(run: Path) -> Exportable:
     with torch.no_grad():
         head.weight.copy_(tensors["head.1.weight"] * scale)
         head.bias.copy_(tensors["head.1.bias"] - head.weight @ tensors["head.0.running_mean"])
-    info = {**info, "timm_name": init["timm_name"], "in_chans": init["in_chans"]}
+    info = {**info, **{k: init[k] for k in ("timm_name", "in_chans", "output_stride")}}
     return Exportable(run, "classifier", model.eval(), info, results.get("config", {}), list(classes))
+
+
+def model_args(info: dict) -> dict:
+    """timm.create_model's keyword arguments beyond the name for a backbone record (`load_backbone`'s, model.json,
+    backbone.json): in_chans, and output_stride where it is not timm's default 32, as config.json's `model_args`
+    holds them for timm's own loader."""
+    args = {"in_chans": int(info["in_chans"])}
+    if int(info.get("output_stride", 32)) != 32:
+        args["output_stride"] = int(info["output_stride"])
+    return args
 
 
 def _classifier_name(model: nn.Module) -> str:
@@ -185,7 +201,7 @@ def timm_config(source: Exportable) -> dict:
         "num_classes": source.model.num_classes,
         "num_features": source.model.num_features,
         "global_pool": getattr(source.model, "global_pool", None) and source.model.global_pool.pool_type,
-        "model_args": {"in_chans": source.in_chans},
+        "model_args": model_args(source.info),
         "pretrained_cfg": pretrained_cfg,
     }
     if source.classes:
@@ -201,6 +217,7 @@ def twinray_record(source: Exportable) -> dict:
         "output": source.output,
         "timm_name": source.timm_name,
         "in_chans": source.in_chans,
+        "output_stride": source.output_stride,
         "size": source.size,
         "classes": source.classes,
         "task": source.info.get("task"),
@@ -313,6 +330,12 @@ def model_card(source: Exportable, fmt: str) -> str:
         f"# {name}: {source.timm_name} {'backbone' if source.kind == 'backbone' else 'classifier'} (twinray)",
         "",
         f"A {source.timm_name} with {source.in_chans} input channel(s) at {source.size} px, "
+        + (
+            f"output stride {source.output_stride} (its last stages dilated, not strided: build it with "
+            f"`output_stride={source.output_stride}`, which config.json's model_args holds), "
+            if source.output_stride != 32
+            else ""
+        )
         + (
             f"self-supervised with {cfg.get('method', 'barlow')} by twinray; outputs {info.get('num_features')} "
             "pooled features (no classifier)."

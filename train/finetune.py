@@ -187,7 +187,7 @@ def _build(args: FinetuneConfig, data: PackedDataset, task: Task, device: torch.
     """The classifier (--init's backbone, `transfer.freeze`'s --mode, a fine-tuned init's head matched by class
     name) on `device` in channels_last, and Adam over its trainable parameters: (model, frozen modules, init's
     record, optimizer). Raises InputError/ValueError for an --init that cannot be read."""
-    backbone, init = transfer.load_backbone(args.init, args.backbone, args.channels)
+    backbone, init = transfer.load_backbone(args.init, args.backbone, args.channels, args.output_stride)
     preprocessing.warn("finetune", preprocessing.of_init(init), data.manifest, args.data)  # one line, if any
     frozen = transfer.freeze(backbone, args.mode)
     model = Classifier(backbone, len(task.names), init["in_chans"])

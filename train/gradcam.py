@@ -44,7 +44,8 @@ def load_model(run: Path) -> tuple[Classifier, dict]:
     if not (info_file.is_file() and weights.is_file()):
         raise InputError(f"{run}: not a finetune run (needs model.json and model.safetensors)")
     info = json.loads(info_file.read_text())
-    model = Classifier(build_backbone(info["timm_name"], info["in_chans"]), len(info["classes"]), info["in_chans"])
+    backbone = build_backbone(info["timm_name"], info["in_chans"], output_stride=int(info.get("output_stride", 32)))
+    model = Classifier(backbone, len(info["classes"]), info["in_chans"])
     model.load_state_dict(load_file(weights))
     return model.eval(), info
 

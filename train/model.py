@@ -11,16 +11,28 @@ from twinray.train.heads import build_head, build_predictor, parse_projector
 from twinray.train.momentum import KeyQueue, MomentumEncoder
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", *(f"efficientnet_b{k}" for k in range(5)))
+# timm's output_stride: the input side over the last feature map's side. 32 is the architecture as published; 16
+# (or 8) keeps the last stage (or two) at the resolution before it, dilating their convolutions instead of striding
+# (Chen et al., DeepLab, 2017), so a 64-px view ends in a 4 x 4 map, not 2 x 2. The weights are the same tensors.
+OUTPUT_STRIDES = (32, 16, 8)
 
 
-def build_backbone(name: str = "resnet18", in_chans: int = 1, pretrained: bool = False) -> nn.Module:
-    """A timm model with no classifier (`num_features` outputs). ResNets zero-initialise the last BN of each
-    residual block, so every block starts as the identity."""
+def build_backbone(
+    name: str = "resnet18", in_chans: int = 1, pretrained: bool = False, output_stride: int = 32
+) -> nn.Module:
+    """A timm model with no classifier (`num_features` outputs): N x C x S x S float -> N x num_features, its last
+    map S / output_stride on a side before the global average pool. ResNets zero-initialise the last BN of each
+    residual block, so every block starts as the identity. Raises ValueError for a name, channel count or
+    output_stride outside BACKBONES, (1, 3) and OUTPUT_STRIDES."""
     if name not in BACKBONES:
         raise ValueError(f"backbone {name!r} is not one of {', '.join(BACKBONES)}")
     if in_chans not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {in_chans}")
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got {output_stride}")
     extra = {"zero_init_last": True} if name.startswith("resnet") else {}
+    if output_stride != 32:  # left out at 32, so timm's own default stays what builds the published architecture
+        extra["output_stride"] = output_stride
     return timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=in_chans, **extra)
 
 
@@ -29,10 +41,15 @@ class BarlowTwins(nn.Module):
     MoCo v2's head (biases, no BatchNorm; train/heads.py build_head)."""
 
     def __init__(
-        self, backbone: str = "resnet18", in_chans: int = 1, projector: str = "512", projector_batch_norm: bool = True
+        self,
+        backbone: str = "resnet18",
+        in_chans: int = 1,
+        projector: str = "512",
+        projector_batch_norm: bool = True,
+        output_stride: int = 32,
     ):
         super().__init__()
-        self.backbone = build_backbone(backbone, in_chans)
+        self.backbone = build_backbone(backbone, in_chans, output_stride=output_stride)
         self.projector = build_head(self.backbone.num_features, projector, projector_batch_norm)
         self.in_chans = in_chans
 
@@ -78,8 +95,9 @@ class PretrainModel(BarlowTwins):
         predictor: str | None = None,
         momentum_encoder: bool = False,
         queue_size: int | None = None,
+        output_stride: int = 32,
     ):
-        super().__init__(backbone, in_chans, projector, projector_batch_norm)
+        super().__init__(backbone, in_chans, projector, projector_batch_norm, output_stride)
         dim = parse_projector(projector)[-1]
         self.predictor = build_predictor(dim, predictor) if predictor else None
         self.target = MomentumEncoder(self.online()) if momentum_encoder else None

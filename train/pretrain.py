@@ -223,11 +223,12 @@ def export_backbone(model, cfg: PretrainConfig, out: Path, parts: list[dict], ma
     its manifest), the preprocessing its inputs had (train/preprocessing.py: input range, normalisation, the prep
     settings that made the pixels) and every setting it was trained with, part by part (docs/pretrain.md)."""
     backbone = model.backbone
-    metadata = {"timm_name": cfg.backbone, "in_chans": str(cfg.channels)}
+    metadata = {"timm_name": cfg.backbone, "in_chans": str(cfg.channels), "output_stride": str(cfg.output_stride)}
     checkpoint.save_weights(out / "backbone.safetensors", backbone, metadata)
     info = {
         "timm_name": cfg.backbone,
         "in_chans": cfg.channels,
+        "output_stride": cfg.output_stride,
         "num_features": backbone.num_features,
         "size": cfg.size,
         "pretrained_on": cfg.data,
@@ -425,7 +426,7 @@ def _inputs(cfg: PretrainConfig, accelerator, precision: str) -> Inputs:
     # --init: the backbone's starting weights, read and checked here too (train/transfer.py), known by their sha256
     start, started = None, None
     if cfg.init not in (None, "random"):
-        start, started = transfer.backbone_weights(cfg.init, cfg.backbone, cfg.channels)
+        start, started = transfer.backbone_weights(cfg.init, cfg.backbone, cfg.channels, cfg.output_stride)
     init_digest = started["sha256"] if started else None
     # the augmentation as it runs at this size (Recipe.at_size), read once: the loader and every part's record use it
     recipe = load_recipe(cfg.recipe)

@@ -182,7 +182,9 @@ def build_run(
     processes (GPUs only); a momentum encoder keeps per-process statistics (MoCo's shuffled BatchNorm needs them).
     `backbone`: the backbone's starting tensors (--init: train/transfer.py backbone_weights); the projector and
     predictor are drawn as without it, and a momentum encoder starts as a copy of the network with them."""
-    model = PretrainModel(cfg.backbone, cfg.channels, cfg.projector, **model_pieces(cfg))
+    model = PretrainModel(
+        cfg.backbone, cfg.channels, cfg.projector, output_stride=cfg.output_stride, **model_pieces(cfg)
+    )
     if backbone is not None:
         model.backbone.load_state_dict(backbone)
         if model.target is not None:  # the EMA copy starts from the given weights too

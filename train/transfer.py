@@ -63,18 +63,22 @@ def imagenet_missing(name: str, error: BaseException) -> str:
     )
 
 
-def load_backbone(init: str, name: str = "resnet18", in_chans: int = 1) -> tuple[nn.Module, dict]:
-    """The backbone and what it is: {"init", "timm_name", "in_chans"}, plus the model's "classes" and "task" for a
-    fine-tuned model (its model.json). A file's own name and channels win over `name` and `in_chans`, which serve
-    `imagenet` and `random`. Raises TransferError in one line naming the bad --init."""
+def load_backbone(
+    init: str, name: str = "resnet18", in_chans: int = 1, output_stride: int = 32
+) -> tuple[nn.Module, dict]:
+    """The backbone and what it is: {"init", "timm_name", "in_chans", "output_stride"}, plus the model's "classes"
+    and "task" for a fine-tuned model (its model.json). A file's own name, channels and output stride (train/model.py
+    OUTPUT_STRIDES; 32 where a file does not record one) win over `name`, `in_chans` and `output_stride`, which
+    serve `imagenet` and `random`. Raises TransferError in one line naming the bad --init."""
     if init == "random":
-        return build_backbone(name, in_chans), {"init": "random", "timm_name": name, "in_chans": in_chans}
+        found = {"init": "random", "timm_name": name, "in_chans": in_chans, "output_stride": output_stride}
+        return build_backbone(name, in_chans, output_stride=output_stride), found
     if init == "imagenet":
         try:  # timm sums the RGB stem weights into one input channel when in_chans=1
-            model = build_backbone(name, in_chans, pretrained=True)
+            model = build_backbone(name, in_chans, pretrained=True, output_stride=output_stride)
         except Exception as e:  # no network and no cache: hub, HTTP and file errors all land here
             raise TransferError(imagenet_missing(name, e)) from None
-        return model, {"init": "imagenet", "timm_name": name, "in_chans": in_chans}
+        return model, {"init": "imagenet", "timm_name": name, "in_chans": in_chans, "output_stride": output_stride}
     path = Path(init)
     if not path.exists():
         raise TransferError(f"--init {init}: no such file or directory (nor imagenet or random)")
@@ -86,7 +90,8 @@ def load_backbone(init: str, name: str = "resnet18", in_chans: int = 1) -> tuple
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         name = info.get("timm_name", meta.get("timm_name", name))
         in_chans = int(info.get("in_chans", meta.get("in_chans", in_chans)))
-        model = build_backbone(name, in_chans)
+        output_stride = int(info.get("output_stride", meta.get("output_stride", 32)))
+        model = build_backbone(name, in_chans, output_stride=output_stride)
         tensors = load_file(path)
         classifier = any(k.startswith("head.") for k in tensors)  # a fine-tuned model: backbone.* and head.*
         if classifier:
@@ -100,7 +105,7 @@ def load_backbone(init: str, name: str = "resnet18", in_chans: int = 1) -> tuple
         raise
     except Exception as e:
         raise TransferError(f"--init {path}: not a twinray backbone ({type(e).__name__}: {str(e)[:120]})") from None
-    found = {"init": str(path), "timm_name": name, "in_chans": in_chans}
+    found = {"init": str(path), "timm_name": name, "in_chans": in_chans, "output_stride": output_stride}
     if classifier:
         found.update(classes=list(info["classes"]), task=info.get("task", "multiclass"))
     return model, found
@@ -123,12 +128,16 @@ def timm_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str
     return tensors
 
 
-def backbone_weights(init: str, name: str, in_chans: int) -> tuple[dict[str, torch.Tensor], dict]:
+def backbone_weights(
+    init: str, name: str, in_chans: int, output_stride: int = 32
+) -> tuple[dict[str, torch.Tensor], dict]:
     """pretrain --init: the backbone's tensors to start from (load_backbone's sources: a run, a backbone or timm
     .safetensors file, a fine-tuned model's backbone, imagenet), and {"init", "timm_name", "in_chans", "sha256"},
     the sha256 over the tensors (names and bytes, in name order), what a resume compares. Raises TransferError, one
-    line, for a bad --init or weights of another architecture or channel count than the run's."""
-    model, info = load_backbone(init, name, in_chans)
+    line, for a bad --init or weights of another architecture or channel count than the run's. The output stride
+    is not compared: dilation has no weights, so the same tensors serve every stride (as DeepLab starts an
+    output-stride-16 network from ImageNet's), and the run's own `output_stride` builds its backbone."""
+    model, info = load_backbone(init, name, in_chans, output_stride)
     if (info["timm_name"], info["in_chans"]) != (name, in_chans):
         raise TransferError(
             f"--init {init}: a {info['timm_name']} backbone with {info['in_chans']} channel(s), and this run trains "
