@@ -268,6 +268,18 @@ def test_the_study_pretrains_on_its_own_data_and_watches_the_pack(tmp_path):
     assert "eval_data" not in scan_configs({**cfg, "pretrain": {}}, tmp_path / "packed")["barlow"]["pretrain"]
 
 
+def test_the_random_init_arm_builds_the_network_the_pretraining_trains(tmp_path):
+    from twinray.train.study_real import scan_configs
+
+    cfg = {"work": str(tmp_path), "profile": "cpu", "seeds": [0], "fractions": [0.1], "modes": ["linear"],
+           "pretrain": {"epochs": 4, "output_stride": 16, "channels": 3, "lr": 0.001},
+           "finetune": {"epochs": 15, "output_stride": 32}}  # fmt: skip
+    scans = scan_configs(cfg, tmp_path / "packed")
+    assert scans["random"]["finetune"] == {"epochs": 15, "output_stride": 16, "channels": 3}  # not lr, not 32
+    assert scans["barlow"]["finetune"] == {"epochs": 15, "output_stride": 32}  # a run brings its own
+    assert scans["random"]["finetune"] is not cfg["finetune"] and cfg["finetune"]["output_stride"] == 32
+
+
 def _probe(rank: int) -> dict:
     """Three probe updates on this rank's half of a fixed batch: the probe's state and figures."""
     torch.manual_seed(0)

@@ -54,6 +54,8 @@ PROFILE_KEYS = {"prep", "pretrain", "finetune", "seeds", "fractions", "modes"}
 MERGED = ("prep", "pretrain", "finetune")  # a profile's section is merged over the top level's
 METRICS = ("balanced_accuracy", "auroc", "source_class_auroc", "rest_balanced_accuracy", "accuracy", "macro_f1")
 INITS = ("barlow", "random")  # then the floor probes (`floor`), in the YAML's order
+# What the random-init arm takes from the `pretrain` section, so that both arms train the same network.
+ARCHITECTURE = ("backbone", "channels", "output_stride")
 SHOWN = ("balanced_accuracy", "auroc", "source_class_auroc", "rest_balanced_accuracy")  # the table's columns
 
 
@@ -166,7 +168,9 @@ def pack(cfg: dict, labels: Path) -> Path:
 def scan_configs(cfg: dict, packed: Path) -> dict[str, dict]:
     """The two train/scan.py configs: the pretraining sweep (Barlow) and the random-init grid. A `pretrain` section
     with its own `data` pretrains on that dataset (labelled or not) and fine-tunes on `packed`, as the study's table 8
-    did (CheXpert, then COVID); its kNN and probe then watch `packed` (`eval_data`, unless the section names one)."""
+    did (CheXpert, then COVID); its kNN and probe then watch `packed` (`eval_data`, unless the section names one).
+    The random-init grid builds the network the pretraining section names (ARCHITECTURE: backbone, channels,
+    output stride), as the Barlow arm's fine-tunes do from the pretrained run."""
     work = Path(cfg["work"]) / cfg["profile"]
     finetune = dict(cfg.get("finetune") or {})
     pretrain = dict(cfg.get("pretrain") or {})
@@ -177,8 +181,9 @@ def scan_configs(cfg: dict, packed: Path) -> dict[str, dict]:
         "pretrain": pretrain, "finetune": finetune,
         "grid": {"fraction": list(cfg["fractions"])}, "then": list(cfg["modes"]), "metric": "balanced_accuracy",
     }  # fmt: skip
+    same_network = {**finetune, **{k: pretrain[k] for k in ARCHITECTURE if k in pretrain}}
     random = {
-        "data": str(packed), "out": str(work / "random"), "seeds": list(cfg["seeds"]), "finetune": finetune,
+        "data": str(packed), "out": str(work / "random"), "seeds": list(cfg["seeds"]), "finetune": same_network,
         "grid": {"init": ["random"], "mode": list(cfg["modes"]), "fraction": list(cfg["fractions"])},
         "metric": "balanced_accuracy",
     }  # fmt: skip
